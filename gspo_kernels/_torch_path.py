@@ -1,0 +1,83 @@
+"""Chunked PyTorch path: the same semantics as the Triton kernels, for tensors
+on devices where the kernels do not run (CPU without ``TRITON_INTERPRET=1``).
+
+Rows are processed in chunks of at most ``CHUNK_ELEMENTS`` logits, so the
+extra memory is one fp32 chunk (and its exp) at a time, never a full
+``(..., V)`` fp32 log-softmax.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._kernels import collapse_rows
+
+# 2**22 fp32 elements = 16 MiB per chunk: large enough that the per-chunk
+# Python overhead is negligible against the chunk's arithmetic, small enough
+# to stay a few percent of a naive log-softmax at realistic sizes.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _blocks(t: torch.Tensor):
+    """Yield (row_start, (rows, V) view) over the flattened leading dims of ``t``, no copy."""
+    V = t.shape[-1]
+    (D0, s0), (D1, s1), (D2, s2) = collapse_rows(t.shape[:-1], t.stride()[:-1])
+    view = torch.as_strided(t, (D0, D1, D2, V), (s0, s1, s2, t.stride(-1) if V > 1 else 1),
+                            t.storage_offset())
+    chunk = max(1, CHUNK_ELEMENTS // max(V, 1))
+    row = 0
+    for i0 in range(D0):
+        for i1 in range(D1):
+            rows = view[i0, i1]
+            for r in range(0, D2, chunk):
+                yield row + r, rows[r:r + chunk]
+            row += D2
+
+
+def torch_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float):
+    V = logits.shape[-1]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.empty(logits.shape[:-1], dtype=acc, device=logits.device)
+    lse = torch.empty_like(logp)
+    flat_logp, flat_lse = logp.view(-1), lse.view(-1)
+    y_all = tokens.reshape(-1).clamp(0, V - 1)
+    for r, x in _blocks(logits):
+        n = x.shape[0]
+        xs = x.to(acc) * inv_temp
+        l = torch.logsumexp(xs, dim=-1)
+        y = y_all[r:r + n].unsqueeze(-1)
+        flat_lse[r:r + n] = l
+        flat_logp[r:r + n] = xs.gather(-1, y).squeeze(-1) - l
+    return logp, lse
+
+
+def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+              inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+    V = logits.shape[-1]
+    acc = lse.dtype
+    y_all = tokens.reshape(-1).clamp(0, V - 1)
+    g_all = grad.reshape(-1).to(acc)
+    lse_all = lse.reshape(-1)
+    same = out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
+    outs = _blocks(out) if same else None
+    out_rows = None if same else out.view(-1, V)  # a fresh gradient buffer is contiguous
+    for r, x in _blocks(logits):
+        n = x.shape[0]
+        o = next(outs)[1] if same else out_rows[r:r + n]
+        g = g_all[r:r + n]
+        if not bool(g.any()):
+            o.zero_()
+            continue
+        p = torch.exp(x.to(acc) * inv_temp - lse_all[r:r + n].unsqueeze(-1))
+        scale = (g * inv_temp).unsqueeze(-1)
+        p.mul_(-scale)
+        p.scatter_add_(-1, y_all[r:r + n].unsqueeze(-1), scale)
+        o.copy_(p)
+    return out
+
+
+def torch_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool):
+    total = torch.where(maskf != 0, logp, torch.zeros_like(logp)).sum(-1)
+    length = maskf.sum(-1)
+    if normalize:
+        total = torch.where(length > 0, total / length.clamp(min=1), torch.zeros_like(total))
+    return total, length

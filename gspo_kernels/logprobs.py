@@ -1,0 +1,215 @@
+"""The fused log-prob ops: per-token and per-sequence (masked mean, "1/L")
+log-probabilities of sampled tokens under ``logits / temperature``.
+
+Math (``x_t`` a row of logits, ``y_t`` its sampled token, tau the temperature)::
+
+    logp_t     = x_t[y_t]/tau - logsumexp(x_t/tau)
+    seqlogp    = (1/L) * sum_t mask_t * logp_t            (sum when normalize=False; 0 if L = 0)
+    d/dx_t[v]  = g_t * (1[v = y_t] - softmax(x_t/tau)[v]) / tau
+
+Forward reads the logits once and saves only the per-token logsumexp
+(O(N*T) floats); backward reads them once and writes the gradient once, in
+the logits' dtype. The kernels are registered as ``torch.library`` custom ops
+(so ``torch.compile(fullgraph=True)`` traces through them) and wrapped in
+``torch.autograd.Function`` s: :class:`TokenLogprobs`, :class:`SequenceLogprobs`.
+
+Devices: CUDA tensors run the Triton kernels; CPU tensors run them too when
+``TRITON_INTERPRET=1`` was set before import, else the chunked PyTorch path
+(``_torch_path``), same semantics, bounded memory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _torch_path
+from ._kernels import HAS_TRITON
+from ._validate import check_logits, check_temperature, check_token_range, check_tokens, resolve_mask
+
+if HAS_TRITON:
+    from . import _kernels
+
+# Which implementation CPU tensors use: the Triton kernels through the
+# interpreter (TRITON_INTERPRET=1 must be set before triton is imported) or
+# the chunked PyTorch path. Tests switch it to cover both.
+CPU_BACKEND = "triton" if (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1") else "torch"
+
+
+def _use_triton(t: Tensor) -> bool:
+    if not HAS_TRITON:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and CPU_BACKEND == "triton")
+
+
+# ---------------------------------------------------------------- custom ops
+@torch.library.custom_op("gspo_kernels::logprob_fwd", mutates_args=())
+def _logprob_fwd(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float) -> tuple[Tensor, Tensor]:
+    # The range check lives inside the op so it also runs under torch.compile.
+    check_token_range(tokens, logits.shape[-1], valid)
+    impl = _kernels.triton_fwd if _use_triton(logits) else _torch_path.torch_fwd
+    return impl(logits, tokens, inv_temp)
+
+
+@_logprob_fwd.register_fake
+def _(logits, tokens, valid, inv_temp):
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out = logits.new_empty(logits.shape[:-1], dtype=dt)
+    return out, torch.empty_like(out)
+
+
+def _bwd_impl(logits, tokens, lse, grad, inv_temp, out):
+    impl = _kernels.triton_bwd if _use_triton(logits) else _torch_path.torch_bwd
+    return impl(logits, tokens, lse, grad, inv_temp, out)
+
+
+@torch.library.custom_op("gspo_kernels::logprob_bwd", mutates_args=())
+def _logprob_bwd(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, inv_temp: float) -> Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _bwd_impl(logits, tokens, lse, grad, inv_temp, out)
+
+
+@_logprob_bwd.register_fake
+def _(logits, tokens, lse, grad, inv_temp):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("gspo_kernels::logprob_bwd_inplace", mutates_args=("logits",))
+def _logprob_bwd_inplace(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, inv_temp: float) -> None:
+    _bwd_impl(logits, tokens, lse, grad, inv_temp, logits)
+
+
+@_logprob_bwd_inplace.register_fake
+def _(logits, tokens, lse, grad, inv_temp):
+    return None
+
+
+@torch.library.custom_op("gspo_kernels::seq_reduce", mutates_args=())
+def _seq_reduce(logp: Tensor, maskf: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    if _use_triton(logp):
+        return _kernels.triton_seq_reduce(logp, maskf, normalize)
+    return _torch_path.torch_seq_reduce(logp, maskf, normalize)
+
+
+@_seq_reduce.register_fake
+def _(logp, maskf, normalize):
+    out = logp.new_empty(logp.shape[:-1])
+    return out, torch.empty_like(out)
+
+
+# ---------------------------------------------------------------- autograd
+@dataclass(frozen=True)
+class LogprobOptions:
+    """Options of one call, kept on ``ctx`` for backward."""
+
+    inv_temp: float = 1.0
+    normalize: bool = True
+    inplace_backward: bool = False
+
+
+def _logits_grad(ctx, logits: Tensor, tokens: Tensor, lse: Tensor, grad_tok: Tensor) -> Tensor:
+    opts: LogprobOptions = ctx.opts
+    if not opts.inplace_backward:
+        return torch.ops.gspo_kernels.logprob_bwd(logits, tokens, lse, grad_tok, opts.inv_temp)
+    version = logits._version
+    torch.ops.gspo_kernels.logprob_bwd_inplace(logits, tokens, lse, grad_tok, opts.inv_temp)
+    if logits._version == version:
+        # The logits now hold their gradient: any other saved use of them must
+        # fail autograd's version check instead of reading garbage.
+        torch.autograd.graph.increment_version(logits)
+    return logits
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """``(logits (..., T, V), tokens (..., T), options) -> logp (..., T)``, float32 (float64 for float64 logits)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, opts: LogprobOptions) -> Tensor:
+        logp, lse = torch.ops.gspo_kernels.logprob_fwd(logits, tokens, None, opts.inv_temp)
+        ctx.opts = opts
+        ctx.save_for_backward(logits, tokens, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor):
+        logits, tokens, lse = ctx.saved_tensors
+        return _logits_grad(ctx, logits, tokens, lse, grad_logp.contiguous()), None, None
+
+
+class SequenceLogprobs(torch.autograd.Function):
+    """``(logits (..., T, V), tokens (..., T), maskf (..., T) float, options) -> (...)``:
+    masked mean (or sum) of per-token log-probs per sequence."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, maskf: Tensor, opts: LogprobOptions) -> Tensor:
+        logp, lse = torch.ops.gspo_kernels.logprob_fwd(logits, tokens, maskf != 0, opts.inv_temp)
+        seq, length = torch.ops.gspo_kernels.seq_reduce(logp, maskf, opts.normalize)
+        ctx.opts = opts
+        ctx.save_for_backward(logits, tokens, maskf, lse, length)
+        return seq
+
+    @staticmethod
+    def backward(ctx, grad_seq: Tensor):
+        logits, tokens, maskf, lse, length = ctx.saved_tensors
+        if ctx.opts.normalize:
+            grad_seq = torch.where(length > 0, grad_seq / length.clamp(min=1), torch.zeros_like(grad_seq))
+        grad_tok = grad_seq.unsqueeze(-1) * maskf
+        return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None
+
+
+# ---------------------------------------------------------------- public API
+def _check_common(logits, tokens, temperature) -> float:
+    check_logits(logits)
+    check_tokens(tokens, logits)
+    return check_temperature(temperature)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
+                   inplace_backward: bool = False) -> Tensor:
+    """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``.
+
+    Args:
+        logits: ``(..., T, V)`` float16/bfloat16/float32/float64, stride 1 on V;
+            any strides on the leading dims (slices such as ``out[:, :-1]`` are not copied).
+        tokens: ``(..., T)`` int32/int64 ids in ``[0, V)``.
+        temperature: tau > 0; the logits are divided by it inside the kernel.
+        inplace_backward: write the gradient into the logits' storage (saves
+            one logits-sized buffer). The logits are then overwritten; any
+            later autograd use of them raises autograd's in-place error.
+
+    Returns:
+        ``(..., T)`` float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
+    """
+    inv_temp = 1.0 / _check_common(logits, tokens, temperature)
+    return TokenLogprobs.apply(logits, tokens, LogprobOptions(inv_temp, True, bool(inplace_backward)))
+
+
+def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
+                      lengths: Optional[Tensor] = None, temperature: float = 1.0, normalize: bool = True,
+                      inplace_backward: bool = False) -> Tensor:
+    """Per-sequence log-probability: the masked mean over T of the per-token
+    log-probs (GSPO's ``1/L`` geometric normalisation), or the masked sum.
+
+    Args:
+        logits: ``(..., T, V)``, e.g. ``(B, G, T, V)`` or ``(N, T, V)``; see :func:`token_logprobs`.
+        tokens: ``(..., T)`` integer ids; ids at masked positions may be anything.
+        mask: ``(..., T)``, nonzero/True for real completion tokens. Or
+        lengths: ``(...)`` integers in ``[0, T]``: the first ``L`` tokens are valid.
+            With neither, every token counts.
+        temperature: tau > 0.
+        normalize: divide by ``L`` (True, GSPO) or return the plain sum (False).
+        inplace_backward: see :func:`token_logprobs`.
+
+    Returns:
+        ``(...)`` (``(B, G)`` for 4-D logits) float32; a sequence with ``L = 0``
+        gives 0 and a zero gradient.
+    """
+    inv_temp = 1.0 / _check_common(logits, tokens, temperature)
+    valid = resolve_mask(mask, lengths, tokens, check_values=not torch.compiler.is_compiling())
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
+    opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
+    return SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts)
