@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ._kernels import collapse_rows
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -31,6 +33,7 @@ def check_logits(logits, name: str = "logits") -> None:
             f"{name} must have stride 1 on the vocabulary (last) dim, got strides {tuple(logits.stride())}; "
             "slice the leading dims freely, but keep V contiguous"
         )
+    collapse_rows(logits.shape[:-1], logits.stride()[:-1])  # raises if the rows cannot be addressed
 
 
 def check_temperature(temperature) -> float:
