@@ -203,7 +203,8 @@ def test_inplace_backward_twice_raises(backend):
 
 
 # ---------------------------------------------------------------- compile
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, compiler):
     logits, tokens = _inputs((2, 2, 5), 41, torch.float32, backend)
     lengths = torch.tensor([[5, 2], [0, 3]], device=backend)
 
@@ -211,7 +212,7 @@ def test_torch_compile_fullgraph(backend):
         return sequence_logprobs(x, y, lengths=L, temperature=0.9) * 2.0
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
     x1 = logits.detach().requires_grad_(True)
     x2 = logits.detach().requires_grad_(True)
     o1, o2 = f(x1, tokens, lengths), compiled(x2, tokens, lengths)
