@@ -72,11 +72,12 @@ def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Te
     """Token ids must lie in [0, V) (only where ``valid`` is true, if given)."""
     if tokens.numel() == 0:
         return
-    t = tokens if valid is None else tokens[valid]
-    if t.numel() == 0:
-        return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= vocab:
+    bad = (tokens < 0) | (tokens >= vocab)
+    if valid is not None:
+        bad &= valid
+    if bool(bad.any()):  # one device sync on the fast path; details only on failure
+        t = tokens if valid is None else tokens[valid]
+        lo, hi = int(t.min()), int(t.max())
         where = "" if valid is None else " (at unmasked positions)"
         raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}){where}, got values in [{lo}, {hi}]")
 
