@@ -4,13 +4,21 @@ Functional API:
 
 - :func:`token_logprobs` ``(..., T, V) -> (..., T)``: per-token log-probs of the sampled tokens.
 - :func:`sequence_logprobs` ``(..., T, V) -> (...)``: masked mean ("1/L") or sum per sequence.
+- :func:`gspo_loss`, :func:`grpo_loss` (and ``GSPOLoss``, ``GRPOLoss``): the losses, ``-> (loss, metrics)``.
 
 Neither materialises a ``(..., V)`` log-softmax; both are differentiable
 w.r.t. the logits, with a one-pass backward.
 """
+from .losses import GRPOLoss, GSPOLoss, contrast_advantage, group_norm_advantage, grpo_loss, gspo_loss
 from .logprobs import LogprobOptions, SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
 
 __all__ = [
+    "GRPOLoss",
+    "GSPOLoss",
+    "contrast_advantage",
+    "group_norm_advantage",
+    "grpo_loss",
+    "gspo_loss",
     "LogprobOptions",
     "SequenceLogprobs",
     "TokenLogprobs",

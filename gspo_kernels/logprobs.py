@@ -127,8 +127,9 @@ class TokenLogprobs(torch.autograd.Function):
     """``(logits (..., T, V), tokens (..., T), options) -> logp (..., T)``, float32 (float64 for float64 logits)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, opts: LogprobOptions) -> Tensor:
-        logp, lse = torch.ops.gspo_kernels.logprob_fwd(logits, tokens, None, opts.inv_temp)
+    def forward(ctx, logits: Tensor, tokens: Tensor, opts: LogprobOptions, valid: Optional[Tensor] = None) -> Tensor:
+        # valid (..., T) bool, optional: ids are range-checked only there (masked ids are never read).
+        logp, lse = torch.ops.gspo_kernels.logprob_fwd(logits, tokens, valid, opts.inv_temp)
         ctx.opts = opts
         ctx.save_for_backward(logits, tokens, lse)
         return logp
@@ -136,7 +137,7 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: Tensor):
         logits, tokens, lse = ctx.saved_tensors
-        return _logits_grad(ctx, logits, tokens, lse, grad_logp.contiguous()), None, None
+        return _logits_grad(ctx, logits, tokens, lse, grad_logp.contiguous()), None, None, None
 
 
 class SequenceLogprobs(torch.autograd.Function):
@@ -168,7 +169,7 @@ def _check_common(logits, tokens, temperature) -> float:
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   inplace_backward: bool = False) -> Tensor:
+                   inplace_backward: bool = False, valid: Optional[Tensor] = None) -> Tensor:
     """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``.
 
     Args:
@@ -179,12 +180,17 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         inplace_backward: write the gradient into the logits' storage (saves
             one logits-sized buffer). The logits are then overwritten; any
             later autograd use of them raises autograd's in-place error.
+        valid: optional ``(..., T)`` mask; token ids are then range-checked
+            only where it is nonzero, and ids elsewhere (e.g. ``-100`` padding)
+            are never read. Their log-probs are meaningless: mask them out.
 
     Returns:
         ``(..., T)`` float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
     """
     inv_temp = 1.0 / _check_common(logits, tokens, temperature)
-    return TokenLogprobs.apply(logits, tokens, LogprobOptions(inv_temp, True, bool(inplace_backward)))
+    if valid is not None:
+        valid = resolve_mask(valid, None, tokens)
+    return TokenLogprobs.apply(logits, tokens, LogprobOptions(inv_temp, True, bool(inplace_backward)), valid)
 
 
 def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,

@@ -3,6 +3,11 @@
 They materialise everything (the full log-softmax) on purpose: they are the
 ground truth for tests and the ``naive`` provider of the benchmarks.
 """
-from .logprobs import naive_sequence_logprobs, naive_token_logprobs
+from .logprobs import lengths_to_mask, naive_sequence_logprobs, naive_token_logprobs
+from .losses import (contrast_advantage_reference, group_norm_advantage_reference, grpo_loss_reference,
+                     gspo_loss_reference)
 
-__all__ = ["naive_sequence_logprobs", "naive_token_logprobs"]
+__all__ = [
+    "contrast_advantage_reference", "group_norm_advantage_reference", "grpo_loss_reference",
+    "gspo_loss_reference", "lengths_to_mask", "naive_sequence_logprobs", "naive_token_logprobs",
+]

@@ -1,0 +1,364 @@
+"""GSPO and GRPO losses over logits (or hidden states), on the fused log-prob op.
+
+The policy's per-token log-probs come from one call of the fused kernel
+(``token_logprobs``); everything after it (masked means, ratios, advantages,
+clipping, KL, aggregation) works on ``(B, G, T)`` / ``(B, G)`` tensors. Autograd
+hands the kernel's backward one per-token gradient, so a whole loss reads the
+logits once forward and once backward and writes their gradient once. The
+reference policy's logits, when given instead of log-probs, are reduced by the
+same kernel under ``no_grad`` (one read, nothing saved).
+
+Math: ../shared/design/GSPO.md, sections "Sequence importance ratio" to "GRPO".
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._validate import resolve_mask
+from .logprobs import token_logprobs
+
+GROUP_NORM_EPS = 1e-4  # as TRL and verl: keeps (r - mean)/(std + eps) finite when std = 0
+ADVANTAGES = ("contrast", "group_norm")
+KL_ESTIMATORS = ("k1", "k3")
+LEVELS = ("sequence", "sequence_token")
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "dr_grpo")
+
+
+# ---------------------------------------------------------------- advantages
+def contrast_advantage(rewards: Tensor, ratios: Tensor) -> Tensor:
+    """The article's advantage, ``(B, G) -> (B, G)``: per group, good = ``r >= mean r``
+    (ties to good), bad = ``r < mean r``; ``A = mean_good s - mean_bad s``; good
+    sequences get ``+A``, bad ones ``-A``; a group with no bad sequence (all
+    rewards equal) gets 0. ``ratios`` are used detached."""
+    s = ratios.detach()
+    mean = rewards.mean(-1, keepdim=True)
+    good = (rewards >= mean) | (rewards.amax(-1, keepdim=True) == rewards.amin(-1, keepdim=True))
+    bad = ~good
+    n_good, n_bad = good.sum(-1), bad.sum(-1)
+    mean_good = torch.where(good, s, 0).sum(-1) / n_good.clamp(min=1)
+    mean_bad = torch.where(bad, s, 0).sum(-1) / n_bad.clamp(min=1)
+    A = torch.where(n_bad > 0, mean_good - mean_bad, torch.zeros_like(mean_good))
+    return torch.where(good, A.unsqueeze(-1), -A.unsqueeze(-1))
+
+
+def group_norm_advantage(rewards: Tensor, eps: float = GROUP_NORM_EPS) -> Tensor:
+    """The paper's advantage ``(r - mean) / (std + eps)`` per group, ``(B, G) -> (B, G)``;
+    std is the unbiased one (as ``torch.std``), taken as 0 when ``G = 1``."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+# ---------------------------------------------------------------- checks
+def _check_hparams(epsilon, epsilon_high, beta, kl) -> float:
+    for name, v in (("epsilon", epsilon), ("beta", beta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite float, got {v!r}")
+    if not 0.0 < epsilon < 1.0:
+        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon}")
+    eh = epsilon if epsilon_high is None else epsilon_high
+    if isinstance(eh, bool) or not isinstance(eh, (int, float)) or not (math.isfinite(eh) and eh > 0):
+        raise ValueError(f"epsilon_high must be a finite float > 0, got {epsilon_high!r}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    return float(eh)
+
+
+def _check_float(t: Optional[Tensor], name: str, shape) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor of shape {tuple(shape)}, got "
+                        f"{type(t).__name__ if not isinstance(t, Tensor) else t.dtype}")
+    if t.numel() == math.prod(shape) and tuple(t.shape) != tuple(shape) and t.shape[-1] == shape[-1]:
+        t = t.reshape(shape)  # (N, T) given for (B, G, T)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+class _Inputs:
+    """Resolved per-token quantities of one loss call, all shaped ``(B, G, T)``."""
+
+    def __init__(self, logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs,
+                 advantage, beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight,
+                 ref_bias, chunk_size, adv_modes, adv_token_ok):
+        if (logits is None) == (hidden is None):
+            raise ValueError("give exactly one of logits (..., T, V) or hidden (..., T, H) with weight (V, H)")
+        if hidden is not None and weight is None:
+            raise ValueError("hidden needs weight, the (V, H) LM head")
+        if tokens is None:
+            raise ValueError("tokens (B, G, T) are required")
+        lead = tuple((logits if logits is not None else hidden).shape[:-1])
+        if len(lead) == 3:
+            B, G, T = lead
+        elif len(lead) == 2:
+            if group_size is None:
+                raise ValueError(f"(N, T, V) input of shape {lead + ('V',)} needs group_size=G")
+            if not isinstance(group_size, int) or group_size < 1 or lead[0] % group_size:
+                raise ValueError(f"group_size must be a positive divisor of N = {lead[0]}, got {group_size!r}")
+            G, T = group_size, lead[1]
+            B = lead[0] // G
+        else:
+            raise ValueError(f"logits must be (B, G, T, V) or (N, T, V), got shape {tuple(logits.shape)}"
+                             if logits is not None else f"hidden must be (B, G, T, H) or (N, T, H), got {lead}")
+        self.shape = (B, G, T)
+        if ref_logprobs is not None and ref_logits is not None:
+            raise ValueError("give ref_logprobs or ref_logits, not both")
+        if ref_logits is not None and ref_hidden is not None:
+            raise ValueError("give ref_logits or ref_hidden, not both")
+        has_ref = ref_logprobs is not None or ref_logits is not None or ref_hidden is not None
+        if beta > 0 and not has_ref:
+            raise ValueError("beta > 0 needs a reference: ref_logprobs, ref_logits or ref_hidden (or set beta=0)")
+        # advantage mode / rewards
+        if isinstance(advantage, Tensor):
+            ok = [(B, G)] + ([(B, G, T)] if adv_token_ok else [])
+            if tuple(advantage.shape) not in ok:
+                raise ValueError(f"advantage tensor must have shape {' or '.join(map(str, ok))}, "
+                                 f"got {tuple(advantage.shape)}")
+            self.advantage = advantage.detach()
+        elif advantage in adv_modes:
+            self.advantage = advantage
+            if rewards is None:
+                raise ValueError(f"advantage={advantage!r} needs rewards (B, G)")
+        else:
+            raise ValueError(f"advantage must be one of {adv_modes} or a tensor, got {advantage!r}")
+        if rewards is not None:
+            if not isinstance(rewards, Tensor):
+                raise TypeError(f"rewards must be a tensor of shape {(B, G)}, got {type(rewards).__name__}")
+            if rewards.numel() == B * G and rewards.dim() == 1 and len(lead) == 2:
+                rewards = rewards.reshape(B, G)
+            if tuple(rewards.shape) != (B, G):
+                raise ValueError(f"rewards must have shape {(B, G)}, got {tuple(rewards.shape)}")
+            if not bool(torch.isfinite(rewards).all()):
+                raise ValueError("rewards must be finite, got NaN or inf")
+        self.rewards = None if rewards is None else rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
+        tokens_v = tokens.reshape(B, G, T) if tokens.dim() == 2 else tokens
+        mask_b = resolve_mask(mask, lengths, tokens)  # checks shapes against the given tokens
+        self.mask = (torch.ones((B, G, T), dtype=torch.bool, device=tokens.device) if mask_b is None
+                     else mask_b.reshape(B, G, T))
+        self.ref_tok = _check_float(ref_logprobs, "ref_logprobs", (B, G, T))
+        self.old_tok = _check_float(old_logprobs, "old_logprobs", (B, G, T))
+        # the policy's per-token log-probs: the only pass over the logits
+        self.logp = self._logprobs(logits, tokens, hidden, weight, bias, temperature, chunk_size, grad=True)
+        if ref_logits is not None or ref_hidden is not None:
+            with torch.no_grad():
+                self.ref_tok = self._logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None
+                                              else weight, ref_bias, temperature, chunk_size, grad=False)
+        self.tokens = tokens_v
+
+    def _logprobs(self, logits, tokens, hidden, weight, bias, temperature, chunk_size, grad):
+        valid = self.mask.reshape(tokens.shape)
+        if logits is not None:
+            lp = token_logprobs(logits, tokens, temperature=temperature, valid=valid)
+        else:
+            from .linear import linear_token_logprobs  # local: the linear path is optional
+
+            lp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature,
+                                       chunk_size=chunk_size)
+        lp = lp.reshape(self.shape)
+        return torch.where(self.mask, lp, torch.zeros_like(lp))
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` (..., T) over the tokens where ``mask``; 0 for an empty row."""
+    m = mask.to(x.dtype)
+    L = m.sum(-1)
+    return torch.where(L > 0, (x * m).sum(-1) / L.clamp(min=1), torch.zeros_like(L))
+
+
+def _kl_tokens(logp: Tensor, ref: Tensor, kl: str) -> Tensor:
+    """Per-token KL estimator against the reference: k1 = logp - ref; k3 = e^(ref-logp) - (ref-logp) - 1."""
+    if kl == "k1":
+        return logp - ref
+    d = ref - logp
+    return torch.exp(d) - d - 1
+
+
+def _denominator(inp: _Inputs) -> Tensor:
+    """Per-token log-probs of the ratio's denominator: old if given, else reference, else the
+    detached policy itself (on-policy: ratio 1, gradient intact)."""
+    den = inp.old_tok if inp.old_tok is not None else inp.ref_tok
+    den = inp.logp.detach() if den is None else den.to(inp.logp.dtype)
+    return torch.where(inp.mask, den, torch.zeros_like(den))
+
+
+def _clip(x: Tensor, A: Tensor, eps_low: float, eps_high: float):
+    """``-min(x A, clip(x, 1-eps_low, 1+eps_high) A)`` and the indicator that the clipped term won."""
+    clipped = torch.clamp(x, 1.0 - eps_low, 1.0 + eps_high)
+    loss = -torch.minimum(x * A, clipped * A)
+    is_clipped = ((A > 0) & (x > 1.0 + eps_high)) | ((A < 0) & (x < 1.0 - eps_low))
+    return loss, is_clipped
+
+
+# ---------------------------------------------------------------- losses
+def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, rewards: Optional[Tensor] = None,
+              mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+              ref_logprobs: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
+              old_logprobs: Optional[Tensor] = None, advantage: Union[str, Tensor] = "contrast",
+              epsilon: float = 0.2, epsilon_high: Optional[float] = None, beta: float = 0.05, kl: str = "k1",
+              temperature: float = 1.0, level: str = "sequence", group_size: Optional[int] = None,
+              hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+              ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None):
+    """GSPO: sequence-level importance ratio, sequence-level clipping.
+
+    Per sequence ``s = exp(seqlogp_theta - seqlogp_den)`` (masked means over the
+    completion, "1/L"), ``policy = -min(s A, clip(s, 1-eps, 1+eps_high) A)``,
+    ``loss = mean over the N sequences of (policy + beta * KL)``, KL the masked
+    per-token mean of the k1 or k3 estimator against the reference. An empty
+    sequence (L = 0) has ratio 1 and contributes 0 (it still counts in N), as
+    it does at the ``sequence_token`` level.
+
+    Args:
+        logits: ``(B, G, T, V)``, or ``(N, T, V)`` with ``group_size=G``; or pass
+            ``hidden`` ``(..., T, H)`` and ``weight`` ``(V, H)`` (and ``bias``) instead.
+        tokens: ``(B, G, T)`` (or ``(N, T)``) sampled ids. mask ``(B, G, T)`` or lengths ``(B, G)``.
+        rewards: ``(B, G)`` (or ``(N,)``), needed by the "contrast" and "group_norm" advantages.
+        ref_logprobs / ref_logits / ref_hidden(+ref_weight): the reference policy, for the KL
+            term and, without ``old_logprobs``, the ratio's denominator (the article's form).
+        old_logprobs: ``(B, G, T)`` behaviour-policy log-probs: the ratio's denominator (the paper's form).
+        advantage: "contrast" (the article's, default), "group_norm" (the paper's), or a
+            ``(B, G)`` tensor (``(B, G, T)`` with ``level="sequence_token"``). Always detached.
+        epsilon, epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]``; epsilon_high defaults to epsilon.
+        beta: KL weight (``beta=0`` needs no reference). kl: "k1" or "k3".
+        level: "sequence" (GSPO) or "sequence_token" (GSPO-token: per-token ratio
+            ``sg[s] * pi(y_t) / sg[pi(y_t)]``, per-token advantages, mean over tokens).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` a scalar; ``metrics`` detached tensors:
+        ``ratio`` (B, G), ``advantage`` (B, G) (per-sequence mean for token
+        advantages), ``seq_logprobs`` (B, G), ``kl`` scalar (mean per-sequence KL,
+        0 without reference), ``clip_fraction`` scalar (share of non-empty
+        sequences, or of valid tokens at ``sequence_token`` level, whose clipped term won),
+        ``policy_loss`` scalar.
+    """
+    eh = _check_hparams(epsilon, epsilon_high, beta, kl)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
+                  beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                  chunk_size, ADVANTAGES, level == "sequence_token")
+    mask, logp = inp.mask, inp.logp
+    seq_logp = _masked_mean(logp, mask)
+    s = torch.exp(seq_logp - _masked_mean(_denominator(inp), mask))
+    if isinstance(inp.advantage, Tensor):
+        A = inp.advantage.to(s.dtype)
+    elif inp.advantage == "contrast":
+        A = contrast_advantage(inp.rewards.to(s.dtype), s)
+    else:
+        A = group_norm_advantage(inp.rewards).to(s.dtype)
+    nonempty = mask.any(-1)
+    if level == "sequence":
+        policy, clipped = _clip(s, A, epsilon, eh)
+        policy = torch.where(nonempty, policy, torch.zeros_like(policy))  # L = 0: nothing to reinforce
+        clip_fraction = (clipped & nonempty).sum() / nonempty.sum().clamp(min=1)
+        A_seq = A
+    else:
+        A_t = A if A.dim() == 3 else A.unsqueeze(-1).expand(mask.shape)
+        s_t = s.detach().unsqueeze(-1) * torch.exp(logp - logp.detach())
+        per_tok, clipped = _clip(s_t, A_t, epsilon, eh)
+        policy = _masked_mean(per_tok, mask)
+        clip_fraction = (clipped & mask).sum() / mask.sum().clamp(min=1)
+        A_seq = _masked_mean(A_t, mask) if A.dim() == 3 else A
+    if inp.ref_tok is not None:
+        kl_seq = _masked_mean(_kl_tokens(logp, inp.ref_tok.to(logp.dtype), kl), mask)
+    else:
+        kl_seq = torch.zeros_like(s)
+    loss = (policy + beta * kl_seq).mean()
+    metrics = {
+        "ratio": s.detach(), "advantage": A_seq.detach(), "seq_logprobs": seq_logp.detach(),
+        "kl": kl_seq.detach().mean(), "clip_fraction": clip_fraction.detach().to(s.dtype),
+        "policy_loss": policy.detach().mean(),
+    }
+    return loss, metrics
+
+
+def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, rewards: Optional[Tensor] = None,
+              mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+              ref_logprobs: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
+              old_logprobs: Optional[Tensor] = None, advantage: Union[str, Tensor] = "group_norm",
+              epsilon: float = 0.2, epsilon_high: Optional[float] = None, beta: float = 0.05, kl: str = "k1",
+              temperature: float = 1.0, loss_agg: str = "seq-mean-token-mean", group_size: Optional[int] = None,
+              hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+              ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None):
+    """GRPO: token-level ratio ``r_t = exp(logp_t - logp_den,t)``, token-level clipping,
+    per-token loss ``-min(r_t A_t, clip(r_t) A_t) + beta * KL_t``, aggregated by ``loss_agg``:
+
+    - "seq-mean-token-mean" (the article's): mean over each sequence's tokens, then over sequences;
+    - "token-mean" (DAPO): sum over all valid tokens / their count;
+    - "seq-mean-token-sum": sum over each sequence's tokens, mean over sequences;
+    - "dr_grpo": sum over all valid tokens / (N * T), T the padded length.
+
+    Arguments as :func:`gspo_loss`; ``advantage`` is "group_norm" (default) or a
+    ``(B, G)`` / ``(B, G, T)`` tensor. Returns ``(loss, metrics)`` with ``ratio``
+    (B, G, T) token ratios, ``advantage`` (B, G) or (B, G, T), ``kl`` (mean
+    per-sequence token-mean KL), ``clip_fraction`` (share of valid tokens clipped), ``policy_loss``.
+    """
+    eh = _check_hparams(epsilon, epsilon_high, beta, kl)
+    if loss_agg not in AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
+    inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
+                  beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                  chunk_size, ("group_norm",), True)
+    mask, logp = inp.mask, inp.logp
+    r = torch.exp(logp - _denominator(inp))
+    A = inp.advantage.to(r.dtype) if isinstance(inp.advantage, Tensor) else \
+        group_norm_advantage(inp.rewards).to(r.dtype)
+    A_t = A if A.dim() == 3 else A.unsqueeze(-1).expand(mask.shape)
+    policy_tok, clipped = _clip(r, A_t, epsilon, eh)
+    if inp.ref_tok is not None:
+        kl_tok = torch.where(mask, _kl_tokens(logp, inp.ref_tok.to(logp.dtype), kl), torch.zeros_like(logp))
+    else:
+        kl_tok = torch.zeros_like(logp)
+    per_tok = torch.where(mask, policy_tok + beta * kl_tok, torch.zeros_like(logp))
+    B, G, T = inp.shape
+    if loss_agg == "seq-mean-token-mean":
+        loss = _masked_mean(per_tok, mask).mean()
+    elif loss_agg == "token-mean":
+        loss = per_tok.sum() / mask.sum().clamp(min=1)
+    elif loss_agg == "seq-mean-token-sum":
+        loss = per_tok.sum(-1).mean()
+    else:
+        loss = per_tok.sum() / (B * G * T)
+    metrics = {
+        "ratio": r.detach(), "advantage": A.detach(), "kl": _masked_mean(kl_tok, mask).mean().detach(),
+        "clip_fraction": ((clipped & mask).sum() / mask.sum().clamp(min=1)).to(r.dtype),
+        "policy_loss": _masked_mean(torch.where(mask, policy_tok, 0), mask).mean().detach(),
+    }
+    return loss, metrics
+
+
+class GSPOLoss(nn.Module):
+    """``nn.Module`` holding GSPO's hyper-parameters; ``forward`` takes the tensors of :func:`gspo_loss`."""
+
+    def __init__(self, *, advantage="contrast", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
+                 temperature=1.0, level="sequence", chunk_size=None):
+        super().__init__()
+        self.hparams = dict(advantage=advantage, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl=kl,
+                            temperature=temperature, level=level, chunk_size=chunk_size)
+        _check_hparams(epsilon, epsilon_high, beta, kl)
+
+    def forward(self, logits=None, tokens=None, rewards=None, mask=None, **tensors):
+        return gspo_loss(logits, tokens, rewards, mask, **{**self.hparams, **tensors})
+
+
+class GRPOLoss(nn.Module):
+    """``nn.Module`` holding GRPO's hyper-parameters; ``forward`` takes the tensors of :func:`grpo_loss`."""
+
+    def __init__(self, *, advantage="group_norm", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
+                 temperature=1.0, loss_agg="seq-mean-token-mean", chunk_size=None):
+        super().__init__()
+        self.hparams = dict(advantage=advantage, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl=kl,
+                            temperature=temperature, loss_agg=loss_agg, chunk_size=chunk_size)
+        _check_hparams(epsilon, epsilon_high, beta, kl)
+
+    def forward(self, logits=None, tokens=None, rewards=None, mask=None, **tensors):
+        return grpo_loss(logits, tokens, rewards, mask, **{**self.hparams, **tensors})
