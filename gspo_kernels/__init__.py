@@ -4,12 +4,15 @@ Functional API:
 
 - :func:`token_logprobs` ``(..., T, V) -> (..., T)``: per-token log-probs of the sampled tokens.
 - :func:`sequence_logprobs` ``(..., T, V) -> (...)``: masked mean ("1/L") or sum per sequence.
+- :func:`linear_token_logprobs`, :func:`linear_sequence_logprobs`: the same from hidden states
+  ``(..., T, H)`` and the LM head ``(V, H)``, chunk by chunk, never holding the logits.
 - :func:`gspo_loss`, :func:`grpo_loss` (and ``GSPOLoss``, ``GRPOLoss``): the losses, ``-> (loss, metrics)``.
 
 Neither materialises a ``(..., V)`` log-softmax; both are differentiable
 w.r.t. the logits, with a one-pass backward.
 """
 from .losses import GRPOLoss, GSPOLoss, contrast_advantage, group_norm_advantage, grpo_loss, gspo_loss
+from .linear import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import LogprobOptions, SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
 
 __all__ = [
@@ -17,6 +20,8 @@ __all__ = [
     "GSPOLoss",
     "contrast_advantage",
     "group_norm_advantage",
+    "linear_sequence_logprobs",
+    "linear_token_logprobs",
     "grpo_loss",
     "gspo_loss",
     "LogprobOptions",

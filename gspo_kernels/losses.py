@@ -161,7 +161,7 @@ class _Inputs:
             from .linear import linear_token_logprobs  # local: the linear path is optional
 
             lp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature,
-                                       chunk_size=chunk_size)
+                                       chunk_size=chunk_size, valid=valid)
         lp = lp.reshape(self.shape)
         return torch.where(self.mask, lp, torch.zeros_like(lp))
 

@@ -1,0 +1,190 @@
+"""Log-probs straight from hidden states and the LM head, never holding the
+full ``(..., T, V)`` logits.
+
+Forward, per chunk of ``C`` rows: ``logits_c = hidden_c @ weight.T (+ bias)``
+(one matrix product), reduced by the fused kernel to per-token log-probs and
+logsumexp, then dropped. Saved: hidden, weight, bias, tokens and the per-token
+logsumexp (O(N*T) floats). Backward, per chunk: recompute ``logits_c``, let the
+fused backward kernel overwrite it in place with ``dlogits_c``, then
+
+    grad_hidden_c  = dlogits_c @ weight
+    grad_weight   += dlogits_c.T @ hidden_c     (fp32 accumulator across chunks)
+    grad_bias     += dlogits_c.sum(0)           (fp32)
+
+Peak extra memory: one chunk of logits (``C * V`` elements in the input dtype),
+plus the fp32 ``grad_weight`` accumulator and one ``(V, H)`` partial product
+when the weight is not fp32 — never O(N*T*V). A chunk whose rows are all
+masked (forward) or all have zero upstream gradient (backward) skips its
+matrix products. Compute: one more product than materialising the logits
+(the forward one is recomputed in backward), the price of not storing them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._validate import check_temperature, check_token_range, check_tokens, resolve_mask
+
+# Budget for one chunk of logits when the caller gives no chunk_size: at most
+# 1/8 of the free device memory (room for the gradient buffers and the
+# caller's own tensors) and at most 256 MiB (beyond that, a GEMM of
+# 256 MiB / (V * 2 B) >= 512 rows at V = 151,936 is already large enough to
+# run the tensor cores near peak, so larger chunks buy no speed). On CPU: 64 MiB.
+CHUNK_BYTES_CAP = 256 << 20
+CPU_CHUNK_BYTES = 64 << 20
+
+
+def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: a power of two whose ``rows * V`` logits fit the budget above."""
+    budget = CPU_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(CHUNK_BYTES_CAP, free // 8)
+    rows = max(1, budget // (V * torch.empty((), dtype=dtype).element_size()))
+    return 1 << (rows.bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class LinearOptions:
+    inv_temp: float
+    chunk_size: int
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.nn.functional.linear(h, weight, bias)
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """``(hidden (R, H), weight (V, H), bias (V,) | None, tokens (R,), valid (R,) | None, opts) -> logp (R,)``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, valid, opts: LinearOptions):
+        R, C = hidden.shape[0], opts.chunk_size
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logp = torch.zeros(R, dtype=acc, device=hidden.device)
+        lse = torch.zeros(R, dtype=acc, device=hidden.device)
+        for r in range(0, R, C):
+            v = None if valid is None else valid[r:r + C]
+            if v is not None and not bool(v.any()):
+                continue  # fully masked chunk: log-probs unused, no matrix product
+            lp, l = torch.ops.gspo_kernels.logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v,
+                                                      opts.inv_temp)
+            logp[r:r + C], lse[r:r + C] = lp, l
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        opts: LinearOptions = ctx.opts
+        R, C = hidden.shape[0], opts.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
+                             device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32,
+                             device=bias.device) if (need_b and bias is not None) else None
+        grad_logp = grad_logp.contiguous()
+        for r in range(0, R, C):
+            g = grad_logp[r:r + C]
+            if not bool(g.any()):
+                continue  # no upstream gradient in this chunk: skip its matrix products
+            h = hidden[r:r + C]
+            dl = _logits(h, weight, bias)
+            torch.ops.gspo_kernels.logprob_bwd_inplace(dl, tokens[r:r + C], lse[r:r + C], g, opts.inv_temp)
+            if grad_h is not None:
+                grad_h[r:r + C] = dl @ weight
+            if grad_w is not None:
+                if grad_w.dtype == dl.dtype:
+                    grad_w.addmm_(dl.t(), h)
+                else:  # low-precision product (fp32 accumulation inside the GEMM), fp32 sum across chunks
+                    grad_w += dl.t() @ h
+            if grad_b is not None:
+                grad_b += dl.sum(0, dtype=grad_b.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _check(hidden, weight, tokens, bias, temperature, chunk_size):
+    if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
+        raise TypeError(f"hidden must be a float tensor (..., T, H), got "
+                        f"{hidden.dtype if isinstance(hidden, Tensor) else type(hidden).__name__}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape (..., T, H), got {tuple(hidden.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be the 2-D (V, H) LM head, got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; put them on one device")
+    check_tokens(tokens, hidden[..., :1], logits_name="hidden")
+    inv_temp = 1.0 / check_temperature(temperature)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    return inv_temp
+
+
+def _rows(hidden: Tensor) -> Tensor:
+    """``(..., T, H) -> (R, H)``: a view when the leading dims allow it, else a copy of
+    ``hidden`` (O(N*T*H), never V-sized). The matrix products take any row stride."""
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
+                          temperature: float = 1.0, chunk_size: Optional[int] = None,
+                          valid: Optional[Tensor] = None) -> Tensor:
+    """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``(..., T, H)`` last hidden states (any strides), bf16/fp16/fp32/fp64.
+        weight: ``(V, H)`` LM head (may be tied to the embedding), hidden's dtype.
+        tokens: ``(..., T)`` ids in ``[0, V)``.
+        bias: optional ``(V,)``.
+        temperature: tau > 0.
+        chunk_size: rows per chunk; default :func:`default_chunk_size` (from V and free memory).
+        valid: optional ``(..., T)`` mask: ids are checked only there, and fully
+            masked chunks skip their matrix products (their log-probs are 0).
+
+    Returns:
+        ``(..., T)`` float32 (float64 for float64 input), differentiable w.r.t.
+        ``hidden``, ``weight`` and ``bias``.
+    """
+    inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size)
+    C = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+    v = None if valid is None else resolve_mask(valid, None, tokens).reshape(-1)
+    check_token_range(tokens.reshape(-1), weight.shape[0], v)  # before the first matrix product
+    out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1), v, LinearOptions(inv_temp, C))
+    return out.reshape(tokens.shape)
+
+
+def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
+                             lengths: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                             temperature: float = 1.0, normalize: bool = True,
+                             chunk_size: Optional[int] = None) -> Tensor:
+    """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
+    over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients."""
+    _check(hidden, weight, tokens, bias, temperature, chunk_size)
+    valid = resolve_mask(mask, lengths, tokens, check_values=not torch.compiler.is_compiling())
+    if valid is None:
+        valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature, chunk_size=chunk_size,
+                                 valid=valid)
+    m = valid.to(logp.dtype)
+    total = (logp * m).sum(-1)
+    if not normalize:
+        return total
+    L = m.sum(-1)
+    return torch.where(L > 0, total / L.clamp(min=1), torch.zeros_like(total))
