@@ -1,0 +1,242 @@
+"""GPU benchmark runner: ops x providers x modes x shapes -> one CSV row per measurement.
+
+    python -m benchmarks.gpu --out benchmarks/results/gpu.csv            # on a CUDA GPU: every sweep
+    python -m benchmarks.gpu --device cpu --tiny --out /tmp/smoke.csv    # end-to-end smoke run on CPU
+
+Ops: ``sequence_logprobs``, ``gspo_loss``, ``linear`` (hidden states + LM head).
+Providers: ``gspo_kernels`` (this package), ``gspo_kernels_inplace`` (``inplace_backward=True``),
+``naive`` (the ``reference/`` implementation, eager), ``compile`` (the same under
+``torch.compile``), ``liger`` (Liger-Kernel's ``triton_grpo_loss`` /
+``LigerFusedLinearGRPOLoss`` with ``importance_sampling_level="sequence"``, when
+importable), ``materialized`` (linear only: logits by one matmul, then this
+package's op) and ``copy`` (a device-to-device copy of the logits: the bandwidth
+ceiling, measured in the same run).
+
+Byte model (``gbps``): fwd moves one read of the logits; bwd one read and one
+write; full both (three passes); copy one read and one write. ``gbps`` = model
+bytes / median time, whatever the provider really moves, so providers compare
+on one scale and ``gbps / copy_gbps`` is the fraction of the copy rate.
+Timing: ``triton.testing.do_bench`` (warm-up, then the median of many runs; L2
+flushed between runs by do_bench); on CPU a median of a few ``perf_counter`` runs.
+``peak_extra_mb``: ``torch.cuda.max_memory_allocated`` during one run of the mode,
+minus what was allocated before it (inputs), in MiB; empty on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+
+import torch
+
+import gspo_kernels
+from reference import gspo_loss_reference, naive_sequence_logprobs
+
+COLUMNS = ["device", "torch", "triton", "provider", "op", "mode", "B", "G", "T", "V", "dtype", "ms", "gbps",
+           "peak_extra_mb"]
+HIDDEN = 4096  # H of the linear op's main workload (a 7-8B model's hidden size)
+
+
+def shapes(sweeps, tiny):
+    """(B, G, T, V) per sweep; tiny: a CPU-sized stand-in for each."""
+    if tiny:
+        return [(1, 2, 8, 256)]
+    out = []
+    if "main" in sweeps:
+        out.append((2, 8, 1024, 151_936))
+    if "v" in sweeps:  # N*T = 16,384
+        out += [(2, 8, 1024, v) for v in (32_000, 128_256, 262_144)]
+    if "nt" in sweeps:  # V = 151,936
+        out += [(1, 4, 512, 151_936), (1, 8, 1024, 151_936), (4, 8, 1024, 151_936)]
+    return out
+
+
+def _liger():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+        return triton_grpo_loss, LigerFusedLinearGRPOLoss
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        print(f"liger provider skipped: {type(e).__name__}: {e}")
+        return None
+
+
+class Case:
+    """Inputs of one shape: a (N, T+1, V) logits buffer (trainers slice [:, :-1]; Liger takes it whole)."""
+
+    def __init__(self, B, G, T, V, dtype, device, H=None):
+        g = torch.Generator(device=device).manual_seed(0)
+        N = B * G
+        self.B, self.G, self.T, self.V, self.device = B, G, T, V, device
+        if H is None:
+            self.buf = torch.randn(N, T + 1, V, generator=g, device=device, dtype=dtype)
+            self.logits = self.buf[:, :-1].view(B, G, T, V)  # strided: stride 1 on V only
+        else:
+            self.hidden = torch.randn(B, G, T, H, generator=g, device=device, dtype=dtype)
+            self.weight = torch.randn(V, H, generator=g, device=device, dtype=dtype) / H ** 0.5
+        self.tokens = torch.randint(0, V, (B, G, T), generator=g, device=device)
+        lengths = torch.randint(T // 2, T + 1, (B, G), generator=g, device=device)
+        self.mask = torch.arange(T, device=device) < lengths.unsqueeze(-1)
+        self.rewards = torch.randint(0, 3, (B, G), generator=g, device=device).float()
+        self.old = -torch.rand(B, G, T, generator=g, device=device) * 3
+        self.ref = self.old - 0.1 * torch.rand(B, G, T, generator=g, device=device)
+        self.adv = torch.randn(B, G, generator=g, device=device)
+        self.bytes = N * T * V * torch.empty((), dtype=dtype).element_size()
+
+
+def providers(op, case, liger, compile_ok):
+    """name -> callable(x) returning a scalar to backpropagate (x: the differentiable input)."""
+    c = case
+    kw = dict(ref_logprobs=c.ref, old_logprobs=c.old, advantage=c.adv, beta=0.04)
+    out = {}
+    if op == "sequence_logprobs":
+        out["gspo_kernels"] = lambda x: gspo_kernels.sequence_logprobs(x, c.tokens, c.mask).sum()
+        out["gspo_kernels_inplace"] = lambda x: gspo_kernels.sequence_logprobs(
+            x, c.tokens, c.mask, inplace_backward=True).sum()
+        naive = lambda x: naive_sequence_logprobs(x, c.tokens, c.mask).sum()  # noqa: E731
+    elif op == "gspo_loss":
+        out["gspo_kernels"] = lambda x: gspo_kernels.gspo_loss(x, c.tokens, None, c.mask, **kw)[0]
+        naive = lambda x: gspo_loss_reference(x, c.tokens, None, c.mask, dtype=torch.float32, **kw)[0]  # noqa: E731
+        if liger is not None and case.device == "cuda":
+            tgl = liger[0]
+            N = c.B * c.G
+
+            def liger_fn(x, _buf=c.buf):
+                loss, _ = tgl(_buf if x is None else x, c.old.reshape(N, -1), c.ref.reshape(N, -1),
+                              c.tokens.reshape(N, -1), c.adv.reshape(N), c.mask.reshape(N, -1).int(),
+                              temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.2, inplace=True,
+                              loss_type="grpo", importance_sampling_level="sequence", reduce=True)
+                return loss
+            out["liger"] = ("buf", liger_fn)
+    else:  # linear
+        out["gspo_kernels"] = lambda x: gspo_kernels.linear_sequence_logprobs(x, c.weight, c.tokens, c.mask).sum()
+        out["materialized"] = lambda x: gspo_kernels.sequence_logprobs(x @ c.weight.T, c.tokens, c.mask).sum()
+        naive = lambda x: naive_sequence_logprobs(x @ c.weight.T, c.tokens, c.mask).sum()  # noqa: E731
+        if liger is not None and case.device == "cuda":
+            mod = liger[1](beta=0.0, use_ref_model=False, loss_type="grpo", importance_sampling_level="sequence")
+            N = c.B * c.G
+            out["liger"] = lambda x: mod(x.reshape(N, c.T, -1), c.weight, c.tokens.reshape(N, -1),
+                                         c.mask.reshape(N, -1).int(), c.adv.reshape(N),
+                                         old_per_token_logps=c.old.reshape(N, -1))[0]
+    out["naive"] = naive
+    if compile_ok and op != "linear":
+        out["compile"] = torch.compile(naive)
+    return out
+
+
+def _time(fn, device, reps):
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _peak(fn, device):
+    if device != "cuda":
+        return ""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}"
+
+
+def run_op(op, case, liger, modes, device, compile_ok, reps):
+    """Yield (provider, mode, ms, peak_extra_mb) for one op on one case."""
+    src = case.hidden if op == "linear" else case.logits
+    for name, fn in providers(op, case, liger, compile_ok).items():
+        on_buf = isinstance(fn, tuple)
+        if on_buf:
+            fn = fn[1]
+        inplace = "inplace" in name or name == "liger"  # these overwrite their input in backward
+
+        def fresh():
+            base = case.buf if on_buf else src
+            return (base.clone() if inplace else base).detach().requires_grad_(True)
+
+        for mode in modes:
+            if inplace and mode == "bwd":
+                continue  # a second backward through an overwritten input is refused by design
+            try:
+                x = fresh()
+                if mode == "fwd":
+                    step = lambda: fn(x)  # noqa: E731
+                elif mode == "bwd":
+                    loss = fn(x)
+                    step = lambda: torch.autograd.grad(loss, x, retain_graph=True)  # noqa: E731
+                else:
+                    if inplace:  # a fresh input every run: the clone is timed too (see NOTES.md)
+                        step = _inplace_full(fn, fresh)
+                    else:
+                        step = lambda: torch.autograd.grad(fn(x), x)  # noqa: E731
+                ms = _time(step, device, reps)
+                yield name, mode, ms, _peak(step, device)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other providers
+                print(f"  {op}/{name}/{mode}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def _inplace_full(fn, fresh):
+    def step():
+        x = fresh()
+        return torch.autograd.grad(fn(x), x)
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="one CPU-sized shape (smoke run)")
+    p.add_argument("--ops", default="sequence_logprobs,gspo_loss,linear")
+    p.add_argument("--sweeps", default="main,v,nt")
+    p.add_argument("--modes", default="fwd,bwd,full")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
+    p.add_argument("--out", default="benchmarks/results/gpu.csv")
+    args = p.parse_args(argv)
+    dev = args.device
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("CPU run: the fused ops use their chunked PyTorch path")
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    import triton
+    meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__)
+    liger = _liger()
+    dtype = getattr(torch, args.dtype)
+    modes = args.modes.split(",")
+    rows = []
+    for B, G, T, V in shapes(args.sweeps.split(","), args.tiny):
+        for op in args.ops.split(","):
+            if op == "linear" and (B, G, T, V) != (2, 8, 1024, 151_936) and not args.tiny:
+                continue  # the linear op is measured at the main workload only
+            case = Case(B, G, T, V, dtype, dev, H=(64 if args.tiny else HIDDEN) if op == "linear" else None)
+            copy_src = case.hidden if op == "linear" else case.logits
+            copy_ms = _time(lambda: copy_src.clone(), dev, args.reps)
+            rows.append(dict(meta, provider="copy", op=op, mode="copy", B=B, G=G, T=T, V=V, dtype=args.dtype,
+                             ms=f"{copy_ms:.4f}", gbps=f"{2 * copy_src.numel() * copy_src.element_size() / copy_ms / 1e6:.4g}",
+                             peak_extra_mb=""))
+            for name, mode, ms, peak in run_op(op, case, liger, modes, dev, not args.no_compile, args.reps):
+                passes = {"fwd": 1, "bwd": 2, "full": 3}[mode]
+                rows.append(dict(meta, provider=name, op=op, mode=mode, B=B, G=G, T=T, V=V, dtype=args.dtype,
+                                 ms=f"{ms:.4f}", gbps=f"{passes * case.bytes / ms / 1e6:.4g}", peak_extra_mb=peak))
+                print(f"{op:<18}{name:<22}{mode:<5} B={B} G={G} T={T} V={V}: {ms:9.3f} ms {rows[-1]['gbps']:>9} GB/s"
+                      f" peak+ {peak or '-'} MiB")
+            del case
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
