@@ -53,6 +53,29 @@ def group_norm_advantage(rewards: Tensor, eps: float = GROUP_NORM_EPS) -> Tensor
     return (rewards - mean) / (std + eps)
 
 
+def _across_ranks(x: Tensor, process_group):
+    """All-gather ``x`` (B, G_local) along G over ``process_group`` (no gradient):
+    returns ``(B, G_total)`` and this rank's column slice. For groups whose G
+    completions are spread over the ranks of ``process_group``, in rank order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(parts, x.detach().contiguous(), group=process_group)
+    rank = dist.get_rank(process_group)
+    G = x.shape[-1]
+    return torch.cat(parts, dim=-1), slice(rank * G, (rank + 1) * G)
+
+
+def _advantage(mode: str, rewards: Tensor, ratios: Optional[Tensor], process_group) -> Tensor:
+    """(B, G) advantage of a named mode, over whole groups (gathered across ranks if asked)."""
+    if process_group is not None:
+        rewards, cols = _across_ranks(rewards, process_group)
+        if ratios is not None:
+            ratios, _ = _across_ranks(ratios, process_group)
+    A = contrast_advantage(rewards, ratios) if mode == "contrast" else group_norm_advantage(rewards)
+    return A if process_group is None else A[..., cols]
+
+
 # ---------------------------------------------------------------- checks
 def _check_hparams(epsilon, epsilon_high, beta, kl) -> float:
     for name, v in (("epsilon", epsilon), ("beta", beta)):
@@ -206,7 +229,7 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               temperature: float = 1.0, level: str = "sequence", group_size: Optional[int] = None,
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None):
+              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None):
     """GSPO: sequence-level importance ratio, sequence-level clipping.
 
     Per sequence ``s = exp(seqlogp_theta - seqlogp_den)`` (masked means over the
@@ -230,6 +253,12 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         beta: KL weight (``beta=0`` needs no reference). kl: "k1" or "k3".
         level: "sequence" (GSPO) or "sequence_token" (GSPO-token: per-token ratio
             ``sg[s] * pi(y_t) / sg[pi(y_t)]``, per-token advantages, mean over tokens).
+        process_group: data parallel with groups split across ranks. By default
+            each rank's ``(B, G)`` rows are whole groups (place every group's G
+            completions on one rank). When a group's completions are spread over
+            the ranks of ``process_group`` along G (every rank holds the same B
+            prompts, ``G_local`` completions each, in rank order), pass it: rewards
+            and detached ratios are all-gathered so the advantage sees whole groups.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a scalar; ``metrics`` detached tensors:
@@ -250,10 +279,8 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     s = torch.exp(seq_logp - _masked_mean(_denominator(inp), mask))
     if isinstance(inp.advantage, Tensor):
         A = inp.advantage.to(s.dtype)
-    elif inp.advantage == "contrast":
-        A = contrast_advantage(inp.rewards.to(s.dtype), s)
     else:
-        A = group_norm_advantage(inp.rewards).to(s.dtype)
+        A = _advantage(inp.advantage, inp.rewards.to(s.dtype), s.detach(), process_group).to(s.dtype)
     nonempty = mask.any(-1)
     if level == "sequence":
         policy, clipped = _clip(s, A, epsilon, eh)
@@ -288,7 +315,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               temperature: float = 1.0, loss_agg: str = "seq-mean-token-mean", group_size: Optional[int] = None,
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None):
+              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None):
     """GRPO: token-level ratio ``r_t = exp(logp_t - logp_den,t)``, token-level clipping,
     per-token loss ``-min(r_t A_t, clip(r_t) A_t) + beta * KL_t``, aggregated by ``loss_agg``:
 
@@ -311,7 +338,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     mask, logp = inp.mask, inp.logp
     r = torch.exp(logp - _denominator(inp))
     A = inp.advantage.to(r.dtype) if isinstance(inp.advantage, Tensor) else \
-        group_norm_advantage(inp.rewards).to(r.dtype)
+        _advantage("group_norm", inp.rewards, None, process_group).to(r.dtype)
     A_t = A if A.dim() == 3 else A.unsqueeze(-1).expand(mask.shape)
     policy_tok, clipped = _clip(r, A_t, epsilon, eh)
     if inp.ref_tok is not None:
