@@ -50,12 +50,12 @@ def _reward(completions, **kwargs):
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
-def _trainer(cls, model_dir, tmp_path, bf16=False, **config):
+def _trainer(cls, model_dir, tmp_path, bf16=False, fused=None, **config):
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=6, temperature=0.7, save_strategy="no",
                       logging_steps=1, bf16=bf16, **config)
     ds = Dataset.from_dict({"prompt": ["a b c", "1 + 2", "x y", "d e f g"]})
-    trainer = cls(model=model_dir, reward_funcs=_reward, args=args, train_dataset=ds)
+    trainer = cls(model=model_dir, reward_funcs=_reward, args=args, train_dataset=ds, **(fused or {}))
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     return trainer
@@ -102,12 +102,18 @@ CASES = [("sequence", "grpo", 0.04), ("sequence", "grpo", 0.0), ("token", "grpo"
          ("token", "dapo", 0.0), ("token", "bnpo", 0.04)]
 
 
-@pytest.mark.parametrize("inplace", [True, False])
+# The drop-in's two log-prob sources: hidden states + LM head, chunked (the default for
+# this plain Llama head), and the model's own logits, with and without in-place backward.
+SOURCES = [dict(logprob_source="hidden"), dict(logprob_source="logits"),
+           dict(logprob_source="logits", inplace_backward=False)]
+
+
+@pytest.mark.parametrize("fused", SOURCES, ids=["hidden", "logits_inplace", "logits"])
 @pytest.mark.parametrize("level,loss_type,beta", CASES)
-def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, level, loss_type, beta, inplace):
+def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, level, loss_type, beta, fused):
     cfg = dict(importance_sampling_level=level, loss_type=loss_type, beta=beta, epsilon=0.1)
-    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", **cfg)
-    ours.gspo_inplace_backward = inplace
+    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", fused=fused, **cfg)
+    assert ours._gspo_source == fused["logprob_source"]
     theirs = _trainer(GRPOTrainer, model_dir, tmp_path / "theirs", **cfg)
     inputs = _inputs(theirs, seed=hash((level, loss_type, beta)) % 2**31)
     loss_ref, grads_ref, ent_ref = _step(theirs, inputs)
@@ -121,10 +127,12 @@ def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, level, loss_type, b
     assert grads_ref["lm_head.weight"].abs().max() > 1e-4  # the comparison is not between zeros
 
 
-def test_bf16_autocast_close_to_fp32(model_dir, tmp_path):
+@pytest.mark.parametrize("source", ["hidden", "logits"])
+def test_bf16_autocast_close_to_fp32(model_dir, tmp_path, source):
     """TRL's default on this machine is bf16 autocast: the drop-in then sees bf16 logits."""
     cfg = dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.04, epsilon=0.1)
-    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", bf16=True, **cfg)
+    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", bf16=True, fused=dict(logprob_source=source),
+                    **cfg)
     theirs = _trainer(GRPOTrainer, model_dir, tmp_path / "theirs", **cfg)
     inputs = _inputs(theirs, seed=3)
     loss_ref, grads_ref, _ = _step(theirs, inputs)
@@ -137,13 +145,14 @@ def test_bf16_autocast_close_to_fp32(model_dir, tmp_path):
         assert err <= tol["grad_rel_to_max"] * scale, (name, err.item(), scale.item())
 
 
-def test_never_builds_a_log_softmax(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["hidden", "logits"])
+def test_never_builds_a_log_softmax(model_dir, tmp_path, monkeypatch, source):
     """With every log-softmax route (and TRL's own chunked LM head) disabled, the
     drop-in still computes its loss and gradient; TRL's own trainer cannot."""
     import trl.trainer.utils as trl_utils
 
     cfg = dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.04)
-    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", **cfg)
+    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", fused=dict(logprob_source=source), **cfg)
     theirs = _trainer(GRPOTrainer, model_dir, tmp_path / "theirs", **cfg)
     inputs = _inputs(theirs, seed=1)
 
@@ -164,10 +173,11 @@ def test_never_builds_a_log_softmax(model_dir, tmp_path, monkeypatch):
 
 def test_one_training_step_end_to_end(model_dir, tmp_path):
     """Generation, TRL's rewards and advantages, old/ref log-probs through the drop-in, an optimizer step."""
-    trainer = _trainer(FusedGRPOTrainer, model_dir, tmp_path, importance_sampling_level="sequence",
+    trainer = _trainer(FusedGRPOTrainer, model_dir, tmp_path, bf16=True, importance_sampling_level="sequence",
                        loss_type="grpo", beta=0.04, max_steps=1, learning_rate=1e-2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
+    assert trainer._gspo_source == "hidden"  # "auto" picks the chunked hidden-state path for a plain head
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach()) for n in before)
     logged = trainer.state.log_history[0]
@@ -177,6 +187,19 @@ def test_one_training_step_end_to_end(model_dir, tmp_path):
 def test_entropy_bonus_is_refused(model_dir, tmp_path):
     with pytest.raises(ValueError, match="entropy bonus"):
         _trainer(FusedGRPOTrainer, model_dir, tmp_path, entropy_coef=0.01)
+
+
+def test_unknown_source_and_transformed_head_are_refused(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="logprob_source must be one of"):
+        _trainer(FusedGRPOTrainer, model_dir, tmp_path, fused=dict(logprob_source="hiddn"))
+    trainer = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "a")
+    trainer.model.config.final_logit_softcapping = 30.0  # a soft-capped head: logits are not hidden @ W.T
+    with pytest.raises(ValueError, match="plain linear LM head"):
+        FusedGRPOTrainer(model=trainer.model, reward_funcs=_reward, args=trainer.args,
+                         train_dataset=trainer.train_dataset, logprob_source="hidden")
+    auto = FusedGRPOTrainer(model=trainer.model, reward_funcs=_reward, args=trainer.args,
+                            train_dataset=trainer.train_dataset)
+    assert auto._gspo_source == "logits"
 
 
 def test_multimodal_inputs_are_refused(model_dir, tmp_path):

@@ -1,45 +1,57 @@
-"""TRL drop-in: ``GRPOTrainer`` with per-token log-probs from the fused kernel.
+"""TRL drop-in: ``GRPOTrainer`` with per-token log-probs from this package's fused op.
 
 Usage — replace the trainer class, keep everything else::
 
     from gspo_kernels.integrations.trl import FusedGRPOTrainer
     from trl import GRPOConfig
 
-    args = GRPOConfig(importance_sampling_level="sequence", loss_type="grpo", ...)  # GSPO
+    args = GRPOConfig(importance_sampling_level="sequence", loss_type="grpo", ...)  # GSPO ("token": GRPO)
     trainer = FusedGRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds)
     trainer.train()
 
-What changes: TRL's ``_get_per_token_logps_and_entropies`` (which TRL uses for
-the policy, old-policy and reference log-probs) runs the model's own forward
-for the ``T`` completion positions only (``logits_to_keep=T + 1``) and reduces
-the ``(b, T, V)`` logits with :func:`gspo_kernels.token_logprobs`: one read of
-the logits forward, one read and one in-place write backward; the ``(b, T, V)``
-log-softmax and a separate gradient buffer never exist. Masked positions get a
-log-prob of exactly 0, as in TRL.
+What changes: TRL's ``_get_per_token_logps_and_entropies`` (used for the
+policy, old-policy and reference log-probs) is replaced. Two sources, chosen by
+the constructor argument ``logprob_source``:
 
-What stays TRL's: advantages, old and reference log-probs handling, the
-importance-sampling level (``"sequence"`` is GSPO, ``"token"`` GRPO), clipping,
-the KL term, the loss aggregation (``loss_type``), metrics, generation.
+- ``"hidden"``: the model's backbone returns the last hidden states (through
+  the model's own ``forward``, so DDP wrappers see the call) and
+  :func:`gspo_kernels.linear_token_logprobs` reduces them with the LM head,
+  chunk by chunk: the ``(b, T, V)`` logits never exist.
+- ``"logits"``: the model's own forward computes the logits of the ``T``
+  completion positions only (``logits_to_keep=T + 1``) and
+  :func:`gspo_kernels.token_logprobs` reduces them, its gradient written in
+  place (``inplace_backward=True``, the default): one logits-sized buffer, no log-softmax.
+  Works for any causal LM, including soft-capped or scaled heads.
+- ``"auto"`` (default): ``"hidden"`` for a plain linear LM head, else ``"logits"``
+  (logit soft-capping or scaling in the config, an MoE aux loss, or a
+  DeepSpeed-partitioned head).
+
+Masked positions get a log-prob of exactly 0, as in TRL. What stays TRL's:
+advantages, old and reference log-probs handling, the importance-sampling level
+(``"sequence"`` is GSPO, ``"token"`` GRPO), clipping, the KL term, the loss
+aggregation (``loss_type``), metrics, generation.
 
 Entropies (TRL logs them, and masks low-entropy tokens when
-``top_entropy_quantile < 1``) are computed from the same logits without
-gradient, a few rows at a time. The entropy bonus (``entropy_coef != 0`` or
-adaptive entropy) needs the entropy's gradient and is refused at construction;
-so are multimodal inputs.
+``top_entropy_quantile < 1``) are computed without gradient, a few rows at a
+time. The entropy bonus (``entropy_coef != 0`` or adaptive entropy) needs the
+entropy's gradient and is refused at construction; so are multimodal inputs.
 
 Tested against TRL 1.16 (``tests/test_trl.py``): one step through this class
 and one through TRL's own loss give the same loss and parameter gradients.
 """
 from __future__ import annotations
 
-from typing import Optional
+import types
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from ..linear import linear_token_logprobs
 from ..logprobs import token_logprobs
 
 try:
+    from accelerate.utils import is_peft_model
     from trl import GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -55,9 +67,25 @@ _ENTROPY_CHUNK_ELEMENTS = 2**22
 
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+# Config fields that put something between the LM head's matrix product and the softmax.
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+SOURCES = ("auto", "hidden", "logits")
 
 
 @torch.no_grad()
+def _entropy_rows(logits_of: Callable[[int, int], Tensor], R: int, V: int, temperature: float,
+                  device: torch.device, rows: Optional[int] = None) -> Tensor:
+    """Entropy per row of ``softmax(logits / tau)``; ``logits_of(start, stop)`` gives rows ``[start, stop)``."""
+    rows = rows or max(1, _ENTROPY_CHUNK_ELEMENTS // max(1, V))
+    out = torch.empty(R, dtype=torch.float32, device=device)
+    for start in range(0, R, rows):
+        z = logits_of(start, min(start + rows, R)).float() / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        out[start:start + rows] = (lse - (torch.exp(z - lse) * z).sum(-1, keepdim=True)).squeeze(-1)
+    return out
+
+
 def chunked_entropy(logits: Tensor, temperature: float = 1.0, rows: Optional[int] = None) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` per row, without gradient.
 
@@ -65,34 +93,66 @@ def chunked_entropy(logits: Tensor, temperature: float = 1.0, rows: Optional[int
     with ``z = logits / tau``; extra memory is a few ``rows x V`` fp32
     temporaries (``rows`` defaults to ``2**22 // V``).
     """
-    rows = rows or max(1, _ENTROPY_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     flat = logits.reshape(-1, logits.shape[-1])
-    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    for start in range(0, flat.shape[0], rows):
-        z = flat[start:start + rows].float() / temperature
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        out[start:start + rows] = (lse - (torch.exp(z - lse) * z).sum(-1, keepdim=True)).squeeze(-1)
+    out = _entropy_rows(lambda a, b: flat[a:b], flat.shape[0], flat.shape[1], temperature, logits.device, rows)
     return out.view(logits.shape[:-1])
+
+
+def _add_hidden_forward(model) -> None:
+    """``model(..., gspo_hidden=True)`` returns the backbone's last hidden states ``(b, L, H)``
+    (after the final norm); without the flag the forward is the previous one."""
+    previous = model.forward
+
+    def forward(self, *args, gspo_hidden: bool = False, **kwargs):
+        if not gspo_hidden:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return self.base_model(*args, **kwargs).last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _plain_head(model) -> bool:
+    cfg = model.config.get_text_config()
+    transformed = any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _HEAD_TRANSFORMS)
+    head = model.get_output_embeddings()
+    return not transformed and head is not None and not hasattr(head.weight, "ds_id")
 
 
 class FusedLogprobsMixin:
     """Mixin over ``trl.GRPOTrainer`` (or a subclass of it) that swaps in the fused log-prob op.
 
-    Class attribute ``gspo_inplace_backward`` (default ``True``): write the
-    logits' gradient into the logits' own storage. Safe: if the model saved its
-    logits for its own backward (a soft-cap, say), autograd raises its in-place
-    error instead of computing a wrong gradient; set it to ``False`` for such models.
+    Keyword arguments on top of the trainer's: ``logprob_source`` in ``"auto"``
+    (default), ``"hidden"``, ``"logits"`` (see the module docstring);
+    ``inplace_backward`` (default ``True``, ``"logits"`` source only): write the
+    logits' gradient into their own storage. Safe: if the model saved its logits
+    for its own backward (a soft-cap, say), autograd raises its in-place error
+    instead of computing a wrong gradient; pass ``False`` for such models.
     """
 
-    gspo_inplace_backward: bool = True
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, logprob_source: str = "auto", inplace_backward: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.gspo_inplace_backward = bool(inplace_backward)
         if getattr(self, "_entropy_bonus_enabled", False):
             raise ValueError(
                 "FusedGRPOTrainer: the entropy bonus (entropy_coef != 0 or adaptive entropy) needs the gradient of "
                 "the entropy, which the fused op does not compute; use trl.GRPOTrainer for it, or set entropy_coef=0"
             )
+        source = logprob_source
+        if source not in SOURCES:
+            raise ValueError(f"logprob_source must be one of {SOURCES}, got {source!r}")
+        models = [m for m in (self.model, self.ref_model) if m is not None]
+        models = [m.get_base_model() if is_peft_model(m) else m for m in models]   # the objects TRL patched
+        plain = all(_plain_head(m) for m in models) and not self.aux_loss_enabled
+        if source == "hidden" and not plain:
+            raise ValueError(
+                "logprob_source='hidden' needs a plain linear LM head (no logit soft-capping or scaling in the "
+                "config, no MoE aux loss, no DeepSpeed-partitioned head); use 'logits' (or 'auto') for this model"
+            )
+        self._gspo_source = "hidden" if source == "hidden" or (source == "auto" and plain) else "logits"
+        if self._gspo_source == "hidden":
+            for m in models:
+                _add_hidden_forward(m)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size: Optional[int] = None, compute_entropy: bool = False,
@@ -106,36 +166,61 @@ class FusedLogprobsMixin:
         if unknown:
             raise TypeError(f"FusedGRPOTrainer: unexpected arguments {unknown} (TRL version mismatch?)")
         batch_size = batch_size or input_ids.size(0)
-        all_logps, all_entropies, all_aux = [], [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids = input_ids[start:start + batch_size]
-            attn = attention_mask[start:start + batch_size]
-            inputs = {"input_ids": ids, "attention_mask": attn, "use_cache": False}
-            if compute_aux_loss:
-                inputs["output_router_logits"] = True
-            with self.accelerator.autocast():
-                # The model's own forward (TRL's patched one passes through when fused_lm_head is not set):
-                # logits for the T completion positions and the one before them only.
-                outputs = model(**inputs, logits_to_keep=logits_to_keep + 1)
-            logits = outputs.logits[:, :-1]                       # (b, T, V): position t predicts token t + 1
-            tokens = ids[:, -logits_to_keep:]
-            valid = attn[:, -logits_to_keep:] != 0
-            if compute_entropy:
-                all_entropies.append(chunked_entropy(logits, self.temperature).masked_fill(~valid, 0.0))
-            logps = token_logprobs(logits, tokens, temperature=self.temperature, valid=valid,
-                                   inplace_backward=self.gspo_inplace_backward and torch.is_grad_enabled())
-            all_logps.append(logps.masked_fill(~valid, 0.0))
-            if compute_aux_loss:
-                all_aux.append(outputs.aux_loss)
-        logps = torch.cat(all_logps, dim=0)
-        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
-        aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
+        step = self._hidden_step if self._gspo_source == "hidden" else self._logits_step
+        parts = [step(model, input_ids[s:s + batch_size], attention_mask[s:s + batch_size], logits_to_keep,
+                      compute_entropy, compute_aux_loss)
+                 for s in range(0, input_ids.size(0), batch_size)]
+        logps = torch.cat([p[0] for p in parts], dim=0)
+        entropies = torch.cat([p[1] for p in parts], dim=0) if compute_entropy else None
+        aux_loss = torch.stack([p[2] for p in parts]).mean() if compute_aux_loss else None
         return logps, entropies, aux_loss
+
+    def _logits_step(self, model, ids, attn, k, compute_entropy, compute_aux_loss):
+        inputs = {"input_ids": ids, "attention_mask": attn, "use_cache": False}
+        if compute_aux_loss:
+            inputs["output_router_logits"] = True
+        with self.accelerator.autocast():
+            # The model's own forward (TRL's patched one passes through when fused_lm_head is not set):
+            # logits for the k completion positions and the one before them only.
+            outputs = model(**inputs, logits_to_keep=k + 1)
+        logits = outputs.logits[:, :-1]                        # (b, k, V): position t predicts token t + 1
+        valid = attn[:, -k:] != 0
+        ent = chunked_entropy(logits, self.temperature).masked_fill(~valid, 0.0) if compute_entropy else None
+        logps = token_logprobs(logits, ids[:, -k:], temperature=self.temperature, valid=valid,
+                               inplace_backward=self.gspo_inplace_backward and torch.is_grad_enabled())
+        return logps.masked_fill(~valid, 0.0), ent, outputs.aux_loss if compute_aux_loss else None
+
+    def _hidden_step(self, model, ids, attn, k, compute_entropy, compute_aux_loss):
+        with self.accelerator.autocast():
+            hidden = model(input_ids=ids, attention_mask=attn, gspo_hidden=True)[:, -k - 1:-1]   # (b, k, H)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):                     # FSDP2 shards the head as a DTensor
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        dev = hidden.device.type
+        # The head's product runs in the autocast dtype when autocast is on (as the model's own
+        # head would), else in the weight's dtype; the same dtype in forward and in the backward's
+        # recomputation, so the saved logsumexp matches the recomputed logits.
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        valid = attn[:, -k:] != 0
+        ent = None
+        with torch.autocast(dev, enabled=False):
+            if compute_entropy:
+                rows = hidden.reshape(-1, hidden.shape[-1])
+                ent = _entropy_rows(lambda a, b: torch.nn.functional.linear(rows[a:b], weight, bias), rows.shape[0],
+                                    weight.shape[0], self.temperature, hidden.device)
+                ent = ent.view(valid.shape).masked_fill(~valid, 0.0)
+            logps = linear_token_logprobs(hidden, weight, ids[:, -k:], bias=bias, temperature=self.temperature,
+                                          valid=valid)
+        return logps.masked_fill(~valid, 0.0), ent, None
 
 
 class FusedGRPOTrainer(FusedLogprobsMixin, GRPOTrainer):
-    """``trl.GRPOTrainer`` whose log-probs come from :func:`gspo_kernels.token_logprobs`.
+    """``trl.GRPOTrainer`` whose log-probs come from this package's fused op.
 
     Same constructor and config as ``trl.GRPOTrainer``. ``GRPOConfig(importance_sampling_level="sequence")``
-    trains GSPO, ``"token"`` GRPO; TRL's loss math is unchanged.
+    trains GSPO, ``"token"`` GRPO; TRL's loss math is unchanged. Extra keyword arguments
+    ``logprob_source`` and ``inplace_backward``: see :class:`FusedLogprobsMixin`.
     """
