@@ -3,7 +3,8 @@
     python -m benchmarks.gpu --out benchmarks/results/gpu.csv            # on a CUDA GPU: every sweep
     python -m benchmarks.gpu --device cpu --tiny --out /tmp/smoke.csv    # end-to-end smoke run on CPU
 
-Ops: ``sequence_logprobs``, ``gspo_loss``, ``linear`` (hidden states + LM head).
+Ops: ``sequence_logprobs``, ``token_entropy`` (per-token log-prob alone, and with the
+entropy, both differentiated), ``gspo_loss``, ``linear`` (hidden states + LM head).
 Providers: ``gspo_kernels`` (this package), ``gspo_kernels_inplace`` (``inplace_backward=True``),
 ``naive`` (the ``reference/`` implementation, eager), ``compile`` (the same under
 ``torch.compile``), ``liger`` (Liger-Kernel's ``triton_grpo_loss`` /
@@ -32,7 +33,7 @@ import time
 import torch
 
 import gspo_kernels
-from reference import gspo_loss_reference, naive_sequence_logprobs
+from reference import gspo_loss_reference, naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs
 
 COLUMNS = ["device", "torch", "triton", "provider", "op", "mode", "B", "G", "T", "V", "dtype", "ms", "gbps",
            "peak_extra_mb"]
@@ -96,6 +97,13 @@ def providers(op, case, liger, compile_ok):
         out["gspo_kernels_inplace"] = lambda x: gspo_kernels.sequence_logprobs(
             x, c.tokens, c.mask, inplace_backward=True).sum()
         naive = lambda x: naive_sequence_logprobs(x, c.tokens, c.mask).sum()  # noqa: E731
+    elif op == "token_entropy":  # per-token log-prob + entropy, both differentiated
+        def fused_ent(x):
+            lp, ent = gspo_kernels.token_logprobs(x, c.tokens, return_entropy=True)
+            return lp.sum() + ent.sum()
+        out["gspo_kernels"] = lambda x: gspo_kernels.token_logprobs(x, c.tokens).sum()  # log-prob alone
+        out["gspo_kernels_entropy"] = fused_ent
+        naive = lambda x: (naive_token_logprobs(x, c.tokens).sum() + naive_token_entropy(x).sum())  # noqa: E731
     elif op == "gspo_loss":
         out["gspo_kernels"] = lambda x: gspo_kernels.gspo_loss(x, c.tokens, None, c.mask, **kw)[0]
         naive = lambda x: gspo_loss_reference(x, c.tokens, None, c.mask, dtype=torch.float32, **kw)[0]  # noqa: E731
@@ -195,7 +203,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="one CPU-sized shape (smoke run)")
-    p.add_argument("--ops", default="sequence_logprobs,gspo_loss,linear")
+    p.add_argument("--ops", default="sequence_logprobs,token_entropy,gspo_loss,linear")
     p.add_argument("--sweeps", default="main,v,nt")
     p.add_argument("--modes", default="fwd,bwd,full")
     p.add_argument("--dtype", default="bfloat16")

@@ -1,19 +1,36 @@
-"""Triton kernels and launchers for per-token log-probs, their gradient, and
-the masked per-sequence reduction.
+"""Triton kernels and launchers: per-token log-probs (and entropy) of sampled
+tokens, their gradient, and the masked per-sequence reduction.
+
+One online-softmax core (:func:`_online_softmax`) serves the forward kernel,
+and through it the linear (hidden-state) path; the backward kernel reuses the
+saved logsumexp. The entropy output is a constexpr-selected part of both
+kernels, not a copy.
 
 Row addressing: the logits are ``(..., V)`` with stride 1 on ``V`` and any
 strides on the leading dims. The launcher collapses the leading dims into at
-most three ``(D0, D1, D2)`` with strides ``(s0, s1, s2)`` (merging dims that
-are contiguous with each other), so a row ``r`` of the flattened index lives
-at ``i0*s0 + i1*s1 + i2*s2`` with ``(i0, i1, i2)`` = unravel(r). All offsets are
-int64: ``N*T*V`` passes 2**31 at ordinary sizes. Shapes and strides are plain
-(non-constexpr) arguments marked ``do_not_specialize``: one compilation serves
-every shape; only ``BLOCK_V`` (a power of two, at most 13 values) and the
-accumulator dtype are compile-time.
+most three ``(D0, D1, D2)`` with strides ``(s0, s1, s2)`` (merging dims that are
+contiguous with each other), so flattened row ``r`` lives at
+``i0*s0 + i1*s1 + i2*s2`` with ``(i0, i1, i2)`` = unravel(r). Offsets are int64
+(``N*T*V`` passes 2**31 at ordinary sizes).
+
+Specialisation (what is compiled, and how often): shapes are never
+``tl.constexpr``. ``V`` and the strides are plain integers that Triton
+specialises on divisibility by 16 (and on being 1): when a row's start and V
+are multiples of 16 elements, the compiler can prove every 8-element group of
+a row is 16-byte aligned and in or out of bounds together, and emits 16-byte
+vector loads and stores; otherwise (V = 50,257, say) it falls back to narrower
+accesses, same values. That gives a handful of variants per kernel, not one
+per shape. The row count and the leading sizes ``D1, D2``, which change every
+call and never touch alignment, are ``do_not_specialize``. Compile-time
+parameters: ``BLOCK_V`` and ``ROWS`` (powers of two chosen from V's size
+class), the accumulator dtype and the ``ENTROPY`` switch.
 """
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,23 +42,56 @@ try:  # triton is optional on CPU-only machines: the chunked PyTorch path covers
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
-# Block over V. 4096 elements are 8 KB of bf16 per program per iteration:
-# with 8 warps (256 threads) each thread loads 16 contiguous elements (two
-# 16-byte vector loads), enough bytes in flight per SM to approach HBM
-# bandwidth, while the fp32 working set (16 registers/thread for x, same for
-# exp(x)) stays far below the register budget. Smaller V uses the next power
-# of two so tiny vocabularies do not waste lanes. Module-level so tests can
-# lower it to exercise many blocks at small V in the interpreter.
-MAX_BLOCK_V = 4096
+# Tile over V for rows of a large vocabulary (V > TILE): one row per program,
+# BLOCK_V elements per loop step, per kernel ("fwd", "bwd"): (BLOCK_V, num_warps).
+# 4096 bf16 = 8 KB per step; with 8 warps each thread owns 16 contiguous
+# elements = two 16-byte loads in flight, and keeps per-lane running
+# (max, sum[, entropy]) state for them: 58-80 registers (forward) and 32-39
+# (backward) on sm_90, no spills (tests/test_codegen.py prints them), so 3+
+# programs fit one SM and ~24 KB of loads are in flight per SM, about what
+# HBM's latency-bandwidth product asks. The GPU sweep that chose these is
+# benchmarks/tune.py (figures in benchmarks/NOTES.md). GSPO_KERNELS_LARGE_V
+# (e.g. "fwd=8192x16,bwd=4096x8") overrides them, for tuning runs.
+LARGE_V = {"fwd": (4096, 8), "bwd": (4096, 8)}
+for _item in filter(None, os.environ.get("GSPO_KERNELS_LARGE_V", "").split(",")):
+    _kind, _cfg = _item.split("=")
+    LARGE_V[_kind] = tuple(int(v) for v in _cfg.split("x"))
+# Cap on BLOCK_V (and so on TILE): tests lower it to exercise many blocks at a
+# small V in the interpreter.
+MAX_BLOCK_V = 1 << 16
+# Vocabularies up to TILE elements put several rows in one program
+# (ROWS * BLOCK_V = TILE): a V = 1,000 row alone would leave most of a
+# program idle and make the grid launch-bound.
+TILE = 4096
 # Block over T in the per-sequence reduction: T is at most a few thousand and
 # the reduction reads O(N*T) floats, so one 1024-wide block per loop step is ample.
 BLOCK_T = 1024
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
-def block_v(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of size V."""
-    b = min(MAX_BLOCK_V, max(16, 1 << max(0, math.ceil(math.log2(max(V, 1))))))
-    return b, (8 if b >= 2048 else 4)
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Compile-time tile of one launch: ``ROWS`` rows of ``BLOCK_V`` columns, ``num_warps`` warps."""
+
+    rows: int
+    block_v: int
+    num_warps: int
+
+
+def block_config(V: int, kind: str = "fwd") -> BlockConfig:
+    """Tile for a vocabulary of size V: one row of ``LARGE_V[kind]`` columns per
+    program for V > TILE, else ``TILE // BLOCK_V`` rows of the next power of two >= V."""
+    tile = min(TILE, MAX_BLOCK_V)
+    if V > tile:
+        bv, warps = LARGE_V[kind]
+        return BlockConfig(1, min(bv, MAX_BLOCK_V), warps)
+    b = max(16, 1 << max(0, math.ceil(math.log2(max(V, 1)))))
+    rows = max(1, tile // b)
+    # Fewer warps for a small tile: at least 16 elements (two 16-byte bf16 vectors) per thread.
+    warps = max(1, min(8, rows * b // 512))
+    return BlockConfig(rows, b, warps)
 
 
 def collapse_rows(shape, strides):
@@ -68,7 +118,22 @@ def collapse_rows(shape, strides):
     return merged
 
 
+def split_float(v: float) -> tuple[float, float]:
+    """``v`` as fp32 ``hi + lo``: Triton passes Python floats as fp32, and the
+    fp64 kernels need 1/tau to ~48 bits (``hi + lo`` summed in fp64)."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+
+
 if HAS_TRITON:
+    _LOG2E = tl.constexpr(LOG2E)
+    _LN2 = tl.constexpr(LN2)
+    # Floor of the logits (and of base-2 exponents) inside the online softmax:
+    # -inf logits (a masked vocabulary, the out-of-range tail of a block)
+    # become this finite value, whose 2^(floor) is 0 in fp32 and fp64, so no
+    # inf - inf arises; |floor| * V stays far below the fp32 maximum (the
+    # entropy sum multiplies them).
+    _FLOOR = tl.constexpr(-1.0e30)
 
     @triton.jit
     def _row_offset(row, D1, D2, s0, s1, s2):
@@ -76,77 +141,151 @@ if HAS_TRITON:
         rest = row // D2
         return (rest // D1) * s0 + (rest % D1) * s1 + i2 * s2
 
-    @triton.jit(do_not_specialize=["V", "D1", "D2", "s0", "s1", "s2", "inv_temp"])
-    def _logprob_fwd_kernel(X, Y, LOGP, LSE, V, D1, D2, s0, s1, s2, inv_temp,
-                            BLOCK_V: tl.constexpr, ACC: tl.constexpr):
-        """One program per row t (a token):
+    @triton.jit
+    def _scale(inv_hi, inv_lo, ACC: tl.constexpr):
+        """1/tau in ACC precision (``hi + lo``: fp64 kernels get ~48 bits)."""
+        return tl.cast(inv_hi, ACC) + tl.cast(inv_lo, ACC)
 
-            lse_t  = logsumexp_v(x_t[v] / tau)        (online: block max, rescaled sum)
-            logp_t = x_t[y_t] / tau - lse_t
+    @triton.jit
+    def _online_softmax(ptrs, live, V, scale2, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+                        ENTROPY: tl.constexpr):
+        """Stream ROWS rows of V logits once; return per row the max logit ``M``
+        (raw units) and, with ``c = log2(e) / tau`` (``scale2``) and
+        ``z_v = c * (x_v - M)``: ``S = sum_v 2^z_v`` and (``ENTROPY``)
+        ``U = sum_v 2^z_v * z_v``. Then
 
-        Bytes: reads the row once (V * itemsize) plus one element at y_t;
-        writes two floats. ``inv_temp`` = 1/tau arrives as fp32 (Triton passes
-        Python floats as fp32); accumulation is in ACC (fp32, or fp64 for fp64 logits).
-        Token ids are clamped into [0, V) so no id can read out of bounds (the
-        launcher has already rejected out-of-range ids at unmasked positions).
+            logsumexp(x / tau) = M / tau + ln2 * log2 S
+            entropy            = ln2 * (log2 S - U / S)      (= -sum_v p_v log p_v)
+
+        Differences of logits are taken before scaling, so rows with a large
+        common offset (1e4, say) keep full relative precision.
+
+        Every lane (column slot of the tile) keeps its own running max ``m``,
+        sum ``s`` (and ``u``); a new element ``z`` costs one exp2:
+        ``e = 2^(-c |m - x|)``, then ``s = s*e + 1`` if ``x`` is the new max,
+        else ``s + e`` (likewise ``u``): about ten instructions per element. The first block initialises the
+        lanes without any exp, and the lanes are combined once per row at the
+        end (one cross-warp reduction per row, not per block): about one exp2
+        per element in total. NaN propagates (the maxima keep NaN); -inf
+        logits (a masked vocabulary) contribute 0 without any inf - inf (they
+        are floored at -1e30; a row whose logits all lie at or below -1e30 is
+        treated as uniform over them).
         """
-        row = tl.program_id(0).to(tl.int64)
-        base = X + _row_offset(row, D1, D2, s0, s1, s2)
-        cols = tl.arange(0, BLOCK_V)
-        m = tl.full((), float("-inf"), ACC)
-        s = tl.zeros((), ACC)
-        m_safe = tl.zeros((), ACC)
+        cols = tl.arange(0, BLOCK_V)[None, :]
+        x0 = tl.load(ptrs + cols, mask=live[:, None] & (cols < V), other=float("-inf")).to(ACC)
+        s = tl.where(x0 == float("-inf"), 0.0, 1.0).to(ACC)
+        m = tl.maximum(x0, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.zeros((ROWS, BLOCK_V), ACC)
+        for start in range(BLOCK_V, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(ptrs + offs, mask=live[:, None] & (offs < V), other=float("-inf")).to(ACC)
+            x = tl.maximum(x, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+            diff = m - x
+            d = -tl.abs(diff) * scale2  # (min(m, x) - max(m, x)) in base-2 units
+            e = tl.exp2(d)
+            up = diff < 0
+            if ENTROPY:
+                d = tl.maximum(d, _FLOOR)  # finite even for |x| near the fp32 limit: e * d is 0, not NaN
+                u = tl.where(up, e * (u + d * s), u + e * d)
+            s = tl.where(up, s * e + 1.0, s + e)
+            m = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
+        M = tl.max(m, 1)
+        dm = tl.maximum((m - M[:, None]) * scale2, _FLOOR)
+        w = tl.exp2(dm)
+        S = tl.sum(s * w, 1)
+        if ENTROPY:
+            U = tl.sum(w * (u + dm * s), 1)
+        else:
+            U = S
+        return M, S, U
+
+    @triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
+    def _logprob_fwd_kernel(X, Y, LOGP, LSE, ENT, n_rows, V, D1, D2, s0, s1, s2, inv_hi, inv_lo,
+                            ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+                            ENTROPY: tl.constexpr):
+        """ROWS rows t (tokens) per program:
+
+            lse_t  = logsumexp_v(x_t[v] / tau)
+            logp_t = x_t[y_t] / tau - lse_t
+            H_t    = lse_t - sum_v p_v x_t[v] / tau     (ENTROPY; p = softmax(x_t / tau))
+
+        Saved for backward, in LSE: ``c_t = tau * lse_t``, the logsumexp in
+        logit units, so that backward forms ``x - c_t`` before scaling (exact
+        for V = 1, full precision for rows with a large common offset).
+
+        Bytes: reads each row once (V * itemsize, 16-byte vector loads when
+        aligned) plus one element at y_t; writes two floats per row (three with
+        ENTROPY). Accumulation in ACC (fp32; fp64 for fp64 logits). Token ids
+        are clamped into [0, V), so no id can read out of bounds (the launcher
+        has already refused out-of-range ids at unmasked positions).
+        """
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        live = rows < n_rows
+        base = X + _row_offset(rows, D1, D2, s0, s1, s2)
+        inv = _scale(inv_hi, inv_lo, ACC)
+        M, S, U = _online_softmax(base[:, None], live, V, inv * _LOG2E, ROWS, BLOCK_V, ACC, ENTROPY)
+        S = tl.where(live, S, 1.0)  # rows past the end: no log2(0)
+        log_s = tl.log2(S) * _LN2
+        y = tl.load(Y + rows, mask=live, other=0).to(tl.int64)
+        y = tl.minimum(tl.maximum(y, 0), V - 1)
+        xy = tl.load(base + y, mask=live, other=0.0).to(ACC)
+        tl.store(LOGP + rows, (xy - M) * inv - log_s, mask=live)
+        tl.store(LSE + rows, M + log_s / inv, mask=live)
+        if ENTROPY:
+            tl.store(ENT + rows, log_s - U / S * _LN2, mask=live)
+
+    @triton.jit(do_not_specialize=["n_rows", "D1", "D2", "E1", "E2"])
+    def _logprob_bwd_kernel(X, Y, LSE, G, ENT, GH, DX, n_rows, V, D1, D2, s0, s1, s2, E1, E2, o0, o1, o2,
+                            inv_hi, inv_lo, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+                            ENTROPY: tl.constexpr):
+        """ROWS rows per program, for upstream gradients g_t (log-prob) and h_t (entropy):
+
+            p_v      = exp(x_t[v] / tau - lse_t) = 2^((x_t[v] - c_t) * log2(e) / tau),  c_t = tau * lse_t
+            dx_t[v]  = (g_t * (1[v = y_t] - p_v) - h_t * p_v * (log p_v + H_t)) / tau
+
+        (the h_t term only with ENTROPY: d H_t / d x_t[v] = -p_v (log p_v + H_t) / tau).
+        One exp2 per element. Bytes: reads each row once and writes it once
+        (logits' dtype, 16-byte vectors when aligned); a row whose upstream
+        gradients are all zero (masked token, empty sequence) skips the read and
+        gets exact zeros, whatever its logits hold. DX may alias X (in-place
+        backward): each element is read before it is written, by the same
+        program. DX has its own collapsed layout (E1, E2, o*).
+        """
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        live = rows < n_rows
+        inv = _scale(inv_hi, inv_lo, ACC)
+        g = tl.load(G + rows, mask=live, other=0.0).to(ACC)
+        act = g != 0
+        if ENTROPY:
+            h = tl.load(GH + rows, mask=live, other=0.0).to(ACC)
+            H = tl.load(ENT + rows, mask=live, other=0.0).to(ACC)
+            act = act | (h != 0)
+            hs = tl.where(act, h * inv, 0.0)[:, None]
+        act = act & live
+        # Inactive rows: c = +inf makes p = 0 and every term exactly 0, with
+        # no per-element select and no read of their logits.
+        c = tl.load(LSE + rows, mask=act, other=0.0).to(ACC)
+        c = tl.where(act, c, float("inf"))[:, None]
+        if ENTROPY:
+            H = tl.where(act, H, 0.0)[:, None]
+        y = tl.load(Y + rows, mask=live, other=0).to(tl.int64)
+        y = tl.minimum(tl.maximum(y, 0), V - 1)[:, None]
+        gs = tl.where(act, g * inv, 0.0)[:, None]
+        scale2 = inv * _LOG2E
+        src = (X + _row_offset(rows, D1, D2, s0, s1, s2))[:, None]
+        dst = (DX + _row_offset(rows, E1, E2, o0, o1, o2))[:, None]
+        cols = tl.arange(0, BLOCK_V)[None, :]
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(ACC) * inv_temp
-            m_new = tl.maximum(m, tl.max(x, 0))
-            # A block of only -inf (masked vocabulary) before any finite value:
-            # shift by 0 instead of -inf so no inf - inf NaN appears.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
-            m = m_new
-        lse = m_safe + tl.log(s)
-        y = tl.load(Y + row).to(tl.int64)
-        y = tl.minimum(tl.maximum(y, 0), V - 1)
-        xy = tl.load(base + y).to(ACC) * inv_temp
-        tl.store(LOGP + row, xy - lse)
-        tl.store(LSE + row, lse)
-
-    @triton.jit(do_not_specialize=["V", "D1", "D2", "s0", "s1", "s2", "E1", "E2", "o0", "o1", "o2",
-                                   "inv_temp"])
-    def _logprob_bwd_kernel(X, Y, LSE, G, DX, V, D1, D2, s0, s1, s2, E1, E2, o0, o1, o2, inv_temp,
-                            BLOCK_V: tl.constexpr, ACC: tl.constexpr):
-        """One program per row t:
-
-            dx_t[v] = g_t * (1[v = y_t] - exp(x_t[v] / tau - lse_t)) / tau
-
-        Bytes: reads the row once and writes it once (in the logits' dtype);
-        a row with g_t = 0 (masked token, empty sequence) skips the read and
-        writes exact zeros. DX may alias X (in-place backward): each element
-        is read before it is written, by the same program. DX has its own
-        collapsed layout (E1, E2, o*): the same logical row, other strides.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        base = X + _row_offset(row, D1, D2, s0, s1, s2)
-        out = DX + _row_offset(row, E1, E2, o0, o1, o2)
-        cols = tl.arange(0, BLOCK_V)
-        g = tl.load(G + row).to(ACC)
-        if g == 0:
-            zero = tl.zeros((BLOCK_V,), ACC).to(DX.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(out + offs, zero, mask=offs < V)
-        else:
-            lse = tl.load(LSE + row).to(ACC)
-            y = tl.load(Y + row).to(tl.int64)
-            y = tl.minimum(tl.maximum(y, 0), V - 1)
-            scale = g * inv_temp
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                x = tl.load(base + offs, mask=offs < V, other=0.0).to(ACC) * inv_temp
-                p = tl.exp(x - lse)
-                d = (tl.where(offs == y, 1.0, 0.0) - p) * scale
-                tl.store(out + offs, d.to(DX.dtype.element_ty), mask=offs < V)
+            inb = offs < V
+            z = (tl.load(src + offs, mask=act[:, None] & inb, other=0.0).to(ACC) - c) * scale2
+            p = tl.exp2(z)
+            if ENTROPY:
+                logp = tl.where(p > 0, z * _LN2, 0.0)
+                d = tl.where(offs == y, gs, 0.0) - p * (gs + hs * (logp + H))
+            else:
+                d = tl.where(offs == y, gs, 0.0) - p * gs
+            tl.store(dst + offs, d.to(DX.dtype.element_ty), mask=live[:, None] & inb)
 
     @triton.jit(do_not_specialize=["T"])
     def _seq_reduce_kernel(LOGP, MASK, OUT, LEN, T, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
@@ -177,38 +316,69 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def triton_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float):
-    """Launch the forward kernel. Returns (logp, lse), each ``logits.shape[:-1]``."""
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, built from real tensors: ``kernel[grid](*args, **kwargs)``.
+
+    The launchers build it, and the code-generation test compiles exactly what
+    they would launch (same arguments, so the same specialisation)."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def fwd_launch(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, logp: torch.Tensor,
+               lse: torch.Tensor, ent: torch.Tensor | None) -> Launch:
     V = logits.shape[-1]
+    rows = logp.numel()
+    (_, s0), (D1, s1), (D2, s2) = collapse_rows(logits.shape[:-1], logits.stride()[:-1])
+    cfg = block_config(V, "fwd")
+    hi, lo = split_float(inv_temp)
+    return Launch(_logprob_fwd_kernel, (triton.cdiv(rows, cfg.rows),),
+                  (logits, tokens.reshape(-1), logp, lse, lse if ent is None else ent, rows, V, D1, D2, s0, s1, s2,
+                   hi, lo),
+                  dict(ROWS=cfg.rows, BLOCK_V=cfg.block_v, ACC=_acc(logits.dtype), ENTROPY=ent is not None,
+                       num_warps=cfg.num_warps))
+
+
+def bwd_launch(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out) -> Launch:
+    V = logits.shape[-1]
+    rows = lse.numel()
+    (_, s0), (D1, s1), (D2, s2) = collapse_rows(logits.shape[:-1], logits.stride()[:-1])
+    (_, o0), (E1, o1), (E2, o2) = collapse_rows(out.shape[:-1], out.stride()[:-1])
+    cfg = block_config(V, "bwd")
+    hi, lo = split_float(inv_temp)
+    entropy = grad_ent is not None
+    return Launch(_logprob_bwd_kernel, (triton.cdiv(rows, cfg.rows),),
+                  (logits, tokens.reshape(-1), lse.reshape(-1), grad.reshape(-1),
+                   ent.reshape(-1) if entropy else lse, grad_ent.reshape(-1) if entropy else lse, out,
+                   rows, V, D1, D2, s0, s1, s2, E1, E2, o0, o1, o2, hi, lo),
+                  dict(ROWS=cfg.rows, BLOCK_V=cfg.block_v, ACC=_acc(logits.dtype), ENTROPY=entropy,
+                       num_warps=cfg.num_warps))
+
+
+def triton_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, entropy: bool = False):
+    """Forward kernel. Returns ``(logp, lse, ent)``, each ``logits.shape[:-1]``
+    (``ent`` empty when not asked for)."""
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(logits.shape[:-1], dtype=out_dtype, device=logits.device)
     lse = torch.empty_like(logp)
-    rows = logp.numel()
-    if rows == 0:
-        return logp, lse
-    (_, s0), (D1, s1), (D2, s2) = collapse_rows(logits.shape[:-1], logits.stride()[:-1])
-    BLOCK_V, warps = block_v(V)
-    _logprob_fwd_kernel[(rows,)](
-        logits, tokens.reshape(-1), logp, lse, V, D1, D2, s0, s1, s2, float(inv_temp),
-        BLOCK_V=BLOCK_V, ACC=_acc(logits.dtype), num_warps=warps,
-    )
-    return logp, lse
+    ent = torch.empty_like(logp) if entropy else logp.new_empty(0)
+    if logp.numel():
+        fwd_launch(logits, tokens, inv_temp, logp, lse, ent if entropy else None)()
+    return logp, lse, ent
 
 
-def triton_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-               inv_temp: float, out: torch.Tensor) -> torch.Tensor:
-    """Launch the backward kernel writing into ``out`` (same shape as logits; may be logits)."""
-    V = logits.shape[-1]
-    if lse.numel() == 0:
-        return out
-    (_, s0), (D1, s1), (D2, s2) = collapse_rows(logits.shape[:-1], logits.stride()[:-1])
-    (_, o0), (E1, o1), (E2, o2) = collapse_rows(out.shape[:-1], out.stride()[:-1])
-    BLOCK_V, warps = block_v(V)
-    _logprob_bwd_kernel[(lse.numel(),)](
-        logits, tokens.reshape(-1), lse.reshape(-1), grad.reshape(-1), out,
-        V, D1, D2, s0, s1, s2, E1, E2, o0, o1, o2, float(inv_temp),
-        BLOCK_V=BLOCK_V, ACC=_acc(logits.dtype), num_warps=warps,
-    )
+def triton_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+    """Backward kernel writing into ``out`` (logits' shape; may be the logits themselves).
+    ``grad_ent``/``ent``: the entropy's upstream gradient and value, or None."""
+    if lse.numel():
+        bwd_launch(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out)()
     return out
 
 
@@ -219,7 +389,10 @@ def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool):
     mk = maskf.reshape(-1, T)
     out = torch.empty(lp.shape[0], dtype=logp.dtype, device=logp.device)
     length = torch.empty_like(out)
-    if out.numel():
+    if out.numel() and T:
         _seq_reduce_kernel[(out.numel(),)](lp, mk, out, length, T, NORMALIZE=normalize,
                                            BLOCK=BLOCK_T, num_warps=4)
+    elif out.numel():
+        out.zero_()
+        length.zero_()
     return out.reshape(logp.shape[:-1]), length.reshape(logp.shape[:-1])

@@ -33,29 +33,42 @@ def _blocks(t: torch.Tensor):
             row += D2
 
 
-def torch_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float):
+def torch_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, entropy: bool = False):
+    """Returns ``(logp, c, ent)`` as the Triton forward: ``c = tau * logsumexp(x / tau)``
+    (``ent`` empty unless asked)."""
     V = logits.shape[-1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(logits.shape[:-1], dtype=acc, device=logits.device)
     lse = torch.empty_like(logp)
-    flat_logp, flat_lse = logp.view(-1), lse.view(-1)
-    y_all = tokens.reshape(-1).clamp(0, V - 1)
+    ent = torch.empty_like(logp) if entropy else logp.new_empty(0)
+    flat_logp, flat_lse, flat_ent = logp.view(-1), lse.view(-1), ent.view(-1)
+    y_all = tokens.reshape(-1).clamp(0, V - 1).long()
     for r, x in _blocks(logits):
         n = x.shape[0]
-        xs = x.to(acc) * inv_temp
+        xa = x.to(acc, copy=True)
+        m = xa.amax(-1, keepdim=True).clamp(min=-1e30)  # finite shift (all -inf row: no inf - inf)
+        xs = xa.sub_(m).mul_(inv_temp)  # differences before scaling, as the kernel
         l = torch.logsumexp(xs, dim=-1)  # one more chunk-sized temporary inside
         y = y_all[r:r + n].unsqueeze(-1)
-        flat_lse[r:r + n] = l
+        flat_lse[r:r + n] = m.squeeze(-1) + l / inv_temp  # c = tau * lse: logit units, as the kernel saves
         flat_logp[r:r + n] = xs.gather(-1, y).squeeze(-1) - l
-    return logp, lse
+        if entropy:  # H = -sum_v p_v log p_v (no lse - E[x] cancellation); p = 0 entries contribute 0
+            xs.sub_(l.unsqueeze(-1))
+            p = xs.exp()
+            flat_ent[r:r + n] = -torch.where(p == 0, 0.0, p * xs).sum(-1)
+    return logp, lse, ent
 
 
 def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-              inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+              ent, grad_ent, inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+    """``dx = (g (1[v = y] - p) - h p (log p + H)) / tau`` (h term when ``grad_ent`` is given);
+    rows whose upstream gradients are all zero get exact zeros, whatever their logits hold."""
     V = logits.shape[-1]
     acc = lse.dtype
-    y_all = tokens.reshape(-1).clamp(0, V - 1)
+    y_all = tokens.reshape(-1).clamp(0, V - 1).long()
     g_all = grad.reshape(-1).to(acc)
+    h_all = None if grad_ent is None else grad_ent.reshape(-1).to(acc)
+    H_all = None if grad_ent is None else ent.reshape(-1).to(acc)
     lse_all = lse.reshape(-1)
     same = out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
     outs = _blocks(out) if same else None
@@ -64,14 +77,23 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
         n = x.shape[0]
         o = next(outs)[1] if same else out_rows[r:r + n]
         g = g_all[r:r + n]
-        if not bool(g.any()):
+        active = g != 0 if h_all is None else (g != 0) | (h_all[r:r + n] != 0)
+        if not bool(active.any()):
             o.zero_()
             continue
-        p = x.to(acc) * inv_temp  # the chunk's only temporary: everything below is in place
-        p.sub_(lse_all[r:r + n].unsqueeze(-1)).exp_()
+        logp = x.to(acc, copy=True)  # the chunk's temporaries: log p = (x - c) / tau, then p, in place
+        logp.sub_(lse_all[r:r + n].unsqueeze(-1)).mul_(inv_temp)
         scale = (g * inv_temp).unsqueeze(-1)
-        p.mul_(-scale)
+        if h_all is None:
+            p = logp.exp_()
+            p.mul_(-scale)
+        else:
+            p = logp.exp()
+            hs = (h_all[r:r + n] * inv_temp).unsqueeze(-1)
+            logp.add_(H_all[r:r + n].unsqueeze(-1)).masked_fill_(p == 0, 0.0).mul_(hs).add_(scale).mul_(p).neg_()
+            p = logp
         p.scatter_add_(-1, y_all[r:r + n].unsqueeze(-1), scale)
+        p.masked_fill_(~active.unsqueeze(-1), 0.0)
         o.copy_(p)
     return out
 

@@ -82,7 +82,8 @@ def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Te
         raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}){where}, got values in [{lo}, {hi}]")
 
 
-def resolve_mask(mask, lengths, tokens: torch.Tensor, check_values: bool = True) -> Optional[torch.Tensor]:
+def resolve_mask(mask, lengths, tokens: torch.Tensor, check_values: bool = True,
+                 name: str = "mask") -> Optional[torch.Tensor]:
     """Turn ``mask`` (..., T) or ``lengths`` (...) into a bool mask (..., T), or None (all valid).
 
     ``check_values=False`` skips the data-dependent range check of ``lengths``
@@ -93,12 +94,12 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, check_values: bool = True)
     T = tokens.shape[-1]
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(tokens.shape):
-            raise ValueError(f"mask must have shape {tuple(tokens.shape)} (tokens' shape), got {tuple(mask.shape)}")
-        _same_device(mask, tokens, "mask", "tokens")
+            raise ValueError(f"{name} must have shape {tuple(tokens.shape)} (tokens' shape), got {tuple(mask.shape)}")
+        _same_device(mask, tokens, name, "tokens")
         if mask.dtype.is_complex:
-            raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+            raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
         return mask if mask.dtype == torch.bool else mask != 0
     if lengths is not None:
         if not isinstance(lengths, torch.Tensor):

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .logprobs import logprob_bwd, logprob_fwd
 from ._validate import check_temperature, check_token_range, check_tokens, resolve_mask
 
 # Budget for one chunk of logits when the caller gives no chunk_size: at most
@@ -70,8 +71,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             v = None if valid is None else valid[r:r + C]
             if v is not None and not bool(v.any()):
                 continue  # fully masked chunk: log-probs unused, no matrix product
-            lp, l = torch.ops.gspo_kernels.logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v,
-                                                      opts.inv_temp)
+            lp, l, _ = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp)
             logp[r:r + C], lse[r:r + C] = lp, l
         ctx.opts = opts
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
@@ -95,7 +95,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 continue  # no upstream gradient in this chunk: skip its matrix products
             h = hidden[r:r + C]
             dl = _logits(h, weight, bias)
-            torch.ops.gspo_kernels.logprob_bwd_inplace(dl, tokens[r:r + C], lse[r:r + C], g, opts.inv_temp)
+            logprob_bwd(dl, tokens[r:r + C], lse[r:r + C], g, None, None, opts.inv_temp, True)
             if grad_h is not None:
                 grad_h[r:r + C] = dl @ weight
             if grad_w is not None:

@@ -46,58 +46,103 @@ def _use_triton(t: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------- custom ops
-@torch.library.custom_op("gspo_kernels::logprob_fwd", mutates_args=())
-def _logprob_fwd(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float) -> tuple[Tensor, Tensor]:
+# Eager calls run the implementations directly; under torch.compile they go
+# through the ``torch.library`` custom ops below, which the compiler treats as
+# opaque nodes (no graph break). Going through the op in eager too would cost
+# its first dispatch in a process an import of torch._dynamo (~1 s).
+def _fwd_impl(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float,
+              entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     # The range check lives inside the op so it also runs under torch.compile.
     check_token_range(tokens, logits.shape[-1], valid)
     impl = _kernels.triton_fwd if _use_triton(logits) else _torch_path.torch_fwd
-    return impl(logits, tokens, inv_temp)
+    return impl(logits, tokens, inv_temp, entropy)
+
+
+def _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out):
+    impl = _kernels.triton_bwd if _use_triton(logits) else _torch_path.torch_bwd
+    return impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out)
+
+
+def _bwd_out(logits, tokens, lse, grad, ent, grad_ent, inv_temp):
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out)
+
+
+def _seq_reduce_impl(logp, maskf, normalize):
+    if _use_triton(logp):
+        return _kernels.triton_seq_reduce(logp, maskf, normalize)
+    return _torch_path.torch_seq_reduce(logp, maskf, normalize)
+
+
+@torch.library.custom_op("gspo_kernels::logprob_fwd", mutates_args=())
+def _logprob_fwd(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float,
+                 entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd_impl(logits, tokens, valid, inv_temp, entropy)
 
 
 @_logprob_fwd.register_fake
-def _(logits, tokens, valid, inv_temp):
+def _(logits, tokens, valid, inv_temp, entropy):
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = logits.new_empty(logits.shape[:-1], dtype=dt)
-    return out, torch.empty_like(out)
-
-
-def _bwd_impl(logits, tokens, lse, grad, inv_temp, out):
-    impl = _kernels.triton_bwd if _use_triton(logits) else _torch_path.torch_bwd
-    return impl(logits, tokens, lse, grad, inv_temp, out)
+    return out, torch.empty_like(out), torch.empty_like(out) if entropy else out.new_empty(0)
 
 
 @torch.library.custom_op("gspo_kernels::logprob_bwd", mutates_args=())
-def _logprob_bwd(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, inv_temp: float) -> Tensor:
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _bwd_impl(logits, tokens, lse, grad, inv_temp, out)
+def _logprob_bwd(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, ent: Optional[Tensor],
+                 grad_ent: Optional[Tensor], inv_temp: float) -> Tensor:
+    return _bwd_out(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
 
 
 @_logprob_bwd.register_fake
-def _(logits, tokens, lse, grad, inv_temp):
+def _(logits, tokens, lse, grad, ent, grad_ent, inv_temp):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("gspo_kernels::logprob_bwd_inplace", mutates_args=("logits",))
-def _logprob_bwd_inplace(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, inv_temp: float) -> None:
-    _bwd_impl(logits, tokens, lse, grad, inv_temp, logits)
+def _logprob_bwd_inplace(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, ent: Optional[Tensor],
+                         grad_ent: Optional[Tensor], inv_temp: float) -> None:
+    _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, logits)
 
 
 @_logprob_bwd_inplace.register_fake
-def _(logits, tokens, lse, grad, inv_temp):
+def _(logits, tokens, lse, grad, ent, grad_ent, inv_temp):
     return None
 
 
 @torch.library.custom_op("gspo_kernels::seq_reduce", mutates_args=())
 def _seq_reduce(logp: Tensor, maskf: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
-    if _use_triton(logp):
-        return _kernels.triton_seq_reduce(logp, maskf, normalize)
-    return _torch_path.torch_seq_reduce(logp, maskf, normalize)
+    return _seq_reduce_impl(logp, maskf, normalize)
 
 
 @_seq_reduce.register_fake
 def _(logp, maskf, normalize):
     out = logp.new_empty(logp.shape[:-1])
     return out, torch.empty_like(out)
+
+
+def logprob_fwd(logits, tokens, valid, inv_temp, entropy=False):
+    """``(logp, lse, ent)`` per row; ``ent`` is empty unless ``entropy``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gspo_kernels.logprob_fwd(logits, tokens, valid, inv_temp, entropy)
+    return _fwd_impl(logits, tokens, valid, inv_temp, entropy)
+
+
+def logprob_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp, inplace: bool):
+    """Gradient w.r.t. the logits, into a fresh buffer or (``inplace``) into the logits."""
+    if torch.compiler.is_compiling():
+        if inplace:
+            torch.ops.gspo_kernels.logprob_bwd_inplace(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
+            return logits
+        return torch.ops.gspo_kernels.logprob_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
+    if inplace:
+        return _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, logits)
+    return _bwd_out(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
+
+
+def seq_reduce(logp, maskf, normalize):
+    if torch.compiler.is_compiling():
+        return torch.ops.gspo_kernels.seq_reduce(logp, maskf, normalize)
+    return _seq_reduce_impl(logp, maskf, normalize)
 
 
 # ---------------------------------------------------------------- autograd
@@ -108,14 +153,16 @@ class LogprobOptions:
     inv_temp: float = 1.0
     normalize: bool = True
     inplace_backward: bool = False
+    entropy: bool = False
 
 
-def _logits_grad(ctx, logits: Tensor, tokens: Tensor, lse: Tensor, grad_tok: Tensor) -> Tensor:
+def _logits_grad(ctx, logits: Tensor, tokens: Tensor, lse: Tensor, grad_tok: Tensor,
+                 ent: Optional[Tensor] = None, grad_ent: Optional[Tensor] = None) -> Tensor:
     opts: LogprobOptions = ctx.opts
     if not opts.inplace_backward:
-        return torch.ops.gspo_kernels.logprob_bwd(logits, tokens, lse, grad_tok, opts.inv_temp)
+        return logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, False)
     version = logits._version
-    torch.ops.gspo_kernels.logprob_bwd_inplace(logits, tokens, lse, grad_tok, opts.inv_temp)
+    logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, True)
     if logits._version == version:
         # The logits now hold their gradient: any other saved use of them must
         # fail autograd's version check instead of reading garbage.
@@ -124,20 +171,31 @@ def _logits_grad(ctx, logits: Tensor, tokens: Tensor, lse: Tensor, grad_tok: Ten
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """``(logits (..., T, V), tokens (..., T), options) -> logp (..., T)``, float32 (float64 for float64 logits)."""
+    """``(logits (..., T, V), tokens (..., T), options) -> logp (..., T)``, float32 (float64 for
+    float64 logits); with ``options.entropy``: ``(logp, entropy)``, both ``(..., T)``."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, opts: LogprobOptions, valid: Optional[Tensor] = None) -> Tensor:
+    def forward(ctx, logits: Tensor, tokens: Tensor, opts: LogprobOptions, valid: Optional[Tensor] = None):
         # valid (..., T) bool, optional: ids are range-checked only there (masked ids are never read).
-        logp, lse = torch.ops.gspo_kernels.logprob_fwd(logits, tokens, valid, opts.inv_temp)
+        logp, lse, ent = logprob_fwd(logits, tokens, valid, opts.inv_temp, opts.entropy)
         ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        if opts.entropy:
+            ctx.save_for_backward(logits, tokens, lse, ent)
+            return logp, ent
         ctx.save_for_backward(logits, tokens, lse)
         return logp
 
     @staticmethod
-    def backward(ctx, grad_logp: Tensor):
-        logits, tokens, lse = ctx.saved_tensors
-        return _logits_grad(ctx, logits, tokens, lse, grad_logp.contiguous()), None, None, None
+    def backward(ctx, grad_logp: Optional[Tensor], grad_ent: Optional[Tensor] = None):
+        logits, tokens, lse = ctx.saved_tensors[:3]
+        ent = ctx.saved_tensors[3] if ctx.opts.entropy else None
+        if grad_logp is None:
+            if grad_ent is None:
+                return None, None, None, None
+            grad_logp = torch.zeros_like(lse)
+        grad_ent = None if grad_ent is None else grad_ent.contiguous()
+        return _logits_grad(ctx, logits, tokens, lse, grad_logp.contiguous(), ent, grad_ent), None, None, None
 
 
 class SequenceLogprobs(torch.autograd.Function):
@@ -146,8 +204,8 @@ class SequenceLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, maskf: Tensor, opts: LogprobOptions) -> Tensor:
-        logp, lse = torch.ops.gspo_kernels.logprob_fwd(logits, tokens, maskf != 0, opts.inv_temp)
-        seq, length = torch.ops.gspo_kernels.seq_reduce(logp, maskf, opts.normalize)
+        logp, lse, _ = logprob_fwd(logits, tokens, maskf != 0, opts.inv_temp, False)
+        seq, length = seq_reduce(logp, maskf, opts.normalize)
         ctx.opts = opts
         ctx.save_for_backward(logits, tokens, maskf, lse, length)
         return seq
@@ -169,8 +227,11 @@ def _check_common(logits, tokens, temperature) -> float:
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   inplace_backward: bool = False, valid: Optional[Tensor] = None) -> Tensor:
-    """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``.
+                   inplace_backward: bool = False, valid: Optional[Tensor] = None,
+                   return_entropy: bool = False):
+    """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``,
+    and (``return_entropy=True``) the entropy of ``softmax(logits / temperature)``
+    from the same single read of the logits.
 
     Args:
         logits: ``(..., T, V)`` float16/bfloat16/float32/float64, stride 1 on V;
@@ -183,14 +244,20 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         valid: optional ``(..., T)`` mask; token ids are then range-checked
             only where it is nonzero, and ids elsewhere (e.g. ``-100`` padding)
             are never read. Their log-probs are meaningless: mask them out.
+        return_entropy: also return ``H_t = logsumexp(x_t/tau) - sum_v p_v x_t[v]/tau``.
 
     Returns:
-        ``(..., T)`` float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
+        ``logp`` ``(..., T)`` float32 (float64 for float64 logits), or
+        ``(logp, entropy)`` with ``return_entropy=True``; differentiable w.r.t.
+        ``logits`` (the backward takes both upstream gradients and still reads
+        the logits once and writes the gradient once:
+        ``dx = (g (1[v = y] - p) - h p (log p + H)) / tau``).
     """
     inv_temp = 1.0 / _check_common(logits, tokens, temperature)
     if valid is not None:
-        valid = resolve_mask(valid, None, tokens)
-    return TokenLogprobs.apply(logits, tokens, LogprobOptions(inv_temp, True, bool(inplace_backward)), valid)
+        valid = resolve_mask(valid, None, tokens, name="valid")
+    opts = LogprobOptions(inv_temp, True, bool(inplace_backward), bool(return_entropy))
+    return TokenLogprobs.apply(logits, tokens, opts, valid)
 
 
 def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,

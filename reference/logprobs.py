@@ -14,6 +14,14 @@ def naive_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.
     return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
+def naive_token_entropy(logits: Tensor, temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)``, ``-sum_v p_v log p_v``, in ``dtype``: ``(..., T, V) -> (..., T)``."""
+    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    p = logp.exp()
+    # p = 0 (a -inf logit) contributes 0 to the value and to the gradient (no 0 * -inf)
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+
+
 def lengths_to_mask(lengths: Tensor, T: int) -> Tensor:
     return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
 

@@ -16,12 +16,15 @@ from reference import naive_sequence_logprobs, naive_token_logprobs
 # grad: written in the logits' dtype, so one unit in the last place of that
 #   dtype (Triton's interpreter truncates when it narrows; GPUs round to
 #   nearest, half an ulp) plus fp32 arithmetic error.
+# grad_entropy: the entropy's gradient -p (log p + H) / tau is a difference of
+#   two O(log V) terms times p, so its absolute error is ~ p * log V * eps:
+#   an absolute floor of 1e-6 (fp32) where the terms cancel, same rtol.
 TOLERANCE = {
-    #                 value (atol, rtol)  grad (atol, rtol)
-    torch.float32: dict(value=(2e-5, 1e-6), grad=(1e-7, 2e-5)),
-    torch.bfloat16: dict(value=(2e-5, 1e-6), grad=(1e-7, 2.0**-7)),
-    torch.float16: dict(value=(2e-5, 1e-6), grad=(1e-7, 2.0**-10)),
-    torch.float64: dict(value=(1e-12, 1e-12), grad=(1e-14, 1e-12)),
+    #                 value (atol, rtol)  grad (atol, rtol)       grad_entropy (atol, rtol)
+    torch.float32: dict(value=(2e-5, 1e-6), grad=(1e-7, 2e-5), grad_entropy=(1e-6, 2e-5)),
+    torch.bfloat16: dict(value=(2e-5, 1e-6), grad=(1e-7, 2.0**-7), grad_entropy=(1e-6, 2.0**-7)),
+    torch.float16: dict(value=(2e-5, 1e-6), grad=(1e-7, 2.0**-10), grad_entropy=(1e-6, 2.0**-10)),
+    torch.float64: dict(value=(1e-12, 1e-12), grad=(1e-14, 1e-12), grad_entropy=(1e-13, 1e-12)),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
