@@ -53,6 +53,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # benchmarks/tune.py (figures in benchmarks/NOTES.md). GSPO_KERNELS_LARGE_V
 # (e.g. "fwd=8192x16,bwd=4096x8") overrides them, for tuning runs.
 LARGE_V = {"fwd": (4096, 8), "bwd": (4096, 8)}
+# Medium vocabularies (TILE < V <= MID_V, e.g. 32,000) take MID_ROWS rows per
+# program: each row's fixed cost (the final cross-warp reduction, the
+# stores, the sampled-token load) is then paid once per MID_ROWS rows, which
+# matters when a row streams only 64 KB.
+MID_V = 65_536
+MID_ROWS = 2
 for _item in filter(None, os.environ.get("GSPO_KERNELS_LARGE_V", "").split(",")):
     _kind, _cfg = _item.split("=")
     LARGE_V[_kind] = tuple(int(v) for v in _cfg.split("x"))
@@ -86,7 +92,7 @@ def block_config(V: int, kind: str = "fwd") -> BlockConfig:
     tile = min(TILE, MAX_BLOCK_V)
     if V > tile:
         bv, warps = LARGE_V[kind]
-        return BlockConfig(1, min(bv, MAX_BLOCK_V), warps)
+        return BlockConfig(MID_ROWS if V <= MID_V else 1, min(bv, MAX_BLOCK_V), warps)
     b = max(16, 1 << max(0, math.ceil(math.log2(max(V, 1)))))
     rows = max(1, tile // b)
     # Fewer warps for a small tile: at least 16 elements (two 16-byte bf16 vectors) per thread.
@@ -147,8 +153,8 @@ if HAS_TRITON:
         return tl.cast(inv_hi, ACC) + tl.cast(inv_lo, ACC)
 
     @triton.jit
-    def _online_softmax(ptrs, live, V, scale2, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-                        ENTROPY: tl.constexpr):
+    def _online_softmax(ptrs, live, V, scale2, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                        ACC: tl.constexpr, ENTROPY: tl.constexpr):
         """Stream ROWS rows of V logits once; return per row the max logit ``M``
         (raw units) and, with ``c = log2(e) / tau`` (``scale2``) and
         ``z_v = c * (x_v - M)``: ``S = sum_v 2^z_v`` and (``ENTROPY``)
@@ -157,38 +163,41 @@ if HAS_TRITON:
             logsumexp(x / tau) = M / tau + ln2 * log2 S
             entropy            = ln2 * (log2 S - U / S)      (= -sum_v p_v log p_v)
 
-        Differences of logits are taken before scaling, so rows with a large
-        common offset (1e4, say) keep full relative precision.
-
-        Every lane (column slot of the tile) keeps its own running max ``m``,
-        sum ``s`` (and ``u``); a new element ``z`` costs one exp2:
-        ``e = 2^(-c |m - x|)``, then ``s = s*e + 1`` if ``x`` is the new max,
-        else ``s + e`` (likewise ``u``): about ten instructions per element. The first block initialises the
-        lanes without any exp, and the lanes are combined once per row at the
-        end (one cross-warp reduction per row, not per block): about one exp2
-        per element in total. NaN propagates (the maxima keep NaN); -inf
-        logits (a masked vocabulary) contribute 0 without any inf - inf (they
-        are floored at -1e30; a row whose logits all lie at or below -1e30 is
-        treated as uniform over them).
+        Each block of BLOCK_V columns is seen as ``BLOCK_V / VEC`` chunks of VEC
+        contiguous elements (VEC * itemsize = 16 bytes: one vector load, held
+        by one thread). Every chunk slot keeps its own running max ``m``, sum
+        ``s`` (and ``u``); per block it takes the max of its VEC new elements
+        (in-thread, no shuffle), rescales its state by one exp2, and adds
+        ``2^(c (x - m))``: one exp2 per element plus one per VEC elements, about
+        six instructions per element (eight with the entropy). The chunk slots
+        are combined once per row at the end (one cross-warp reduction per row,
+        not per block). Differences of logits are taken before scaling, so rows
+        with a large common offset keep full relative precision. NaN
+        propagates through the sums; -inf logits (a masked vocabulary, the
+        tail past V) contribute 0; the running max starts at -1e30 (a row whose
+        logits all lie at or below -1e30 is treated as uniform over them).
         """
-        cols = tl.arange(0, BLOCK_V)[None, :]
-        x0 = tl.load(ptrs + cols, mask=live[:, None] & (cols < V), other=float("-inf")).to(ACC)
-        s = tl.where(x0 == float("-inf"), 0.0, 1.0).to(ACC)
-        m = tl.maximum(x0, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
-        u = tl.zeros((ROWS, BLOCK_V), ACC)
-        for start in range(BLOCK_V, V, BLOCK_V):
+        NB: tl.constexpr = BLOCK_V // VEC
+        cols = tl.arange(0, NB)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
+        p3 = ptrs[:, :, None]
+        lv = live[:, None, None]
+        m = tl.full((ROWS, NB), _FLOOR, ACC)
+        s = tl.zeros((ROWS, NB), ACC)
+        u = tl.zeros((ROWS, NB), ACC)
+        for start in range(0, V, BLOCK_V):
             offs = start + cols
-            x = tl.load(ptrs + offs, mask=live[:, None] & (offs < V), other=float("-inf")).to(ACC)
-            x = tl.maximum(x, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
-            diff = m - x
-            d = -tl.abs(diff) * scale2  # (min(m, x) - max(m, x)) in base-2 units
-            e = tl.exp2(d)
-            up = diff < 0
+            x = tl.load(p3 + offs, mask=lv & (offs < V), other=float("-inf")).to(ACC)
+            if ENTROPY:  # finite z below, so p * z is 0 (not NaN) for -inf logits
+                x = tl.maximum(x, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+            m_new = tl.maximum(m, tl.max(x, 2))
+            a = (m - m_new) * scale2
+            alpha = tl.exp2(a)
+            z = (x - m_new[:, :, None]) * scale2
+            p = tl.exp2(z)
             if ENTROPY:
-                d = tl.maximum(d, _FLOOR)  # finite even for |x| near the fp32 limit: e * d is 0, not NaN
-                u = tl.where(up, e * (u + d * s), u + e * d)
-            s = tl.where(up, s * e + 1.0, s + e)
-            m = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
+                u = alpha * (u + tl.maximum(a, _FLOOR) * s) + tl.sum(p * z, 2)
+            s = s * alpha + tl.sum(p, 2)
+            m = m_new
         M = tl.max(m, 1)
         dm = tl.maximum((m - M[:, None]) * scale2, _FLOOR)
         w = tl.exp2(dm)
@@ -201,7 +210,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
     def _logprob_fwd_kernel(X, Y, LOGP, LSE, ENT, n_rows, V, D1, D2, s0, s1, s2, inv_hi, inv_lo,
-                            ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr,
                             ENTROPY: tl.constexpr):
         """ROWS rows t (tokens) per program:
 
@@ -223,12 +232,13 @@ if HAS_TRITON:
         live = rows < n_rows
         base = X + _row_offset(rows, D1, D2, s0, s1, s2)
         inv = _scale(inv_hi, inv_lo, ACC)
-        M, S, U = _online_softmax(base[:, None], live, V, inv * _LOG2E, ROWS, BLOCK_V, ACC, ENTROPY)
-        S = tl.where(live, S, 1.0)  # rows past the end: no log2(0)
-        log_s = tl.log2(S) * _LN2
+        # The sampled token's logit first: its two dependent loads overlap the stream.
         y = tl.load(Y + rows, mask=live, other=0).to(tl.int64)
         y = tl.minimum(tl.maximum(y, 0), V - 1)
         xy = tl.load(base + y, mask=live, other=0.0).to(ACC)
+        M, S, U = _online_softmax(base[:, None], live, V, inv * _LOG2E, ROWS, BLOCK_V, VEC, ACC, ENTROPY)
+        S = tl.where(live, S, 1.0)  # rows past the end: no log2(0)
+        log_s = tl.log2(S) * _LN2
         tl.store(LOGP + rows, (xy - M) * inv - log_s, mask=live)
         tl.store(LSE + rows, M + log_s / inv, mask=live)
         if ENTROPY:
@@ -342,8 +352,8 @@ def fwd_launch(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, logp
     return Launch(_logprob_fwd_kernel, (triton.cdiv(rows, cfg.rows),),
                   (logits, tokens.reshape(-1), logp, lse, lse if ent is None else ent, rows, V, D1, D2, s0, s1, s2,
                    hi, lo),
-                  dict(ROWS=cfg.rows, BLOCK_V=cfg.block_v, ACC=_acc(logits.dtype), ENTROPY=ent is not None,
-                       num_warps=cfg.num_warps))
+                  dict(ROWS=cfg.rows, BLOCK_V=cfg.block_v, VEC=max(1, min(cfg.block_v, 16 // logits.element_size())),
+                       ACC=_acc(logits.dtype), ENTROPY=ent is not None, num_warps=cfg.num_warps))
 
 
 def bwd_launch(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out) -> Launch:
