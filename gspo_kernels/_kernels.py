@@ -53,12 +53,14 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # benchmarks/tune.py (figures in benchmarks/NOTES.md). GSPO_KERNELS_LARGE_V
 # (e.g. "fwd=8192x16,bwd=4096x8") overrides them, for tuning runs.
 LARGE_V = {"fwd": (4096, 8), "bwd": (4096, 8)}
-# Medium vocabularies (TILE < V <= MID_V, e.g. 32,000) take MID_ROWS rows per
-# program: each row's fixed cost (the final cross-warp reduction, the
-# stores, the sampled-token load) is then paid once per MID_ROWS rows, which
-# matters when a row streams only 64 KB.
+# Medium vocabularies (TILE < V <= MID_V, e.g. 32,000) may take MID_ROWS rows
+# per program, paying each row's fixed cost (final cross-warp reduction,
+# stores) once per MID_ROWS rows. Measured on an H100 at V = 32,000
+# (benchmarks/results/tune_v32000.csv): 1 row 0.355 ms, 2 rows 0.364 ms,
+# 4 rows 0.395 ms (forward, 4096 x 8 warps): one row per program is best;
+# the knob stays for other GPUs.
 MID_V = 65_536
-MID_ROWS = 2
+MID_ROWS = 1
 for _item in filter(None, os.environ.get("GSPO_KERNELS_LARGE_V", "").split(",")):
     _kind, _cfg = _item.split("=")
     LARGE_V[_kind] = tuple(int(v) for v in _cfg.split("x"))
