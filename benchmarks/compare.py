@@ -5,7 +5,8 @@
 Runs ``gspo_kernels.sequence_logprobs`` (forward + backward) and the naive
 ``log_softmax -> gather -> masked mean`` of ``reference/`` on the same inputs and
 prints, per provider (``gspo_kernels``, the same with ``inplace_backward=True``,
-``naive``): median time of fwd+bwd, peak extra memory (bytes beyond
+``naive``): the time of the process's first fwd+bwd (imports, compilation) and
+the median, min and max of the following ones, peak extra memory (bytes beyond
 the inputs, the logits' gradient included), and the max error of values and
 gradients against a float64 reference.
 
@@ -77,8 +78,11 @@ def measure(provider, B, G, T, V, dtype, device, repeats):
     fn = PROVIDERS[provider]
     logits, tokens, mask = make_inputs(B, G, T, V, dtype, device)
     grad_out = torch.ones(B, G, device=device)
-    _step(fn, logits, tokens, mask, grad_out)  # warm-up (allocator, kernels)
     _sync(device)
+    t0 = time.perf_counter()
+    _step(fn, logits, tokens, mask, grad_out)  # the process's first call: imports, compilation, allocator
+    _sync(device)
+    first = (time.perf_counter() - t0) * 1e3
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -97,7 +101,8 @@ def measure(provider, B, G, T, V, dtype, device, repeats):
         _step(fn, logits, tokens, mask, grad_out)
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "peak_extra_mb": peak / 2**20}
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "first_ms": first,
+            "peak_extra_mb": peak / 2**20}
 
 
 def errors(provider, B, G, T, V, dtype, device):
@@ -128,7 +133,7 @@ def main(argv=None):
     p.add_argument("--T", type=int, default=1024 if cuda else 256)
     p.add_argument("--V", type=int, default=151_936 if cuda else 32_000)
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--repeats", type=int, default=20 if cuda else 5)
+    p.add_argument("--repeats", type=int, default=20 if cuda else 9)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -147,9 +152,13 @@ def main(argv=None):
             "dtype": args.dtype, "logits_mb": args.B * args.G * args.T * args.V * getattr(torch, args.dtype).itemsize / 2**20}
     print(f"device {meta['device']} | torch {meta['torch']} | (B, G, T, V) = {tuple(meta['shape'])} {args.dtype}"
           f" | logits {meta['logits_mb']:.0f} MiB | fwd+bwd of sequence_logprobs")
-    print(f"{'provider':<22}{'ms (median)':>12}{'peak extra MiB':>16}{'value err':>12}{'grad err':>12}")
+    print(f"{'provider':<22}{'first call ms':>14}{'steady ms (median [min-max])':>30}{'peak extra MiB':>16}"
+          f"{'value err':>12}{'grad err':>12}")
     for r in rows:
-        print(f"{r['provider']:<22}{r['ms']:>12.2f}{r['peak_extra_mb']:>16.1f}{r['value_err']:>12.2e}{r['grad_err']:>12.2e}")
+        spread = f"{r['ms']:.2f} [{r['ms_min']:.2f}-{r['ms_max']:.2f}]"
+        print(f"{r['provider']:<22}{r['first_ms']:>14.2f}{spread:>30}{r['peak_extra_mb']:>16.1f}"
+              f"{r['value_err']:>12.2e}{r['grad_err']:>12.2e}")
+    print(f"({args.repeats} steady-state runs each after the first call, every provider in a fresh process)")
     f, n = rows[0], rows[-1]
     print(f"gspo_kernels vs naive: {n['ms'] / f['ms']:.2f}x faster, {f['peak_extra_mb'] / n['peak_extra_mb']:.2f}x the peak extra memory")
     if args.json:
