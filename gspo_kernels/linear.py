@@ -52,6 +52,7 @@ def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device) -> int:
 class LinearOptions:
     inv_temp: float
     chunk_size: int
+    entropy: bool = False
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -59,7 +60,9 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
-    """``(hidden (R, H), weight (V, H), bias (V,) | None, tokens (R,), valid (R,) | None, opts) -> logp (R,)``."""
+    """``(hidden (R, H), weight (V, H), bias (V,) | None, tokens (R,), valid (R,) | None, opts) -> logp (R,)``,
+    or ``(logp, entropy)`` with ``opts.entropy``. A chunk whose rows are all
+    invalid is skipped: its outputs are 0 and so is its gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, valid, opts: LinearOptions):
@@ -67,19 +70,24 @@ class LinearTokenLogprobs(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logp = torch.zeros(R, dtype=acc, device=hidden.device)
         lse = torch.zeros(R, dtype=acc, device=hidden.device)
+        ent = torch.zeros(R, dtype=acc, device=hidden.device) if opts.entropy else None
         for r in range(0, R, C):
             v = None if valid is None else valid[r:r + C]
             if v is not None and not bool(v.any()):
-                continue  # fully masked chunk: log-probs unused, no matrix product
-            lp, l, _ = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp)
+                continue  # fully masked chunk: outputs 0, no matrix product
+            lp, l, e = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp,
+                                   opts.entropy)
             logp[r:r + C], lse[r:r + C] = lp, l
+            if opts.entropy:
+                ent[r:r + C] = e
         ctx.opts = opts
-        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
-        return logp
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, valid, ent)
+        return (logp, ent) if opts.entropy else logp
 
     @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_ent=None):
+        hidden, weight, bias, tokens, lse, valid, ent = ctx.saved_tensors
         opts: LinearOptions = ctx.opts
         R, C = hidden.shape[0], opts.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -88,14 +96,21 @@ class LinearTokenLogprobs(torch.autograd.Function):
                              device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32,
                              device=bias.device) if (need_b and bias is not None) else None
-        grad_logp = grad_logp.contiguous()
+        if grad_logp is None and grad_ent is None:
+            return grad_h, grad_w, grad_b, None, None, None
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.contiguous()
+        grad_ent = None if grad_ent is None else grad_ent.contiguous()
         for r in range(0, R, C):
+            if valid is not None and not bool(valid[r:r + C].any()):
+                continue  # forward returned constants (0) for this chunk: zero gradient
             g = grad_logp[r:r + C]
-            if not bool(g.any()):
+            h_ent = None if grad_ent is None else grad_ent[r:r + C]
+            if not bool(g.any()) and (h_ent is None or not bool(h_ent.any())):
                 continue  # no upstream gradient in this chunk: skip its matrix products
             h = hidden[r:r + C]
             dl = _logits(h, weight, bias)
-            logprob_bwd(dl, tokens[r:r + C], lse[r:r + C], g, None, None, opts.inv_temp, True)
+            logprob_bwd(dl, tokens[r:r + C], lse[r:r + C], g, None if h_ent is None else ent[r:r + C], h_ent,
+                        opts.inv_temp, True)
             if grad_h is not None:
                 grad_h[r:r + C] = dl @ weight
             if grad_w is not None:
@@ -145,8 +160,9 @@ def _rows(hidden: Tensor) -> Tensor:
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                           temperature: float = 1.0, chunk_size: Optional[int] = None,
-                          valid: Optional[Tensor] = None) -> Tensor:
-    """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+                          valid: Optional[Tensor] = None, return_entropy: bool = False):
+    """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
+    (and, with ``return_entropy=True``, that distribution's entropy, from the same pass).
 
     Args:
         hidden: ``(..., T, H)`` last hidden states (any strides), bf16/fp16/fp32/fp64.
@@ -156,17 +172,23 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         temperature: tau > 0.
         chunk_size: rows per chunk; default :func:`default_chunk_size` (from V and free memory).
         valid: optional ``(..., T)`` mask: ids are checked only there, and fully
-            masked chunks skip their matrix products (their log-probs are 0).
+            masked chunks skip their matrix products (their outputs are 0, and
+            so is their gradient).
+        return_entropy: also return the per-token entropy (its gradient flows
+            to hidden, weight and bias like the log-prob's).
 
     Returns:
-        ``(..., T)`` float32 (float64 for float64 input), differentiable w.r.t.
-        ``hidden``, ``weight`` and ``bias``.
+        ``(..., T)`` float32 (float64 for float64 input), or ``(logp, entropy)``;
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size)
     C = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
-    v = None if valid is None else resolve_mask(valid, None, tokens).reshape(-1)
+    v = None if valid is None else resolve_mask(valid, None, tokens, name="valid").reshape(-1)
     check_token_range(tokens.reshape(-1), weight.shape[0], v)  # before the first matrix product
-    out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1), v, LinearOptions(inv_temp, C))
+    opts = LinearOptions(inv_temp, C, bool(return_entropy))
+    out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1), v, opts)
+    if return_entropy:
+        return out[0].reshape(tokens.shape), out[1].reshape(tokens.shape)
     return out.reshape(tokens.shape)
 
 

@@ -8,7 +8,7 @@ logits once forward and once backward and writes their gradient once. The
 reference policy's logits, when given instead of log-probs, are reduced by the
 same kernel under ``no_grad`` (one read, nothing saved).
 
-Math: ../shared/design/GSPO.md, sections "Sequence importance ratio" to "GRPO".
+Math: README.md, section "Losses".
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def _advantage(mode: str, rewards: Tensor, ratios: Optional[Tensor], process_gro
 
 
 # ---------------------------------------------------------------- checks
-def _check_hparams(epsilon, epsilon_high, beta, kl) -> float:
-    for name, v in (("epsilon", epsilon), ("beta", beta)):
+def _check_hparams(epsilon, epsilon_high, beta, kl, entropy_coef=0.0) -> float:
+    for name, v in (("epsilon", epsilon), ("beta", beta), ("entropy_coef", entropy_coef)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
     if not 0.0 < epsilon < 1.0:
@@ -91,6 +91,19 @@ def _check_hparams(epsilon, epsilon_high, beta, kl) -> float:
     if kl not in KL_ESTIMATORS:
         raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
     return float(eh)
+
+
+def _check_options(advantage, advantages, temperature, level=None, loss_agg=None) -> None:
+    """Constructor-time checks of the string and temperature options (so a typo fails at once)."""
+    from ._validate import check_temperature
+
+    if not isinstance(advantage, Tensor) and advantage not in advantages:
+        raise ValueError(f"advantage must be one of {advantages} or a tensor, got {advantage!r}")
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if loss_agg is not None and loss_agg not in AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
+    check_temperature(temperature)
 
 
 def _check_float(t: Optional[Tensor], name: str, shape) -> Optional[Tensor]:
@@ -168,25 +181,30 @@ class _Inputs:
                      else mask_b.reshape(B, G, T))
         self.ref_tok = _check_float(ref_logprobs, "ref_logprobs", (B, G, T))
         self.old_tok = _check_float(old_logprobs, "old_logprobs", (B, G, T))
-        # the policy's per-token log-probs: the only pass over the logits
-        self.logp = self._logprobs(logits, tokens, hidden, weight, bias, temperature, chunk_size, grad=True)
+        # the policy's per-token log-probs and entropies: the only pass over the logits
+        self.logp, self.entropy = self._logprobs(logits, tokens, hidden, weight, bias, temperature, chunk_size,
+                                                 grad=True)
         if ref_logits is not None or ref_hidden is not None:
             with torch.no_grad():
                 self.ref_tok = self._logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None
-                                              else weight, ref_bias, temperature, chunk_size, grad=False)
+                                              else weight, ref_bias, temperature, chunk_size, grad=False)[0]
         self.tokens = tokens_v
 
     def _logprobs(self, logits, tokens, hidden, weight, bias, temperature, chunk_size, grad):
+        """``(logp, entropy)`` per token, ``(B, G, T)``, exact zeros at masked positions;
+        the entropy comes from the same pass (for the policy; None for the reference)."""
         valid = self.mask.reshape(tokens.shape)
+        kw = dict(temperature=temperature, valid=valid, return_entropy=grad)
         if logits is not None:
-            lp = token_logprobs(logits, tokens, temperature=temperature, valid=valid)
+            out = token_logprobs(logits, tokens, **kw)
         else:
             from .linear import linear_token_logprobs  # local: the linear path is optional
 
-            lp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature,
-                                       chunk_size=chunk_size, valid=valid)
-        lp = lp.reshape(self.shape)
-        return torch.where(self.mask, lp, torch.zeros_like(lp))
+            out = linear_token_logprobs(hidden, weight, tokens, bias=bias, chunk_size=chunk_size, **kw)
+        lp, ent = out if grad else (out, None)
+        zero = lambda x: torch.where(self.mask, x.reshape(self.shape), torch.zeros((), dtype=x.dtype,  # noqa: E731
+                                                                                   device=x.device))
+        return zero(lp), None if ent is None else zero(ent)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -194,6 +212,11 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     m = mask.to(x.dtype)
     L = m.sum(-1)
     return torch.where(L > 0, (x * m).sum(-1) / L.clamp(min=1), torch.zeros_like(L))
+
+
+def _token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Detached mean of ``x`` over the valid tokens of the whole batch (0 if there are none)."""
+    return (torch.where(mask, x.detach(), 0).sum() / mask.sum().clamp(min=1)).to(x.dtype)
 
 
 def _kl_tokens(logp: Tensor, ref: Tensor, kl: str) -> Tensor:
@@ -229,7 +252,8 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               temperature: float = 1.0, level: str = "sequence", group_size: Optional[int] = None,
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None):
+              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None,
+              entropy_coef: float = 0.0):
     """GSPO: sequence-level importance ratio, sequence-level clipping.
 
     Per sequence ``s = exp(seqlogp_theta - seqlogp_den)`` (masked means over the
@@ -259,6 +283,10 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
             the ranks of ``process_group`` along G (every rank holds the same B
             prompts, ``G_local`` completions each, in rank order), pass it: rewards
             and detached ratios are all-gathered so the advantage sees whole groups.
+        entropy_coef: entropy bonus, as verl's ``entropy_coeff``: ``loss -= coef * mean over
+            sequences of each sequence's token-mean entropy`` (GSPO's own aggregation). The
+            entropy comes from the same pass over the logits as the log-probs; with
+            ``coef = 0`` (default) no entropy gradient is computed.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a scalar; ``metrics`` detached tensors:
@@ -266,9 +294,9 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         advantages), ``seq_logprobs`` (B, G), ``kl`` scalar (mean per-sequence KL,
         0 without reference), ``clip_fraction`` scalar (share of non-empty
         sequences, or of valid tokens at ``sequence_token`` level, whose clipped term won),
-        ``policy_loss`` scalar.
+        ``policy_loss`` scalar, ``entropy`` scalar (mean entropy over valid tokens, same pass).
     """
-    eh = _check_hparams(epsilon, epsilon_high, beta, kl)
+    eh = _check_hparams(epsilon, epsilon_high, beta, kl, entropy_coef)
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
@@ -298,11 +326,14 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         kl_seq = _masked_mean(_kl_tokens(logp, inp.ref_tok.to(logp.dtype), kl), mask)
     else:
         kl_seq = torch.zeros_like(s)
-    loss = (policy + beta * kl_seq).mean()
+    per_seq = policy + beta * kl_seq
+    if entropy_coef:
+        per_seq = per_seq - entropy_coef * _masked_mean(inp.entropy, mask)
+    loss = per_seq.mean()
     metrics = {
         "ratio": s.detach(), "advantage": A_seq.detach(), "seq_logprobs": seq_logp.detach(),
         "kl": kl_seq.detach().mean(), "clip_fraction": clip_fraction.detach().to(s.dtype),
-        "policy_loss": policy.detach().mean(),
+        "policy_loss": policy.detach().mean(), "entropy": _token_mean(inp.entropy, mask),
     }
     return loss, metrics
 
@@ -315,7 +346,8 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               temperature: float = 1.0, loss_agg: str = "seq-mean-token-mean", group_size: Optional[int] = None,
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None):
+              ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None,
+              entropy_coef: float = 0.0):
     """GRPO: token-level ratio ``r_t = exp(logp_t - logp_den,t)``, token-level clipping,
     per-token loss ``-min(r_t A_t, clip(r_t) A_t) + beta * KL_t``, aggregated by ``loss_agg``:
 
@@ -329,7 +361,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     (B, G, T) token ratios, ``advantage`` (B, G) or (B, G, T), ``kl`` (mean
     per-sequence token-mean KL), ``clip_fraction`` (share of valid tokens clipped), ``policy_loss``.
     """
-    eh = _check_hparams(epsilon, epsilon_high, beta, kl)
+    eh = _check_hparams(epsilon, epsilon_high, beta, kl, entropy_coef)
     if loss_agg not in AGGREGATIONS:
         raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
     inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
@@ -345,7 +377,10 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         kl_tok = torch.where(mask, _kl_tokens(logp, inp.ref_tok.to(logp.dtype), kl), torch.zeros_like(logp))
     else:
         kl_tok = torch.zeros_like(logp)
-    per_tok = torch.where(mask, policy_tok + beta * kl_tok, torch.zeros_like(logp))
+    per_tok = policy_tok + beta * kl_tok
+    if entropy_coef:
+        per_tok = per_tok - entropy_coef * inp.entropy
+    per_tok = torch.where(mask, per_tok, torch.zeros_like(logp))
     B, G, T = inp.shape
     if loss_agg == "seq-mean-token-mean":
         loss = _masked_mean(per_tok, mask).mean()
@@ -359,6 +394,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         "ratio": r.detach(), "advantage": A.detach(), "kl": _masked_mean(kl_tok, mask).mean().detach(),
         "clip_fraction": ((clipped & mask).sum() / mask.sum().clamp(min=1)).to(r.dtype),
         "policy_loss": _masked_mean(torch.where(mask, policy_tok, 0), mask).mean().detach(),
+        "entropy": _token_mean(inp.entropy, mask),
     }
     return loss, metrics
 
@@ -367,11 +403,12 @@ class GSPOLoss(nn.Module):
     """``nn.Module`` holding GSPO's hyper-parameters; ``forward`` takes the tensors of :func:`gspo_loss`."""
 
     def __init__(self, *, advantage="contrast", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
-                 temperature=1.0, level="sequence", chunk_size=None):
+                 temperature=1.0, level="sequence", chunk_size=None, entropy_coef=0.0):
         super().__init__()
         self.hparams = dict(advantage=advantage, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl=kl,
-                            temperature=temperature, level=level, chunk_size=chunk_size)
-        _check_hparams(epsilon, epsilon_high, beta, kl)
+                            temperature=temperature, level=level, chunk_size=chunk_size, entropy_coef=entropy_coef)
+        _check_hparams(epsilon, epsilon_high, beta, kl, entropy_coef)
+        _check_options(advantage=advantage, advantages=ADVANTAGES, level=level, temperature=temperature)
 
     def forward(self, logits=None, tokens=None, rewards=None, mask=None, **tensors):
         return gspo_loss(logits, tokens, rewards, mask, **{**self.hparams, **tensors})
@@ -381,11 +418,13 @@ class GRPOLoss(nn.Module):
     """``nn.Module`` holding GRPO's hyper-parameters; ``forward`` takes the tensors of :func:`grpo_loss`."""
 
     def __init__(self, *, advantage="group_norm", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
-                 temperature=1.0, loss_agg="seq-mean-token-mean", chunk_size=None):
+                 temperature=1.0, loss_agg="seq-mean-token-mean", chunk_size=None, entropy_coef=0.0):
         super().__init__()
         self.hparams = dict(advantage=advantage, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl=kl,
-                            temperature=temperature, loss_agg=loss_agg, chunk_size=chunk_size)
-        _check_hparams(epsilon, epsilon_high, beta, kl)
+                            temperature=temperature, loss_agg=loss_agg, chunk_size=chunk_size,
+                            entropy_coef=entropy_coef)
+        _check_hparams(epsilon, epsilon_high, beta, kl, entropy_coef)
+        _check_options(advantage=advantage, advantages=("group_norm",), loss_agg=loss_agg, temperature=temperature)
 
     def forward(self, logits=None, tokens=None, rewards=None, mask=None, **tensors):
         return grpo_loss(logits, tokens, rewards, mask, **{**self.hparams, **tensors})

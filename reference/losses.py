@@ -1,4 +1,4 @@
-"""Plain PyTorch GSPO / GRPO losses, written from ../shared/design/GSPO.md.
+"""Plain PyTorch GSPO / GRPO losses, written from the math in README.md.
 
 Deliberately naive: the full log-softmax is materialised (via
 ``naive_token_logprobs``) and advantages are computed with Python loops over
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .logprobs import naive_token_logprobs
+from .logprobs import naive_token_entropy, naive_token_logprobs
 
 
 def contrast_advantage_reference(rewards: Tensor, ratios: Tensor) -> Tensor:
@@ -62,8 +62,9 @@ def _kl_tokens(logp: Tensor, ref: Tensor, kl: str) -> Tensor:
 
 def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
                         advantage="contrast", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
-                        temperature=1.0, level="sequence", dtype=torch.float64):
-    """GSPO loss (and metrics dict) with everything materialised. Returns (loss, metrics)."""
+                        temperature=1.0, level="sequence", entropy_coef=0.0, dtype=torch.float64):
+    """GSPO loss (and metrics dict) with everything materialised. Returns (loss, metrics).
+    ``entropy_coef``: ``loss -= coef * mean over sequences of the masked token-mean entropy``."""
     eh = epsilon if epsilon_high is None else epsilon_high
     logp = naive_token_logprobs(logits, tokens, temperature, dtype)
     mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
@@ -92,16 +93,19 @@ def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
         kl_seq = _masked_mean(_kl_tokens(logp, ref_logprobs.to(dtype), kl), mask)
     else:
         kl_seq = torch.zeros_like(s)
-    loss = (policy + beta * kl_seq).mean()
+    ent = torch.where(mask, naive_token_entropy(logits, temperature, dtype), 0.0)
+    loss = (policy + beta * kl_seq - entropy_coef * _masked_mean(ent, mask)).mean()
     metrics = {"ratio": s.detach(), "advantage": A_seq.detach(), "kl": kl_seq.detach().mean(),
+               "entropy": ent.detach().sum() / mask.sum().clamp(min=1),
                "policy_loss": policy.detach().mean(), "policy_per_sequence": policy.detach()}
     return loss, metrics
 
 
 def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
                         advantage="group_norm", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
-                        temperature=1.0, loss_agg="seq-mean-token-mean", dtype=torch.float64):
-    """Token-level GRPO loss with every aggregation, materialised. Returns (loss, metrics)."""
+                        temperature=1.0, loss_agg="seq-mean-token-mean", entropy_coef=0.0, dtype=torch.float64):
+    """Token-level GRPO loss with every aggregation, materialised. Returns (loss, metrics).
+    ``entropy_coef``: ``- coef * H_t`` joins each token's loss before the aggregation."""
     eh = epsilon if epsilon_high is None else epsilon_high
     logp = naive_token_logprobs(logits, tokens, temperature, dtype)
     mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
@@ -116,6 +120,8 @@ def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
     per_tok = -torch.minimum(r * A_t, torch.clamp(r, 1 - epsilon, 1 + eh) * A_t)
     if ref_logprobs is not None:
         per_tok = per_tok + beta * _kl_tokens(logp, ref_logprobs.to(dtype), kl)
+    ent = naive_token_entropy(logits, temperature, dtype)
+    per_tok = per_tok - entropy_coef * ent
     m = mask.to(dtype)
     N, T = m.shape[0] * m.shape[1], m.shape[-1]
     if loss_agg == "seq-mean-token-mean":
@@ -126,4 +132,4 @@ def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
         loss = (per_tok * m).sum(-1).mean()
     else:  # dr_grpo
         loss = (per_tok * m).sum() / (N * T)
-    return loss, {"ratio": r.detach()}
+    return loss, {"ratio": r.detach(), "entropy": (ent.detach() * m).sum() / m.sum().clamp(min=1)}

@@ -7,7 +7,8 @@ import torch
 
 from gspo_kernels import grpo_loss, gspo_loss, linear_sequence_logprobs, linear_token_logprobs, logprobs
 from gspo_kernels.linear import default_chunk_size
-from reference import gspo_loss_reference, naive_linear_sequence_logprobs, naive_linear_token_logprobs
+from reference import (gspo_loss_reference, naive_linear_sequence_logprobs, naive_linear_token_entropy,
+                       naive_linear_token_logprobs)
 
 # Errors relative to the largest reference magnitude, against float64 on the same inputs.
 # fp32: GEMM + fp32 log-softmax, ~1e-6. bf16/fp16: the logits themselves are
@@ -180,3 +181,35 @@ def test_bad_input(case, exc, match):
         hidden = hidden.long()
     with pytest.raises(exc, match=match):
         linear_token_logprobs(hidden, weight, tokens, **kw)
+
+
+# ---------------------------------------------------------------- entropy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("which", ["both", "entropy_only"])
+def test_linear_entropy_values_and_grads(backend, dtype, which):
+    # V = 37 odd, chunk 3 not dividing the 2*5 = 10 rows; a fully masked chunk
+    # (rows 3-5) returns 0 for both outputs and gets a zero gradient.
+    hidden, weight, bias, tokens = _inputs((2, 5), 12, 37, dtype)
+    valid = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    valid.view(-1)[3:6] = False
+    h, w, b = _leaves(hidden, weight, bias)
+    lp, ent = linear_token_logprobs(h, w, tokens, bias=b, temperature=0.8, chunk_size=3, valid=valid,
+                                    return_entropy=True)
+    h64, w64, b64 = _leaves64(hidden, weight, bias)
+    lp_r = naive_linear_token_logprobs(h64, w64, tokens, b64, 0.8, dtype=torch.float64)
+    ent_r = naive_linear_token_entropy(h64, w64, b64, 0.8, dtype=torch.float64)
+    keep = valid.view(-1)
+    lp_r, ent_r = lp_r * valid, ent_r * valid  # the skipped chunk's outputs are 0, constant
+    tol = TOLERANCE[dtype]
+    _close(lp, lp_r, tol["value"], "logp")
+    _close(ent, ent_r, tol["value"], "entropy")
+    assert torch.count_nonzero(ent.view(-1)[~keep]) == 0
+    outs = [ent] if which == "entropy_only" else [lp, ent]
+    outs_r = [ent_r] if which == "entropy_only" else [lp_r, ent_r]
+    gs = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(DEVICE)
+          for i, o in enumerate(outs)]
+    got = torch.autograd.grad(outs, [h, w, b], [g.to(o.dtype) for g, o in zip(gs, outs)])
+    ref = torch.autograd.grad(outs_r, [h64, w64, b64], gs)
+    for name, a, e in zip(("hidden", "weight", "bias"), got, ref):
+        _close(a, e, tol["grad"], f"grad {name}")
+    assert torch.count_nonzero(got[0].view(-1, 12)[3:6]) == 0  # masked chunk: zero hidden gradient

@@ -257,3 +257,43 @@ def test_grpo_bad_input():
         grpo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], beta=0.0, advantage="contrast")
     with pytest.raises(ValueError, match=r"needs group_size=G"):
         grpo_loss(d["logits"][0], d["tokens"][0], d["rewards"], d["mask"][0], beta=0.0)
+
+
+# ---------------------------------------------------------------- entropy
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["gspo", "gspo_token", "grpo_seq", "grpo_tok", "grpo_dr"])
+@pytest.mark.parametrize("coef", [0.0, 0.03])
+def test_entropy_bonus_and_metric(dtype, loss, coef):
+    # The bonus joins the loss with its own aggregation; metrics["entropy"] is the
+    # mean entropy over valid tokens, from the same pass as the log-probs.
+    d = _batch(dtype=dtype, seed=11)
+    kw = dict(ref_logprobs=d["ref"], old_logprobs=d["old"], beta=0.04, temperature=0.9, entropy_coef=coef)
+    fn, ref_fn = (gspo_loss, gspo_loss_reference) if loss.startswith("gspo") else (grpo_loss, grpo_loss_reference)
+    if loss == "gspo_token":
+        kw["level"] = "sequence_token"
+    elif loss.startswith("grpo"):
+        kw["loss_agg"] = {"grpo_seq": "seq-mean-token-mean", "grpo_tok": "token-mean", "grpo_dr": "dr_grpo"}[loss]
+    _, metrics, ref_metrics, _ = _run(fn, ref_fn, d, dtype, **kw)
+    _close(metrics["entropy"], ref_metrics["entropy"], TOLERANCE[dtype]["value"], "entropy metric")
+    assert metrics["entropy"].item() > 0.5  # V = 37 random logits: far from a point mass
+
+
+def test_entropy_bonus_changes_the_gradient_by_its_own():
+    # loss(coef) - loss(0) is exactly -coef * mean-of-masked-means of the entropy; the
+    # gradient difference is that term's gradient (the kernel's h-path).
+    d = _batch(dtype=torch.float64, seed=12)
+    kw = dict(ref_logprobs=d["ref"], beta=0.0)
+    x0 = d["logits"].detach().requires_grad_(True)
+    x1 = d["logits"].detach().requires_grad_(True)
+    l0, _ = gspo_loss(x0, d["tokens"], d["rewards"], d["mask"], **kw)
+    l1, m1 = gspo_loss(x1, d["tokens"], d["rewards"], d["mask"], entropy_coef=0.5, **kw)
+    (g0,) = torch.autograd.grad(l0, x0)
+    (g1,) = torch.autograd.grad(l1, x1)
+    xr = d["logits"].detach().requires_grad_(True)
+    from reference import naive_token_entropy
+    H = torch.where(d["mask"], naive_token_entropy(xr, dtype=torch.float64), 0)
+    L = d["mask"].sum(-1)
+    bonus = -0.5 * torch.where(L > 0, H.sum(-1) / L.clamp(min=1), 0).mean()
+    (gb,) = torch.autograd.grad(bonus, xr)
+    _close(l1 - l0, bonus, TOLERANCE[torch.float64]["value"], "bonus value")
+    _close(g1 - g0, gb, (1e-12, 1e-9), "bonus grad")

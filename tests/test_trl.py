@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from gspo_kernels.integrations.trl import FusedGRPOTrainer, chunked_entropy  # noqa: E402
+from gspo_kernels.integrations.trl import FusedGRPOTrainer  # noqa: E402
 
 # fp32 (bf16=False): same weights on both sides; the only difference is how the
 # per-token log-probs are computed (TRL's chunked LM head vs the fused kernel),
@@ -184,9 +184,31 @@ def test_one_training_step_end_to_end(model_dir, tmp_path):
     assert "entropy" in logged and logged["entropy"] > 0 and "kl" in logged
 
 
-def test_entropy_bonus_is_refused(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="entropy bonus"):
-        _trainer(FusedGRPOTrainer, model_dir, tmp_path, entropy_coef=0.01)
+# Entropy options: the bonus (its gradient flows through the fused op's entropy
+# output), the high-entropy token mask, adaptive entropy; both sources.
+ENTROPY_CASES = [dict(entropy_coef=0.05), dict(top_entropy_quantile=0.5),
+                 dict(entropy_coef=0.05, top_entropy_quantile=0.6)]
+
+
+@pytest.mark.parametrize("source", ["hidden", "logits"])
+@pytest.mark.parametrize("opts", ENTROPY_CASES, ids=["bonus", "top_quantile", "bonus_and_quantile"])
+def test_entropy_options_match_trl(model_dir, tmp_path, source, opts):
+    cfg = dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.04, epsilon=0.1, **opts)
+    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", fused=dict(logprob_source=source), **cfg)
+    theirs = _trainer(GRPOTrainer, model_dir, tmp_path / "theirs", **cfg)
+    inputs = _inputs(theirs, seed=7)
+    loss_ref, grads_ref, ent_ref = _step(theirs, inputs)
+    loss, grads, ent = _step(ours, inputs)
+    tol = TOLERANCE["fp32"]
+    torch.testing.assert_close(loss, loss_ref, **tol["loss"])
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], **tol["grad"], msg=lambda m: f"{name}: {m}")
+    assert abs(ent - ent_ref) <= tol["metric"]["atol"] + tol["metric"]["rtol"] * abs(ent_ref)
+    if "entropy_coef" in opts:  # the bonus really moved the gradient
+        plain = _trainer(GRPOTrainer, model_dir, tmp_path / "plain",
+                         **{**cfg, "entropy_coef": 0.0})
+        _, grads_plain, _ = _step(plain, inputs)
+        assert (grads_plain["lm_head.weight"] - grads_ref["lm_head.weight"]).abs().max() > 1e-6
 
 
 def test_unknown_source_and_transformed_head_are_refused(model_dir, tmp_path):
@@ -207,11 +229,3 @@ def test_multimodal_inputs_are_refused(model_dir, tmp_path):
     ids = torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="pixel_values"):
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, ids, 3, pixel_values=torch.zeros(2, 3))
-
-
-def test_chunked_entropy_matches_float64():
-    # rows=3 does not divide the 10 rows: the last chunk is partial.
-    x = torch.randn(2, 5, 41) * 3
-    z = x.double() / 0.7
-    ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
-    torch.testing.assert_close(chunked_entropy(x, 0.7, rows=3), ref.float(), rtol=1e-5, atol=1e-5)

@@ -31,10 +31,11 @@ advantages, old and reference log-probs handling, the importance-sampling level
 (``"sequence"`` is GSPO, ``"token"`` GRPO), clipping, the KL term, the loss
 aggregation (``loss_type``), metrics, generation.
 
-Entropies (TRL logs them, and masks low-entropy tokens when
-``top_entropy_quantile < 1``) are computed without gradient, a few rows at a
-time. The entropy bonus (``entropy_coef != 0`` or adaptive entropy) needs the
-entropy's gradient and is refused at construction; so are multimodal inputs.
+Entropies (TRL logs them, masks low-entropy tokens when
+``top_entropy_quantile < 1``, and adds the entropy bonus when
+``entropy_coef != 0`` or adaptive entropy is on) come from the same pass over
+the logits as the log-probs, with their gradient: no second pass. Multimodal
+inputs are refused.
 
 Tested against TRL 1.16 (``tests/test_trl.py``): one step through this class
 and one through TRL's own loss give the same loss and parameter gradients.
@@ -42,7 +43,7 @@ and one through TRL's own loss give the same loss and parameter gradients.
 from __future__ import annotations
 
 import types
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -58,12 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "gspo_kernels.integrations.trl needs TRL: pip install 'gspo-kernels[trl]' (TRL >=1.16,<1.17)"
     ) from exc
 
-__all__ = ["FusedGRPOTrainer", "FusedLogprobsMixin", "chunked_entropy"]
-
-# Elements of logits per entropy chunk: 2**22 fp32 = 16 MiB per temporary (27
-# rows at V = 152k), negligible next to the logits, and large enough that the
-# per-chunk launch overhead is amortised on a GPU.
-_ENTROPY_CHUNK_ELEMENTS = 2**22
+__all__ = ["FusedGRPOTrainer", "FusedLogprobsMixin"]
 
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -71,31 +67,6 @@ _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_
 _HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
 SOURCES = ("auto", "hidden", "logits")
-
-
-@torch.no_grad()
-def _entropy_rows(logits_of: Callable[[int, int], Tensor], R: int, V: int, temperature: float,
-                  device: torch.device, rows: Optional[int] = None) -> Tensor:
-    """Entropy per row of ``softmax(logits / tau)``; ``logits_of(start, stop)`` gives rows ``[start, stop)``."""
-    rows = rows or max(1, _ENTROPY_CHUNK_ELEMENTS // max(1, V))
-    out = torch.empty(R, dtype=torch.float32, device=device)
-    for start in range(0, R, rows):
-        z = logits_of(start, min(start + rows, R)).float() / temperature
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        out[start:start + rows] = (lse - (torch.exp(z - lse) * z).sum(-1, keepdim=True)).squeeze(-1)
-    return out
-
-
-def chunked_entropy(logits: Tensor, temperature: float = 1.0, rows: Optional[int] = None) -> Tensor:
-    """Entropy of ``softmax(logits / temperature)`` per row, without gradient.
-
-    ``logits`` ``(..., V)`` -> ``(...)`` float32. ``H = lse(z) - sum_v p_v z_v``
-    with ``z = logits / tau``; extra memory is a few ``rows x V`` fp32
-    temporaries (``rows`` defaults to ``2**22 // V``).
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    out = _entropy_rows(lambda a, b: flat[a:b], flat.shape[0], flat.shape[1], temperature, logits.device, rows)
-    return out.view(logits.shape[:-1])
 
 
 def _add_hidden_forward(model) -> None:
@@ -133,11 +104,6 @@ class FusedLogprobsMixin:
     def __init__(self, *args, logprob_source: str = "auto", inplace_backward: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.gspo_inplace_backward = bool(inplace_backward)
-        if getattr(self, "_entropy_bonus_enabled", False):
-            raise ValueError(
-                "FusedGRPOTrainer: the entropy bonus (entropy_coef != 0 or adaptive entropy) needs the gradient of "
-                "the entropy, which the fused op does not compute; use trl.GRPOTrainer for it, or set entropy_coef=0"
-            )
         source = logprob_source
         if source not in SOURCES:
             raise ValueError(f"logprob_source must be one of {SOURCES}, got {source!r}")
@@ -185,9 +151,11 @@ class FusedLogprobsMixin:
             outputs = model(**inputs, logits_to_keep=k + 1)
         logits = outputs.logits[:, :-1]                        # (b, k, V): position t predicts token t + 1
         valid = attn[:, -k:] != 0
-        ent = chunked_entropy(logits, self.temperature).masked_fill(~valid, 0.0) if compute_entropy else None
-        logps = token_logprobs(logits, ids[:, -k:], temperature=self.temperature, valid=valid,
-                               inplace_backward=self.gspo_inplace_backward and torch.is_grad_enabled())
+        out = token_logprobs(logits, ids[:, -k:], temperature=self.temperature, valid=valid,
+                             inplace_backward=self.gspo_inplace_backward and torch.is_grad_enabled(),
+                             return_entropy=compute_entropy)
+        logps, ent = out if compute_entropy else (out, None)
+        ent = None if ent is None else ent.masked_fill(~valid, 0.0)
         return logps.masked_fill(~valid, 0.0), ent, outputs.aux_loss if compute_aux_loss else None
 
     def _hidden_step(self, model, ids, attn, k, compute_entropy, compute_aux_loss):
@@ -205,15 +173,11 @@ class FusedLogprobsMixin:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         valid = attn[:, -k:] != 0
-        ent = None
         with torch.autocast(dev, enabled=False):
-            if compute_entropy:
-                rows = hidden.reshape(-1, hidden.shape[-1])
-                ent = _entropy_rows(lambda a, b: torch.nn.functional.linear(rows[a:b], weight, bias), rows.shape[0],
-                                    weight.shape[0], self.temperature, hidden.device)
-                ent = ent.view(valid.shape).masked_fill(~valid, 0.0)
-            logps = linear_token_logprobs(hidden, weight, ids[:, -k:], bias=bias, temperature=self.temperature,
-                                          valid=valid)
+            out = linear_token_logprobs(hidden, weight, ids[:, -k:], bias=bias, temperature=self.temperature,
+                                        valid=valid, return_entropy=compute_entropy)
+        logps, ent = out if compute_entropy else (out, None)
+        ent = None if ent is None else ent.masked_fill(~valid, 0.0)
         return logps.masked_fill(~valid, 0.0), ent, None
 
 
