@@ -136,11 +136,9 @@ def split_float(v: float) -> tuple[float, float]:
 if HAS_TRITON:
     _LOG2E = tl.constexpr(LOG2E)
     _LN2 = tl.constexpr(LN2)
-    # Floor of the logits (and of base-2 exponents) inside the online softmax:
-    # -inf logits (a masked vocabulary, the out-of-range tail of a block)
-    # become this finite value, whose 2^(floor) is 0 in fp32 and fp64, so no
-    # inf - inf arises; |floor| * V stays far below the fp32 maximum (the
-    # entropy sum multiplies them).
+    # Floor of base-2 exponents where the entropy multiplies them by a weight:
+    # 2^floor is 0 in fp32 and fp64, so -inf logits give p * z = 0 * floor = 0
+    # (not 0 * -inf = NaN); |floor| * V stays far below the fp32 maximum.
     _FLOOR = tl.constexpr(-1.0e30)
 
     @triton.jit
@@ -176,31 +174,34 @@ if HAS_TRITON:
         not per block). Differences of logits are taken before scaling, so rows
         with a large common offset keep full relative precision. NaN
         propagates through the sums; -inf logits (a masked vocabulary, the
-        tail past V) contribute 0; the running max starts at -1e30 (a row whose
-        logits all lie at or below -1e30 is treated as uniform over them).
+        tail past V) contribute 0 with no inf - inf; finite logits anywhere in
+        the fp32 range are exact (tested at +-3e38).
         """
         NB: tl.constexpr = BLOCK_V // VEC
         cols = tl.arange(0, NB)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
         p3 = ptrs[:, :, None]
         lv = live[:, None, None]
-        m = tl.full((ROWS, NB), _FLOOR, ACC)
+        m = tl.full((ROWS, NB), float("-inf"), ACC)
         s = tl.zeros((ROWS, NB), ACC)
         u = tl.zeros((ROWS, NB), ACC)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(p3 + offs, mask=lv & (offs < V), other=float("-inf")).to(ACC)
-            if ENTROPY:  # finite z below, so p * z is 0 (not NaN) for -inf logits
-                x = tl.maximum(x, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
             m_new = tl.maximum(m, tl.max(x, 2))
-            a = (m - m_new) * scale2
+            # A chunk that has seen only -inf keeps shift 0: no inf - inf (per chunk, not per element).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            a = tl.where(m_new == float("-inf"), 0.0, (m - m_new) * scale2)
             alpha = tl.exp2(a)
-            z = (x - m_new[:, :, None]) * scale2
+            z = (x - m_safe[:, :, None]) * scale2
+            if ENTROPY:  # finite z, so p * z is 0 (not NaN) for -inf logits
+                z = tl.maximum(z, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
             p = tl.exp2(z)
             if ENTROPY:
                 u = alpha * (u + tl.maximum(a, _FLOOR) * s) + tl.sum(p * z, 2)
             s = s * alpha + tl.sum(p, 2)
             m = m_new
         M = tl.max(m, 1)
+        M = tl.where(M == float("-inf"), 0.0, M)  # a row of only -inf: S = 0, lse = -inf
         dm = tl.maximum((m - M[:, None]) * scale2, _FLOOR)
         w = tl.exp2(dm)
         S = tl.sum(s * w, 1)
@@ -397,6 +398,9 @@ def triton_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out: t
 def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool):
     """Per-sequence masked sum (or mean) of ``logp`` (..., T). Returns (values, lengths), each (...)."""
     T = logp.shape[-1]
+    if T == 0 or logp.numel() == 0:  # no tokens: every sequence is empty (0, L = 0)
+        z = logp.new_zeros(logp.shape[:-1])
+        return z, torch.zeros_like(z)
     lp = logp.reshape(-1, T)
     mk = maskf.reshape(-1, T)
     out = torch.empty(lp.shape[0], dtype=logp.dtype, device=logp.device)

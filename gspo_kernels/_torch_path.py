@@ -46,7 +46,8 @@ def torch_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, entro
     for r, x in _blocks(logits):
         n = x.shape[0]
         xa = x.to(acc, copy=True)
-        m = xa.amax(-1, keepdim=True).clamp(min=-1e30)  # finite shift (all -inf row: no inf - inf)
+        m = xa.amax(-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # finite shift (an all -inf row: no inf - inf)
         xs = xa.sub_(m).mul_(inv_temp)  # differences before scaling, as the kernel
         l = torch.logsumexp(xs, dim=-1)  # one more chunk-sized temporary inside
         y = y_all[r:r + n].unsqueeze(-1)

@@ -2,6 +2,12 @@
 
 Every check runs before any kernel launches and raises a ``ValueError`` or
 ``TypeError`` that names the argument, what was expected and what came.
+
+Checks that read tensor values (token ids in range, lengths in ``[0, T]``,
+finite advantages and reference log-probs at valid positions) live inside
+``torch.library`` custom ops: under ``torch.compile(fullgraph=True)`` they are
+opaque graph nodes that still run (and raise) at run time, with no graph
+break; eager calls run the same functions directly.
 """
 from __future__ import annotations
 
@@ -13,6 +19,12 @@ import torch
 from ._kernels import collapse_rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# One rule for ids and lengths, on every backend: int32 or int64 (what tokenizers,
+# torch.randint and .sum() give); narrower or unsigned ids are refused, not cast.
+INDEX_DTYPES = (torch.int32, torch.int64)
+# Temperatures whose 1/tau is a normal fp32 number with room to spare: the
+# kernels take 1/tau in fp32 and scale differences of logits by it.
+TEMPERATURE_RANGE = (1e-30, 1e30)
 
 
 def check_logits(logits, name: str = "logits") -> None:
@@ -40,12 +52,18 @@ def check_temperature(temperature) -> float:
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
+        if temperature.device.type == "meta":
+            raise ValueError("temperature must be a number or a tensor holding a value, got a meta tensor")
         temperature = temperature.item()
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= temperature <= hi:
+        raise ValueError(f"temperature must lie in [{lo:g}, {hi:g}] (1/temperature is taken in fp32), "
+                         f"got {temperature:g}")
     return temperature
 
 
@@ -54,17 +72,46 @@ def _same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
 
 
+def check_index_dtype(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+
+
 def check_tokens(tokens, logits: torch.Tensor, name: str = "tokens", logits_name: str = "logits") -> None:
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {tokens.dtype}")
+    check_index_dtype(tokens, name)
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"{name} must have shape {tuple(logits.shape[:-1])} ({logits_name}.shape[:-1]), "
             f"got {tuple(tokens.shape)}"
         )
     _same_device(tokens, logits, name, logits_name)
+
+
+def _may_overlap(t: torch.Tensor) -> bool:
+    """True unless every element provably has its own address: dims sorted by stride,
+    each stride must pass the extent of the smaller ones (slices and permutations pass;
+    ``expand`` and overlapping ``as_strided`` views do not)."""
+    verdict = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard to tell
+    if verdict != 2:
+        return verdict == 1
+    extent = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride < extent:
+            return True
+        extent = stride * (size - 1) + extent
+    return False
+
+
+def check_no_overlap(t: torch.Tensor, name: str = "logits") -> None:
+    """In-place writes need every element at its own address (not ``expand`` or an overlapping ``as_strided``)."""
+    if _may_overlap(t):
+        raise ValueError(
+            f"inplace_backward=True needs {name} whose elements do not share memory, got strides "
+            f"{tuple(t.stride())} for shape {tuple(t.shape)} (an expanded or overlapping view); "
+            "pass inplace_backward=False"
+        )
 
 
 def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Tensor] = None,
@@ -82,12 +129,10 @@ def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Te
         raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}){where}, got values in [{lo}, {hi}]")
 
 
-def resolve_mask(mask, lengths, tokens: torch.Tensor, check_values: bool = True,
-                 name: str = "mask") -> Optional[torch.Tensor]:
+def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask") -> Optional[torch.Tensor]:
     """Turn ``mask`` (..., T) or ``lengths`` (...) into a bool mask (..., T), or None (all valid).
 
-    ``check_values=False`` skips the data-dependent range check of ``lengths``
-    (used under torch.compile, where reading values would break the graph).
+    ``lengths`` are range-checked inside a custom op (also under torch.compile).
     """
     if mask is not None and lengths is not None:
         raise ValueError("give either mask or lengths, not both")
@@ -102,18 +147,59 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, check_values: bool = True,
             raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
         return mask if mask.dtype == torch.bool else mask != 0
     if lengths is not None:
-        if not isinstance(lengths, torch.Tensor):
-            raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        check_index_dtype(lengths, "lengths")
         if tuple(lengths.shape) != tuple(tokens.shape[:-1]):
             raise ValueError(
                 f"lengths must have shape {tuple(tokens.shape[:-1])} (tokens.shape[:-1]), got {tuple(lengths.shape)}"
             )
         _same_device(lengths, tokens, "lengths", "tokens")
-        if check_values and lengths.numel():
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0 or hi > T:
-                raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{lo}, {hi}]")
-        return torch.arange(T, device=tokens.device) < lengths.unsqueeze(-1)
+        if torch.compiler.is_compiling():
+            return torch.ops.gspo_kernels.lengths_mask(lengths, T)
+        return _lengths_mask(lengths, T)
     return None
+
+
+def _lengths_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    if lengths.numel():
+        lo, hi = torch.aminmax(lengths)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi > T:
+            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{lo}, {hi}]")
+    return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
+
+
+@torch.library.custom_op("gspo_kernels::lengths_mask", mutates_args=())
+def _lengths_mask_op(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    return _lengths_mask(lengths, T)
+
+
+@_lengths_mask_op.register_fake
+def _(lengths, T):
+    return lengths.new_empty((*lengths.shape, T), dtype=torch.bool)
+
+
+def _finite_where(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tensor:
+    bad = ~torch.isfinite(t) & valid
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite at valid (unmasked) positions, got {int(bad.sum())} "
+                         f"NaN/inf value(s) there")
+    return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+@torch.library.custom_op("gspo_kernels::finite_where", mutates_args=())
+def _finite_where_op(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tensor:
+    return _finite_where(t, valid, name)
+
+
+@_finite_where_op.register_fake
+def _(t, valid, name):
+    return torch.empty_like(t)
+
+
+def finite_where(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tensor:
+    """``where(valid, t, 0)`` after refusing NaN/inf at valid positions: whatever sits at a
+    masked position never reaches a value or a gradient. Runs under torch.compile too."""
+    valid = valid.expand(t.shape) if valid.shape != t.shape else valid
+    if torch.compiler.is_compiling():
+        return torch.ops.gspo_kernels.finite_where(t, valid, name)
+    return _finite_where(t, valid, name)

@@ -131,9 +131,13 @@ def _check(hidden, weight, tokens, bias, temperature, chunk_size):
                         f"{hidden.dtype if isinstance(hidden, Tensor) else type(hidden).__name__}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden must have shape (..., T, H), got {tuple(hidden.shape)}")
+    if hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must have H >= 1 (last dim), got shape {tuple(hidden.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be the 2-D (V, H) LM head, got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have V >= 1 rows (the (V, H) LM head), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
@@ -142,6 +146,8 @@ def _check(hidden, weight, tokens, bias, temperature, chunk_size):
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; put them on one device")
@@ -199,7 +205,7 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
     """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
     over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients."""
     _check(hidden, weight, tokens, bias, temperature, chunk_size)
-    valid = resolve_mask(mask, lengths, tokens, check_values=not torch.compiler.is_compiling())
+    valid = resolve_mask(mask, lengths, tokens)
     if valid is None:
         valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature, chunk_size=chunk_size,

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from . import _torch_path
 from ._kernels import HAS_TRITON
-from ._validate import check_logits, check_temperature, check_token_range, check_tokens, resolve_mask
+from ._validate import (check_logits, check_no_overlap, check_temperature, check_token_range, check_tokens,
+                        resolve_mask)
 
 if HAS_TRITON:
     from . import _kernels
@@ -161,6 +162,8 @@ def _logits_grad(ctx, logits: Tensor, tokens: Tensor, lse: Tensor, grad_tok: Ten
     opts: LogprobOptions = ctx.opts
     if not opts.inplace_backward:
         return logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, False)
+    if torch.compiler.is_compiling():  # the custom op declares the mutation; the compiler tracks it
+        return logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, True)
     version = logits._version
     logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, True)
     if logits._version == version:
@@ -220,9 +223,11 @@ class SequenceLogprobs(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- public API
-def _check_common(logits, tokens, temperature) -> float:
+def _check_common(logits, tokens, temperature, inplace_backward=False) -> float:
     check_logits(logits)
     check_tokens(tokens, logits)
+    if inplace_backward and not torch.compiler.is_compiling():  # compiled graphs functionalise the mutation
+        check_no_overlap(logits)
     return check_temperature(temperature)
 
 
@@ -253,7 +258,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         the logits once and writes the gradient once:
         ``dx = (g (1[v = y] - p) - h p (log p + H)) / tau``).
     """
-    inv_temp = 1.0 / _check_common(logits, tokens, temperature)
+    inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
     if valid is not None:
         valid = resolve_mask(valid, None, tokens, name="valid")
     opts = LogprobOptions(inv_temp, True, bool(inplace_backward), bool(return_entropy))
@@ -280,8 +285,8 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
         ``(...)`` (``(B, G)`` for 4-D logits) float32; a sequence with ``L = 0``
         gives 0 and a zero gradient.
     """
-    inv_temp = 1.0 / _check_common(logits, tokens, temperature)
-    valid = resolve_mask(mask, lengths, tokens, check_values=not torch.compiler.is_compiling())
+    inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
+    valid = resolve_mask(mask, lengths, tokens)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))

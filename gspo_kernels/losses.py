@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._validate import resolve_mask
+from ._validate import check_index_dtype, check_logits, finite_where, resolve_mask
 from .logprobs import token_logprobs
 
 GROUP_NORM_EPS = 1e-4  # as TRL and verl: keeps (r - mean)/(std + eps) finite when std = 0
@@ -106,81 +106,150 @@ def _check_options(advantage, advantages, temperature, level=None, loss_agg=None
     check_temperature(temperature)
 
 
-def _check_float(t: Optional[Tensor], name: str, shape) -> Optional[Tensor]:
+def _check_float(t: Optional[Tensor], name: str, shape, flat_ok: bool, device) -> Optional[Tensor]:
+    """A per-token float tensor of shape ``(B, G, T)``; ``(N, T)`` only when the
+    logits came as ``(N, T, V)`` (``flat_ok``): no other reshape is guessed."""
     if t is None:
         return None
     if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
         raise TypeError(f"{name} must be a float tensor of shape {tuple(shape)}, got "
                         f"{type(t).__name__ if not isinstance(t, Tensor) else t.dtype}")
-    if t.numel() == math.prod(shape) and tuple(t.shape) != tuple(shape) and t.shape[-1] == shape[-1]:
-        t = t.reshape(shape)  # (N, T) given for (B, G, T)
+    B, G, T = shape
+    if flat_ok and tuple(t.shape) == (B * G, T):
+        t = t.reshape(shape)
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        want = f"{tuple(shape)}" + (f" or {(B * G, T)}" if flat_ok else "")
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the logits are on {device}; put them on one device")
     return t
 
 
+DENOMINATORS = ("old", "ref", "detached")
+
+
+def _resolve_denominator(denominator, has_old: bool, has_ref: bool) -> str:
+    """Which per-token log-probs divide the policy's in the importance ratio (see README, "Behaviour")."""
+    if denominator is None:
+        if has_old:
+            return "old"
+        if has_ref:
+            raise ValueError(
+                "ambiguous ratio denominator: a reference is given but no old_logprobs. Pass "
+                "denominator='ref' (ratio against the reference policy, the article's form) or "
+                "denominator='detached' (ratio against the detached current policy, = 1 on-policy, as TRL, "
+                "verl and Liger-Kernel do; the reference then enters only through the KL term)"
+            )
+        return "detached"
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"denominator must be one of {DENOMINATORS} or None, got {denominator!r}")
+    if denominator == "old" and not has_old:
+        raise ValueError("denominator='old' needs old_logprobs (B, G, T)")
+    if denominator == "ref" and not has_ref:
+        raise ValueError("denominator='ref' needs a reference: ref_logprobs, ref_logits or ref_hidden")
+    return denominator
+
+
 class _Inputs:
-    """Resolved per-token quantities of one loss call, all shaped ``(B, G, T)``."""
+    """Resolved per-token quantities of one loss call, all shaped ``(B, G, T)``.
+    Everything at a masked position (logits, old/ref log-probs, per-token
+    advantages) is replaced by exact zeros before use, so it never reaches a
+    value or a gradient; the same quantities at valid positions must be finite."""
 
     def __init__(self, logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs,
                  advantage, beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight,
-                 ref_bias, chunk_size, adv_modes, adv_token_ok):
+                 ref_bias, chunk_size, adv_modes, adv_token_ok, denominator):
         if (logits is None) == (hidden is None):
             raise ValueError("give exactly one of logits (..., T, V) or hidden (..., T, H) with weight (V, H)")
         if hidden is not None and weight is None:
             raise ValueError("hidden needs weight, the (V, H) LM head")
+        src_name, src = ("logits", logits) if logits is not None else ("hidden", hidden)
+        if logits is not None:
+            check_logits(logits)
+        elif not isinstance(hidden, Tensor):
+            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
         if tokens is None:
             raise ValueError("tokens (B, G, T) are required")
-        lead = tuple((logits if logits is not None else hidden).shape[:-1])
+        lead = tuple(src.shape[:-1])
         if len(lead) == 3:
             B, G, T = lead
+            if group_size is not None and group_size != G:
+                raise ValueError(f"group_size={group_size!r} does not match G = {G} of {src_name} of shape "
+                                 f"{tuple(src.shape)}; omit group_size for 4-D input")
         elif len(lead) == 2:
             if group_size is None:
-                raise ValueError(f"(N, T, V) input of shape {lead + ('V',)} needs group_size=G")
-            if not isinstance(group_size, int) or group_size < 1 or lead[0] % group_size:
+                raise ValueError(f"(N, T, V) input of shape {tuple(src.shape)} needs group_size=G")
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
+                    or lead[0] % group_size:
                 raise ValueError(f"group_size must be a positive divisor of N = {lead[0]}, got {group_size!r}")
             G, T = group_size, lead[1]
             B = lead[0] // G
         else:
-            raise ValueError(f"logits must be (B, G, T, V) or (N, T, V), got shape {tuple(logits.shape)}"
-                             if logits is not None else f"hidden must be (B, G, T, H) or (N, T, H), got {lead}")
+            raise ValueError(f"{src_name} must be (B, G, T, {'V' if logits is not None else 'H'}) or "
+                             f"(N, T, {'V' if logits is not None else 'H'}), got shape {tuple(src.shape)}")
+        if B * G == 0:
+            raise ValueError(f"{src_name} of shape {tuple(src.shape)} holds no sequence (B * G = 0): "
+                             "the loss is a mean over sequences")
+        check_index_dtype(tokens, "tokens")
+        if tuple(tokens.shape) != lead:
+            raise ValueError(f"tokens must have shape {lead} ({src_name}.shape[:-1]), got {tuple(tokens.shape)}")
         self.shape = (B, G, T)
+        flat = len(lead) == 2
+        dev = src.device
         if ref_logprobs is not None and ref_logits is not None:
             raise ValueError("give ref_logprobs or ref_logits, not both")
         if ref_logits is not None and ref_hidden is not None:
             raise ValueError("give ref_logits or ref_hidden, not both")
+        if ref_logits is not None:
+            check_logits(ref_logits, name="ref_logits")
+            if logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
+                raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
+                                 f"got {tuple(ref_logits.shape)}")
         has_ref = ref_logprobs is not None or ref_logits is not None or ref_hidden is not None
         if beta > 0 and not has_ref:
             raise ValueError("beta > 0 needs a reference: ref_logprobs, ref_logits or ref_hidden (or set beta=0)")
+        self.denominator = _resolve_denominator(denominator, old_logprobs is not None, has_ref)
+        mask_b = resolve_mask(mask, lengths, tokens)  # checks shapes against the given tokens
+        self.mask = (torch.ones((B, G, T), dtype=torch.bool, device=tokens.device) if mask_b is None
+                     else mask_b.reshape(B, G, T))
+        nonempty = self.mask.any(-1)
         # advantage mode / rewards
         if isinstance(advantage, Tensor):
             ok = [(B, G)] + ([(B, G, T)] if adv_token_ok else [])
             if tuple(advantage.shape) not in ok:
                 raise ValueError(f"advantage tensor must have shape {' or '.join(map(str, ok))}, "
                                  f"got {tuple(advantage.shape)}")
-            self.advantage = advantage.detach()
-        elif advantage in adv_modes:
+            if not advantage.dtype.is_floating_point:
+                raise TypeError(f"advantage tensor must be float, got {advantage.dtype}")
+            if advantage.device != dev:
+                raise ValueError(f"advantage is on {advantage.device} but the logits are on {dev}")
+            valid = self.mask if advantage.dim() == 3 else nonempty
+            self.advantage = finite_where(advantage.detach(), valid, "advantage")
+        elif isinstance(advantage, str) and advantage in adv_modes:
             self.advantage = advantage
             if rewards is None:
                 raise ValueError(f"advantage={advantage!r} needs rewards (B, G)")
         else:
             raise ValueError(f"advantage must be one of {adv_modes} or a tensor, got {advantage!r}")
         if rewards is not None:
-            if not isinstance(rewards, Tensor):
-                raise TypeError(f"rewards must be a tensor of shape {(B, G)}, got {type(rewards).__name__}")
-            if rewards.numel() == B * G and rewards.dim() == 1 and len(lead) == 2:
+            if not isinstance(rewards, Tensor) or not (rewards.dtype.is_floating_point or
+                                                       rewards.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"rewards must be a float tensor of shape {(B, G)}, got "
+                                f"{type(rewards).__name__ if not isinstance(rewards, Tensor) else rewards.dtype}")
+            if flat and tuple(rewards.shape) == (B * G,):
                 rewards = rewards.reshape(B, G)
             if tuple(rewards.shape) != (B, G):
-                raise ValueError(f"rewards must have shape {(B, G)}, got {tuple(rewards.shape)}")
-            if not bool(torch.isfinite(rewards).all()):
-                raise ValueError("rewards must be finite, got NaN or inf")
-        self.rewards = None if rewards is None else rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
-        tokens_v = tokens.reshape(B, G, T) if tokens.dim() == 2 else tokens
-        mask_b = resolve_mask(mask, lengths, tokens)  # checks shapes against the given tokens
-        self.mask = (torch.ones((B, G, T), dtype=torch.bool, device=tokens.device) if mask_b is None
-                     else mask_b.reshape(B, G, T))
-        self.ref_tok = _check_float(ref_logprobs, "ref_logprobs", (B, G, T))
-        self.old_tok = _check_float(old_logprobs, "old_logprobs", (B, G, T))
+                want = f"{(B, G)}" + (f" or {(B * G,)}" if flat else "")
+                raise ValueError(f"rewards must have shape {want}, got {tuple(rewards.shape)}")
+            if rewards.device != dev:
+                raise ValueError(f"rewards is on {rewards.device} but the logits are on {dev}; put them on one device")
+            rewards = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
+            rewards = finite_where(rewards, torch.ones((), dtype=torch.bool, device=dev), "rewards")
+        self.rewards = rewards
+        ref_tok = _check_float(ref_logprobs, "ref_logprobs", (B, G, T), flat, dev)
+        old_tok = _check_float(old_logprobs, "old_logprobs", (B, G, T), flat, dev)
+        self.ref_tok = None if ref_tok is None else finite_where(ref_tok.detach(), self.mask, "ref_logprobs")
+        self.old_tok = None if old_tok is None else finite_where(old_tok.detach(), self.mask, "old_logprobs")
         # the policy's per-token log-probs and entropies: the only pass over the logits
         self.logp, self.entropy = self._logprobs(logits, tokens, hidden, weight, bias, temperature, chunk_size,
                                                  grad=True)
@@ -188,7 +257,7 @@ class _Inputs:
             with torch.no_grad():
                 self.ref_tok = self._logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None
                                               else weight, ref_bias, temperature, chunk_size, grad=False)[0]
-        self.tokens = tokens_v
+        self.tokens = tokens.reshape(B, G, T)
 
     def _logprobs(self, logits, tokens, hidden, weight, bias, temperature, chunk_size, grad):
         """``(logp, entropy)`` per token, ``(B, G, T)``, exact zeros at masked positions;
@@ -228,11 +297,18 @@ def _kl_tokens(logp: Tensor, ref: Tensor, kl: str) -> Tensor:
 
 
 def _denominator(inp: _Inputs) -> Tensor:
-    """Per-token log-probs of the ratio's denominator: old if given, else reference, else the
-    detached policy itself (on-policy: ratio 1, gradient intact)."""
-    den = inp.old_tok if inp.old_tok is not None else inp.ref_tok
+    """Per-token log-probs of the ratio's denominator (``inp.denominator``): the old policy's,
+    the reference's, or the detached policy itself (on-policy: ratio 1, gradient intact)."""
+    den = {"old": inp.old_tok, "ref": inp.ref_tok}.get(inp.denominator)
     den = inp.logp.detach() if den is None else den.to(inp.logp.dtype)
     return torch.where(inp.mask, den, torch.zeros_like(den))
+
+
+def _ratio(log_r: Tensor, A: Tensor) -> Tensor:
+    """``exp(log_r)``, except where the advantage is 0: there the ratio is taken as 1, so an
+    overflowing ratio (log_r > 88 in fp32) times a zero advantage gives 0, not inf * 0 = NaN,
+    with a zero gradient (the exp is never evaluated there). Elsewhere no clamp: see README."""
+    return torch.exp(torch.where(A == 0, torch.zeros_like(log_r), log_r))
 
 
 def _clip(x: Tensor, A: Tensor, eps_low: float, eps_high: float):
@@ -253,7 +329,7 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
               ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None,
-              entropy_coef: float = 0.0):
+              entropy_coef: float = 0.0, denominator: Optional[str] = None):
     """GSPO: sequence-level importance ratio, sequence-level clipping.
 
     Per sequence ``s = exp(seqlogp_theta - seqlogp_den)`` (masked means over the
@@ -269,8 +345,13 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         tokens: ``(B, G, T)`` (or ``(N, T)``) sampled ids. mask ``(B, G, T)`` or lengths ``(B, G)``.
         rewards: ``(B, G)`` (or ``(N,)``), needed by the "contrast" and "group_norm" advantages.
         ref_logprobs / ref_logits / ref_hidden(+ref_weight): the reference policy, for the KL
-            term and, without ``old_logprobs``, the ratio's denominator (the article's form).
-        old_logprobs: ``(B, G, T)`` behaviour-policy log-probs: the ratio's denominator (the paper's form).
+            term (and the ratio's denominator with ``denominator="ref"``).
+        old_logprobs: ``(B, G, T)`` behaviour-policy log-probs (the ratio's denominator by default).
+        denominator: what divides the policy in the importance ratio: ``"old"`` (old_logprobs,
+            the paper's form), ``"ref"`` (the reference: the article's form), ``"detached"``
+            (the detached current policy: ratio 1 on-policy, as TRL, verl and Liger-Kernel).
+            ``None`` (default): ``"old"`` if old_logprobs is given, else ``"detached"`` when no
+            reference is given; a reference without old_logprobs is ambiguous and raises.
         advantage: "contrast" (the article's, default), "group_norm" (the paper's), or a
             ``(B, G)`` tensor (``(B, G, T)`` with ``level="sequence_token"``). Always detached.
         epsilon, epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]``; epsilon_high defaults to epsilon.
@@ -301,14 +382,17 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
                   beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                  chunk_size, ADVANTAGES, level == "sequence_token")
+                  chunk_size, ADVANTAGES, level == "sequence_token", denominator)
     mask, logp = inp.mask, inp.logp
     seq_logp = _masked_mean(logp, mask)
-    s = torch.exp(seq_logp - _masked_mean(_denominator(inp), mask))
+    log_s = seq_logp - _masked_mean(_denominator(inp), mask)
+    s_raw = torch.exp(log_s.detach())  # reported, and seen by the contrast advantage
     if isinstance(inp.advantage, Tensor):
-        A = inp.advantage.to(s.dtype)
+        A = inp.advantage.to(s_raw.dtype)
     else:
-        A = _advantage(inp.advantage, inp.rewards.to(s.dtype), s.detach(), process_group).to(s.dtype)
+        A = _advantage(inp.advantage, inp.rewards.to(s_raw.dtype), s_raw, process_group).to(s_raw.dtype)
+    A_s = A if A.dim() == 2 else _masked_mean(A, mask)
+    s = _ratio(log_s, A_s if level == "sequence" else torch.ones_like(A_s))
     nonempty = mask.any(-1)
     if level == "sequence":
         policy, clipped = _clip(s, A, epsilon, eh)
@@ -317,7 +401,7 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         A_seq = A
     else:
         A_t = A if A.dim() == 3 else A.unsqueeze(-1).expand(mask.shape)
-        s_t = s.detach().unsqueeze(-1) * torch.exp(logp - logp.detach())
+        s_t = _ratio(log_s.detach().unsqueeze(-1) + (logp - logp.detach()), A_t)
         per_tok, clipped = _clip(s_t, A_t, epsilon, eh)
         policy = _masked_mean(per_tok, mask)
         clip_fraction = (clipped & mask).sum() / mask.sum().clamp(min=1)
@@ -325,14 +409,14 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     if inp.ref_tok is not None:
         kl_seq = _masked_mean(_kl_tokens(logp, inp.ref_tok.to(logp.dtype), kl), mask)
     else:
-        kl_seq = torch.zeros_like(s)
+        kl_seq = torch.zeros_like(seq_logp)
     per_seq = policy + beta * kl_seq
     if entropy_coef:
         per_seq = per_seq - entropy_coef * _masked_mean(inp.entropy, mask)
     loss = per_seq.mean()
     metrics = {
-        "ratio": s.detach(), "advantage": A_seq.detach(), "seq_logprobs": seq_logp.detach(),
-        "kl": kl_seq.detach().mean(), "clip_fraction": clip_fraction.detach().to(s.dtype),
+        "ratio": s_raw, "advantage": A_seq.detach(), "seq_logprobs": seq_logp.detach(),
+        "kl": kl_seq.detach().mean(), "clip_fraction": clip_fraction.detach().to(s_raw.dtype),
         "policy_loss": policy.detach().mean(), "entropy": _token_mean(inp.entropy, mask),
     }
     return loss, metrics
@@ -347,7 +431,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
               ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None,
-              entropy_coef: float = 0.0):
+              entropy_coef: float = 0.0, denominator: Optional[str] = None):
     """GRPO: token-level ratio ``r_t = exp(logp_t - logp_den,t)``, token-level clipping,
     per-token loss ``-min(r_t A_t, clip(r_t) A_t) + beta * KL_t``, aggregated by ``loss_agg``:
 
@@ -366,12 +450,13 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
     inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
                   beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                  chunk_size, ("group_norm",), True)
+                  chunk_size, ("group_norm",), True, denominator)
     mask, logp = inp.mask, inp.logp
-    r = torch.exp(logp - _denominator(inp))
-    A = inp.advantage.to(r.dtype) if isinstance(inp.advantage, Tensor) else \
-        _advantage("group_norm", inp.rewards, None, process_group).to(r.dtype)
+    log_r = logp - _denominator(inp)
+    A = inp.advantage.to(logp.dtype) if isinstance(inp.advantage, Tensor) else \
+        _advantage("group_norm", inp.rewards, None, process_group).to(logp.dtype)
     A_t = A if A.dim() == 3 else A.unsqueeze(-1).expand(mask.shape)
+    r = _ratio(log_r, A_t)
     policy_tok, clipped = _clip(r, A_t, epsilon, eh)
     if inp.ref_tok is not None:
         kl_tok = torch.where(mask, _kl_tokens(logp, inp.ref_tok.to(logp.dtype), kl), torch.zeros_like(logp))
@@ -389,9 +474,10 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     elif loss_agg == "seq-mean-token-sum":
         loss = per_tok.sum(-1).mean()
     else:
-        loss = per_tok.sum() / (B * G * T)
+        loss = per_tok.sum() / max(B * G * T, 1)  # T = 0: no token, loss 0
     metrics = {
-        "ratio": r.detach(), "advantage": A.detach(), "kl": _masked_mean(kl_tok, mask).mean().detach(),
+        "ratio": torch.exp(log_r.detach()), "advantage": A.detach(),
+        "kl": _masked_mean(kl_tok, mask).mean().detach(),
         "clip_fraction": ((clipped & mask).sum() / mask.sum().clamp(min=1)).to(r.dtype),
         "policy_loss": _masked_mean(torch.where(mask, policy_tok, 0), mask).mean().detach(),
         "entropy": _token_mean(inp.entropy, mask),

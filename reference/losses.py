@@ -60,21 +60,30 @@ def _kl_tokens(logp: Tensor, ref: Tensor, kl: str) -> Tensor:
     return torch.exp(d) - d - 1
 
 
+def _den(denominator, old, ref):
+    """The ratio's denominator: "old", "ref" or "detached" (None: old if given, else detached)."""
+    if denominator is None:
+        return old
+    return {"old": old, "ref": ref, "detached": None}[denominator]
+
+
 def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
                         advantage="contrast", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
-                        temperature=1.0, level="sequence", entropy_coef=0.0, dtype=torch.float64):
+                        temperature=1.0, level="sequence", entropy_coef=0.0, denominator=None,
+                        dtype=torch.float64):
     """GSPO loss (and metrics dict) with everything materialised. Returns (loss, metrics).
     ``entropy_coef``: ``loss -= coef * mean over sequences of the masked token-mean entropy``."""
     eh = epsilon if epsilon_high is None else epsilon_high
     logp = naive_token_logprobs(logits, tokens, temperature, dtype)
     mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
     logp = torch.where(mask, logp, torch.zeros_like(logp))
-    den = old_logprobs if old_logprobs is not None else ref_logprobs
+    den = _den(denominator, old_logprobs, ref_logprobs)
     den = logp.detach() if den is None else den.to(dtype)
     log_s = _masked_mean(logp, mask) - _masked_mean(torch.where(mask, den, torch.zeros_like(den)), mask)
     s = torch.exp(log_s)
-    if isinstance(advantage, Tensor):
+    if isinstance(advantage, Tensor):  # given advantages count only at valid positions (0 elsewhere)
         A = advantage.to(dtype)
+        A = A * (mask if A.dim() == 3 else mask.any(-1))
     elif advantage == "contrast":
         A = contrast_advantage_reference(rewards, s.detach())
     else:
@@ -103,17 +112,19 @@ def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
 
 def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
                         advantage="group_norm", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
-                        temperature=1.0, loss_agg="seq-mean-token-mean", entropy_coef=0.0, dtype=torch.float64):
+                        temperature=1.0, loss_agg="seq-mean-token-mean", entropy_coef=0.0, denominator=None,
+                        dtype=torch.float64):
     """Token-level GRPO loss with every aggregation, materialised. Returns (loss, metrics).
     ``entropy_coef``: ``- coef * H_t`` joins each token's loss before the aggregation."""
     eh = epsilon if epsilon_high is None else epsilon_high
     logp = naive_token_logprobs(logits, tokens, temperature, dtype)
     mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
-    den = old_logprobs if old_logprobs is not None else ref_logprobs
+    den = _den(denominator, old_logprobs, ref_logprobs)
     den = logp.detach() if den is None else den.to(dtype)
     r = torch.exp(logp - den)
-    if isinstance(advantage, Tensor):
+    if isinstance(advantage, Tensor):  # given advantages count only at valid positions (0 elsewhere)
         A = advantage.to(dtype)
+        A = A * (mask if A.dim() == 3 else mask.any(-1))
     else:
         A = group_norm_advantage_reference(rewards).to(dtype)
     A_t = A if A.dim() == 3 else A.unsqueeze(-1).expand(mask.shape)

@@ -134,11 +134,13 @@ def test_losses_from_hidden_states():
     mask = torch.ones(B, G, T, dtype=torch.bool, device=DEVICE)
     mask[0, 1, 2:] = False
     h, w = _leaves(hidden, weight)
-    loss, m = gspo_loss(None, tokens, rewards, mask, hidden=h, weight=w, ref_hidden=ref_hidden, chunk_size=5)
+    loss, m = gspo_loss(None, tokens, rewards, mask, hidden=h, weight=w, ref_hidden=ref_hidden, chunk_size=5,
+                        denominator="ref")
     logits = torch.nn.functional.linear(hidden, weight)
     h64, w64 = _leaves64(hidden, weight)
     ref_lp = naive_linear_token_logprobs(ref_hidden, weight, tokens, dtype=torch.float64)
-    ref_loss, _ = gspo_loss_reference(torch.nn.functional.linear(h64, w64), tokens, rewards, mask, ref_logprobs=ref_lp)
+    ref_loss, _ = gspo_loss_reference(torch.nn.functional.linear(h64, w64), tokens, rewards, mask, ref_logprobs=ref_lp,
+                                      denominator="ref")
     _close(loss, ref_loss, 1e-12, "gspo loss")
     for got, exp in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref_loss, (h64, w64))):
         _close(got, exp, 1e-12, "gspo grad")

@@ -69,7 +69,8 @@ def _run(fn, ref_fn, d, dtype_tol, **kw):
 @pytest.mark.parametrize("denominator", ["old", "ref"])
 def test_gspo_matches_reference(advantage, kl, denominator):
     d = _batch()
-    kw = dict(ref_logprobs=d["ref"], kl=kl, beta=0.05, temperature=0.8, epsilon=0.2, epsilon_high=0.28)
+    kw = dict(ref_logprobs=d["ref"], kl=kl, beta=0.05, temperature=0.8, epsilon=0.2, epsilon_high=0.28,
+              denominator=denominator)
     if denominator == "old":
         kw["old_logprobs"] = d["old"]
     kw["advantage"] = torch.randn(2, 4, dtype=torch.float64).to(DEVICE) if advantage == "tensor" else advantage
@@ -139,7 +140,7 @@ def test_article_worked_example():
     rewards = torch.tensor([[8.0, 6.0, 4.0]])
     x = logits.to(DEVICE).requires_grad_(True)
     loss, m = gspo_loss(x, tokens.to(DEVICE), rewards.to(DEVICE), lengths=lengths.to(DEVICE),
-                        ref_logprobs=ref_logprobs.to(DEVICE), epsilon=0.2, beta=0.05, kl="k1")
+                        ref_logprobs=ref_logprobs.to(DEVICE), epsilon=0.2, beta=0.05, kl="k1", denominator="ref")
     torch.testing.assert_close(m["ratio"].cpu(), torch.tensor([[1.05127, 1.05007, 0.94996]], dtype=torch.float64),
                                atol=5e-6, rtol=0)
     A = m["advantage"].cpu()
@@ -154,7 +155,7 @@ def test_article_worked_example():
     assert abs(loss.item() - (-0.037859)) < 5e-7
     # and the same through the reference implementation
     ref_loss, _ = gspo_loss_reference(logits, tokens, rewards, torch.arange(T) < lengths.unsqueeze(-1),
-                                      ref_logprobs=ref_logprobs)
+                                      ref_logprobs=ref_logprobs, denominator="ref")
     assert abs(ref_loss.item() - loss.item()) < 1e-12
 
 
@@ -184,7 +185,7 @@ def test_contrast_advantage_matches_loop_reference():
 def test_empty_sequence_gets_zero_gradient():
     d = _batch(seed=10)
     x = d["logits"].detach().requires_grad_(True)
-    loss, m = gspo_loss(x, d["tokens"], d["rewards"], d["mask"], ref_logprobs=d["ref"], kl="k3")
+    loss, m = gspo_loss(x, d["tokens"], d["rewards"], d["mask"], ref_logprobs=d["ref"], kl="k3", denominator="ref")
     g = torch.autograd.grad(loss, x)[0]
     assert torch.count_nonzero(g[0, 1]) == 0 and torch.isfinite(loss)
     assert torch.count_nonzero(g[~d["mask"]]) == 0  # padding tokens get exact zeros
@@ -196,10 +197,11 @@ def test_flat_input_with_group_size_and_ref_logits():
     ref_logits = d["logits"] + 0.3 * torch.randn(d["logits"].shape, generator=torch.Generator().manual_seed(1),
                                                   dtype=torch.float64).to(DEVICE)
     ref_lp = naive_token_logprobs(ref_logits, d["tokens"], 0.7, dtype=torch.float64)
-    l4, m4 = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=ref_lp, temperature=0.7)
+    l4, m4 = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=ref_lp, temperature=0.7,
+                       denominator="ref")
     l3, m3 = gspo_loss(d["logits"].reshape(B * G, T, V), d["tokens"].reshape(B * G, T), d["rewards"].reshape(-1),
                        d["mask"].reshape(B * G, T), ref_logits=ref_logits.reshape(B * G, T, V), group_size=G,
-                       temperature=0.7)
+                       temperature=0.7, denominator="ref")
     _close(l3, l4, (1e-13, 1e-12), "loss")
     _close(m3["ratio"], m4["ratio"], (1e-13, 1e-12), "ratio")
 
@@ -240,8 +242,8 @@ def test_beta_zero_needs_no_reference():
 ])
 def test_gspo_bad_input(kw, exc, match):
     d = _batch()
-    args = dict(logits=d["logits"], tokens=d["tokens"], rewards=d["rewards"].cpu(), mask=d["mask"],
-                ref_logprobs=d["ref"], beta=0.05)
+    args = dict(logits=d["logits"], tokens=d["tokens"], rewards=d["rewards"], mask=d["mask"],
+                ref_logprobs=d["ref"], beta=0.05, denominator="ref")
     args.update(kw)
     if args.get("ref_logits") == "same":
         args["ref_logits"] = d["logits"]
@@ -282,7 +284,7 @@ def test_entropy_bonus_changes_the_gradient_by_its_own():
     # loss(coef) - loss(0) is exactly -coef * mean-of-masked-means of the entropy; the
     # gradient difference is that term's gradient (the kernel's h-path).
     d = _batch(dtype=torch.float64, seed=12)
-    kw = dict(ref_logprobs=d["ref"], beta=0.0)
+    kw = dict(ref_logprobs=d["ref"], beta=0.0, denominator="ref")
     x0 = d["logits"].detach().requires_grad_(True)
     x1 = d["logits"].detach().requires_grad_(True)
     l0, _ = gspo_loss(x0, d["tokens"], d["rewards"], d["mask"], **kw)
