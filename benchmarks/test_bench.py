@@ -3,7 +3,7 @@ CPU path and Triton path (the interpreter on CPU, compiled on CUDA) against the
 naive reference, modes fwd / bwd / full. Every benchmark also asserts that the
 measured function agrees with the naive reference, so it checks as it times.
 
-    python -m pytest benchmarks -q                      # run (timings printed by pytest-benchmark)
+    python -m pytest benchmarks -q --benchmark-enable   # timings (the suite alone runs each once, untimed)
 """
 from __future__ import annotations
 
