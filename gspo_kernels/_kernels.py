@@ -281,8 +281,9 @@ if HAS_TRITON:
         c = tl.where(act, c, float("inf"))[:, None]
         if ENTROPY:
             H = tl.where(act, H, 0.0)[:, None]
-        y = tl.load(Y + rows, mask=live, other=0).to(tl.int64)
-        y = tl.minimum(tl.maximum(y, 0), V - 1)[:, None]
+        # y only selects the one-hot column, it addresses nothing: an id outside [0, V)
+        # (another vocabulary shard's token) matches no column.
+        y = tl.load(Y + rows, mask=live, other=-1).to(tl.int64)[:, None]
         gs = tl.where(act, g * inv, 0.0)[:, None]
         scale2 = inv * _LOG2E
         src = (X + _row_offset(rows, D1, D2, s0, s1, s2))[:, None]

@@ -66,7 +66,9 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
     rows whose upstream gradients are all zero get exact zeros, whatever their logits hold."""
     V = logits.shape[-1]
     acc = lse.dtype
-    y_all = tokens.reshape(-1).clamp(0, V - 1).long()
+    y_raw = tokens.reshape(-1).long()
+    inside = (y_raw >= 0) & (y_raw < V)  # another vocabulary shard's id matches no column
+    y_all = y_raw.clamp(0, V - 1)
     g_all = grad.reshape(-1).to(acc)
     h_all = None if grad_ent is None else grad_ent.reshape(-1).to(acc)
     H_all = None if grad_ent is None else ent.reshape(-1).to(acc)
@@ -93,7 +95,7 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
             hs = (h_all[r:r + n] * inv_temp).unsqueeze(-1)
             logp.add_(H_all[r:r + n].unsqueeze(-1)).masked_fill_(p == 0, 0.0).mul_(hs).add_(scale).mul_(p).neg_()
             p = logp
-        p.scatter_add_(-1, y_all[r:r + n].unsqueeze(-1), scale)
+        p.scatter_add_(-1, y_all[r:r + n].unsqueeze(-1), scale * inside[r:r + n].unsqueeze(-1))
         p.masked_fill_(~active.unsqueeze(-1), 0.0)
         o.copy_(p)
     return out

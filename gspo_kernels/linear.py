@@ -53,6 +53,7 @@ class LinearOptions:
     inv_temp: float
     chunk_size: int
     entropy: bool = False
+    shard: Optional[object] = None  # vocab_parallel.Shard: weight holds rows [start, start + width) of V
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -71,15 +72,31 @@ class LinearTokenLogprobs(torch.autograd.Function):
         logp = torch.zeros(R, dtype=acc, device=hidden.device)
         lse = torch.zeros(R, dtype=acc, device=hidden.device)
         ent = torch.zeros(R, dtype=acc, device=hidden.device) if opts.entropy else None
+        sharded = opts.shard is not None
+        if sharded:
+            from .vocab_parallel import combine, local_ids
+
+            tokens, inside = local_ids(tokens, opts.shard)
+        skipped = []
         for r in range(0, R, C):
             v = None if valid is None else valid[r:r + C]
             if v is not None and not bool(v.any()):
+                skipped.append(r)
                 continue  # fully masked chunk: outputs 0, no matrix product
             lp, l, e = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp,
-                                   opts.entropy)
+                                   opts.entropy, check=not sharded)
             logp[r:r + C], lse[r:r + C] = lp, l
             if opts.entropy:
                 ent[r:r + C] = e
+        if sharded:  # this shard's statistics -> global ones (two all-reduces over R floats)
+            lse_r = lse * opts.inv_temp
+            target = torch.where(inside, logp + lse_r, torch.zeros_like(lse_r))
+            logp, lse_g, ent = combine(lse_r, target, ent, opts.shard.group)
+            lse = lse_g / opts.inv_temp
+            for r in skipped:
+                logp[r:r + C] = 0
+                if ent is not None:
+                    ent[r:r + C] = 0
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse, valid, ent)
@@ -120,6 +137,11 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     grad_w += dl.t() @ h
             if grad_b is not None:
                 grad_b += dl.sum(0, dtype=grad_b.dtype)
+        if grad_h is not None and opts.shard is not None:
+            # hidden feeds every shard (a column-parallel layer's input): sum its gradient over the group
+            import torch.distributed as dist
+
+            dist.all_reduce(grad_h, group=opts.shard.group)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None
@@ -166,7 +188,8 @@ def _rows(hidden: Tensor) -> Tensor:
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                           temperature: float = 1.0, chunk_size: Optional[int] = None,
-                          valid: Optional[Tensor] = None, return_entropy: bool = False):
+                          valid: Optional[Tensor] = None, return_entropy: bool = False, vocab_group=None,
+                          vocab_size: Optional[int] = None):
     """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
     (and, with ``return_entropy=True``, that distribution's entropy, from the same pass).
 
@@ -182,6 +205,12 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             so is their gradient).
         return_entropy: also return the per-token entropy (its gradient flows
             to hidden, weight and bias like the log-prob's).
+        vocab_group: process group over which the LM head is sharded by rows:
+            ``weight`` (and ``bias``) are this rank's ``(V/P, H)`` rows (a
+            ``ColumnParallelLinear`` output shard, rank order); tokens are global
+            ids. The gradient of ``hidden`` is all-reduced over the group here
+            (Megatron's column-parallel input rule); ``grad_weight`` stays local.
+        vocab_size: optional global V, checked against ``V/P * P`` before any collective.
 
     Returns:
         ``(..., T)`` float32 (float64 for float64 input), or ``(logp, entropy)``;
@@ -190,8 +219,18 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size)
     C = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
     v = None if valid is None else resolve_mask(valid, None, tokens, name="valid").reshape(-1)
-    check_token_range(tokens.reshape(-1), weight.shape[0], v)  # before the first matrix product
-    opts = LinearOptions(inv_temp, C, bool(return_entropy))
+    shard = None
+    if vocab_group is None:
+        check_token_range(tokens.reshape(-1), weight.shape[0], v)  # before the first matrix product
+    else:
+        import torch.distributed as dist
+
+        from . import vocab_parallel as vp
+
+        vp.check_vocab_size(vocab_size, vocab_group, weight.shape[0], name="weight")
+        check_token_range(tokens.reshape(-1), weight.shape[0] * dist.get_world_size(vocab_group), v)
+        shard = vp.resolve_shard(vocab_group, weight.shape[0], name="weight")
+    opts = LinearOptions(inv_temp, C, bool(return_entropy), shard)
     out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1), v, opts)
     if return_entropy:
         return out[0].reshape(tokens.shape), out[1].reshape(tokens.shape)
@@ -201,7 +240,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
 def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
                              lengths: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                              temperature: float = 1.0, normalize: bool = True,
-                             chunk_size: Optional[int] = None) -> Tensor:
+                             chunk_size: Optional[int] = None, vocab_group=None,
+                             vocab_size: Optional[int] = None) -> Tensor:
     """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
     over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients."""
     _check(hidden, weight, tokens, bias, temperature, chunk_size)
@@ -209,7 +249,7 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
     if valid is None:
         valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature, chunk_size=chunk_size,
-                                 valid=valid)
+                                 valid=valid, vocab_group=vocab_group, vocab_size=vocab_size)
     m = valid.to(logp.dtype)
     total = (logp * m).sum(-1)
     if not normalize:

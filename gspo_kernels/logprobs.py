@@ -52,9 +52,12 @@ def _use_triton(t: Tensor) -> bool:
 # opaque nodes (no graph break). Going through the op in eager too would cost
 # its first dispatch in a process an import of torch._dynamo (~1 s).
 def _fwd_impl(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float,
-              entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    # The range check lives inside the op so it also runs under torch.compile.
-    check_token_range(tokens, logits.shape[-1], valid)
+              entropy: bool, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    # The range check lives inside the op so it also runs under torch.compile. A vocab
+    # shard's local ids lie outside [0, V) for other shards' tokens: the kernels clamp
+    # them (never read out of bounds) and the caller masks those rows.
+    if check:
+        check_token_range(tokens, logits.shape[-1], valid)
     impl = _kernels.triton_fwd if _use_triton(logits) else _torch_path.torch_fwd
     return impl(logits, tokens, inv_temp, entropy)
 
@@ -121,11 +124,12 @@ def _(logp, maskf, normalize):
     return out, torch.empty_like(out)
 
 
-def logprob_fwd(logits, tokens, valid, inv_temp, entropy=False):
-    """``(logp, lse, ent)`` per row; ``ent`` is empty unless ``entropy``."""
-    if torch.compiler.is_compiling():
+def logprob_fwd(logits, tokens, valid, inv_temp, entropy=False, check=True):
+    """``(logp, c, ent)`` per row (``c = tau * logsumexp(x / tau)``); ``ent`` is empty unless
+    ``entropy``. ``check=False`` (vocab shards) skips the id range check; eager only."""
+    if torch.compiler.is_compiling() and check:
         return torch.ops.gspo_kernels.logprob_fwd(logits, tokens, valid, inv_temp, entropy)
-    return _fwd_impl(logits, tokens, valid, inv_temp, entropy)
+    return _fwd_impl(logits, tokens, valid, inv_temp, entropy, check)
 
 
 def logprob_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp, inplace: bool):
@@ -233,7 +237,7 @@ def _check_common(logits, tokens, temperature, inplace_backward=False) -> float:
 
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                    inplace_backward: bool = False, valid: Optional[Tensor] = None,
-                   return_entropy: bool = False):
+                   return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None):
     """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``,
     and (``return_entropy=True``) the entropy of ``softmax(logits / temperature)``
     from the same single read of the logits.
@@ -250,6 +254,11 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
             only where it is nonzero, and ids elsewhere (e.g. ``-100`` padding)
             are never read. Their log-probs are meaningless: mask them out.
         return_entropy: also return ``H_t = logsumexp(x_t/tau) - sum_v p_v x_t[v]/tau``.
+        vocab_group: a ``torch.distributed`` process group over which the vocabulary
+            is sharded: ``logits`` are then this rank's contiguous shard
+            ``(..., T, V/P)`` (rank r: ids ``[r V/P, (r+1) V/P)``), ``tokens`` global
+            ids; every rank returns the full results (see :mod:`gspo_kernels.vocab_parallel`).
+        vocab_size: optional global V, checked against ``V/P * P`` before any collective.
 
     Returns:
         ``logp`` ``(..., T)`` float32 (float64 for float64 logits), or
@@ -262,12 +271,27 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     if valid is not None:
         valid = resolve_mask(valid, None, tokens, name="valid")
     opts = LogprobOptions(inv_temp, True, bool(inplace_backward), bool(return_entropy))
+    if vocab_group is not None:
+        return _vocab_parallel(logits, tokens, opts, valid, vocab_group, vocab_size)
     return TokenLogprobs.apply(logits, tokens, opts, valid)
+
+
+def _vocab_parallel(logits, tokens, opts, valid, group, vocab_size):
+    """Checks (all before any collective but one metadata all-gather), then the sharded op."""
+    import torch.distributed as dist
+
+    from . import vocab_parallel as vp
+
+    width = logits.shape[-1]
+    vp.check_vocab_size(vocab_size, group, width)
+    check_token_range(tokens, width * dist.get_world_size(group), valid)  # global ids, same on every rank
+    shard = vp.resolve_shard(group, width)
+    return vp.VocabParallelTokenLogprobs.apply(logits, tokens, opts, shard, valid)
 
 
 def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
                       lengths: Optional[Tensor] = None, temperature: float = 1.0, normalize: bool = True,
-                      inplace_backward: bool = False) -> Tensor:
+                      inplace_backward: bool = False, vocab_group=None, vocab_size: Optional[int] = None) -> Tensor:
     """Per-sequence log-probability: the masked mean over T of the per-token
     log-probs (GSPO's ``1/L`` geometric normalisation), or the masked sum.
 
@@ -280,6 +304,7 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
         temperature: tau > 0.
         normalize: divide by ``L`` (True, GSPO) or return the plain sum (False).
         inplace_backward: see :func:`token_logprobs`.
+        vocab_group, vocab_size: vocabulary sharded over a process group, see :func:`token_logprobs`.
 
     Returns:
         ``(...)`` (``(B, G)`` for 4-D logits) float32; a sequence with ``L = 0``
@@ -288,6 +313,16 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
     valid = resolve_mask(mask, lengths, tokens)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if vocab_group is not None:  # per-token results from the sharded op, then the O(N*T) masked mean
+        v = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if valid is None else valid
+        opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
+        lp = _vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size)
+        m = v.to(lp.dtype)
+        total = torch.where(v, lp, torch.zeros_like(lp)).sum(-1)
+        if not normalize:
+            return total
+        L = m.sum(-1)
+        return torch.where(L > 0, total / L.clamp(min=1), torch.zeros_like(total))
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
     return SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts)

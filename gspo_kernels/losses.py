@@ -158,7 +158,7 @@ class _Inputs:
 
     def __init__(self, logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs,
                  advantage, beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight,
-                 ref_bias, chunk_size, adv_modes, adv_token_ok, denominator):
+                 ref_bias, chunk_size, adv_modes, adv_token_ok, denominator, vocab_group=None):
         if (logits is None) == (hidden is None):
             raise ValueError("give exactly one of logits (..., T, V) or hidden (..., T, H) with weight (V, H)")
         if hidden is not None and weight is None:
@@ -194,6 +194,7 @@ class _Inputs:
         if tuple(tokens.shape) != lead:
             raise ValueError(f"tokens must have shape {lead} ({src_name}.shape[:-1]), got {tuple(tokens.shape)}")
         self.shape = (B, G, T)
+        self.vocab_group = vocab_group
         flat = len(lead) == 2
         dev = src.device
         if ref_logprobs is not None and ref_logits is not None:
@@ -263,7 +264,7 @@ class _Inputs:
         """``(logp, entropy)`` per token, ``(B, G, T)``, exact zeros at masked positions;
         the entropy comes from the same pass (for the policy; None for the reference)."""
         valid = self.mask.reshape(tokens.shape)
-        kw = dict(temperature=temperature, valid=valid, return_entropy=grad)
+        kw = dict(temperature=temperature, valid=valid, return_entropy=grad, vocab_group=self.vocab_group)
         if logits is not None:
             out = token_logprobs(logits, tokens, **kw)
         else:
@@ -329,7 +330,7 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
               ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None,
-              entropy_coef: float = 0.0, denominator: Optional[str] = None):
+              entropy_coef: float = 0.0, denominator: Optional[str] = None, vocab_group=None):
     """GSPO: sequence-level importance ratio, sequence-level clipping.
 
     Per sequence ``s = exp(seqlogp_theta - seqlogp_den)`` (masked means over the
@@ -364,6 +365,9 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
             the ranks of ``process_group`` along G (every rank holds the same B
             prompts, ``G_local`` completions each, in rank order), pass it: rewards
             and detached ratios are all-gathered so the advantage sees whole groups.
+        vocab_group: the vocabulary is sharded over this process group (tensor parallel):
+            ``logits`` / ``ref_logits`` (or ``weight`` / ``ref_weight``) are this rank's
+            contiguous shard of ``V/P`` ids, tokens global; see :mod:`gspo_kernels.vocab_parallel`.
         entropy_coef: entropy bonus, as verl's ``entropy_coeff``: ``loss -= coef * mean over
             sequences of each sequence's token-mean entropy`` (GSPO's own aggregation). The
             entropy comes from the same pass over the logits as the log-probs; with
@@ -382,7 +386,7 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
                   beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                  chunk_size, ADVANTAGES, level == "sequence_token", denominator)
+                  chunk_size, ADVANTAGES, level == "sequence_token", denominator, vocab_group)
     mask, logp = inp.mask, inp.logp
     seq_logp = _masked_mean(logp, mask)
     log_s = seq_logp - _masked_mean(_denominator(inp), mask)
@@ -431,7 +435,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
               hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
               ref_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, process_group=None,
-              entropy_coef: float = 0.0, denominator: Optional[str] = None):
+              entropy_coef: float = 0.0, denominator: Optional[str] = None, vocab_group=None):
     """GRPO: token-level ratio ``r_t = exp(logp_t - logp_den,t)``, token-level clipping,
     per-token loss ``-min(r_t A_t, clip(r_t) A_t) + beta * KL_t``, aggregated by ``loss_agg``:
 
@@ -450,7 +454,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
         raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
     inp = _Inputs(logits, tokens, rewards, mask, lengths, ref_logprobs, ref_logits, old_logprobs, advantage,
                   beta, temperature, group_size, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                  chunk_size, ("group_norm",), True, denominator)
+                  chunk_size, ("group_norm",), True, denominator, vocab_group)
     mask, logp = inp.mask, inp.logp
     log_r = logp - _denominator(inp)
     A = inp.advantage.to(logp.dtype) if isinstance(inp.advantage, Tensor) else \
