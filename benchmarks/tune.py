@@ -87,7 +87,7 @@ def main(argv=None):
         _kernels.LARGE_V.clear()
         _kernels.LARGE_V.update(saved)
         _kernels.MID_ROWS = saved_mid
-        del buf, x, grad
+        buf = x = grad = flat = None  # free the buffers before the next V
         torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -36,10 +36,11 @@ def _model():
 def _loss(kind, model, hidden, tokens, mask, rewards, ref, pg=None):
     logits = model(hidden)
     if kind == "gspo_contrast":
-        return gspo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", advantage="contrast", process_group=pg)[0]
-    if kind == "gspo_group_norm":
-        return gspo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", advantage="group_norm", kl="k3",
+        return gspo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", advantage="contrast",
                          process_group=pg)[0]
+    if kind == "gspo_group_norm":
+        return gspo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", advantage="group_norm",
+                         kl="k3", process_group=pg)[0]
     return grpo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", process_group=pg)[0]
 
 
@@ -88,6 +89,8 @@ def test_split_groups_without_process_group_differ():
     model = _model()
     with torch.no_grad():
         logits = model(half[0])
-        _, local = gspo_loss(logits, half[1], half[3], half[2], ref_logprobs=half[4], denominator="ref", advantage="group_norm")
-        _, full = gspo_loss(model(data[0]), data[1], data[3], data[2], ref_logprobs=data[4], denominator="ref", advantage="group_norm")
+        _, local = gspo_loss(logits, half[1], half[3], half[2], ref_logprobs=half[4], denominator="ref",
+                             advantage="group_norm")
+        _, full = gspo_loss(model(data[0]), data[1], data[3], data[2], ref_logprobs=data[4], denominator="ref",
+                            advantage="group_norm")
     assert not torch.allclose(local["advantage"], full["advantage"][:, :2])

@@ -46,7 +46,7 @@ import types
 from typing import Optional
 
 import torch
-from torch import Tensor
+
 
 from ..linear import linear_token_logprobs
 from ..logprobs import token_logprobs
