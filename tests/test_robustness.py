@@ -93,7 +93,7 @@ def test_non_finite_at_valid_positions_is_refused(what):
     d = _batch()
     kw = dict(old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.04, advantage="group_norm")
     if what == "advantage":
-        kw["advantage"] = torch.zeros(2, 3).index_fill_(1, torch.tensor([0]), float("nan"))
+        kw["advantage"] = torch.zeros(2, 3).index_fill_(1, torch.tensor([0]), float("nan")).to(d["logits"].device)
     elif what == "rewards":
         d["rewards"][0, 0] = float("inf")
     else:
@@ -205,7 +205,7 @@ def test_errors_name_the_argument():
         (lambda: GRPOLoss(loss_agg="bad"), ValueError, r"loss_agg must be one of"),
         (lambda: GSPOLoss(temperature=0), ValueError, r"temperature must be finite and > 0"),
         (lambda: GRPOLoss(entropy_coef=float("nan")), ValueError, r"entropy_coef must be a finite float"),
-        (lambda: gspo_loss(x, y, r, m, advantage=torch.full((2, 3), float("nan")), beta=0.0), ValueError,
+        (lambda: gspo_loss(x, y, r, m, advantage=torch.full((2, 3), float("nan"), device=x.device), beta=0.0), ValueError,
          r"advantage must be finite at valid"),
     ]
     for call, exc, match in cases:
