@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,8 +130,8 @@ def collapse_rows(shape, strides):
 def split_float(v: float) -> tuple[float, float]:
     """``v`` as fp32 ``hi + lo``: Triton passes Python floats as fp32, and the
     fp64 kernels need 1/tau to ~48 bits (``hi + lo`` summed in fp64)."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+    hi = struct.unpack("f", struct.pack("f", v))[0]
+    return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
 
 
 if HAS_TRITON:

@@ -210,7 +210,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             ``ColumnParallelLinear`` output shard, rank order); tokens are global
             ids. The gradient of ``hidden`` is all-reduced over the group here
             (Megatron's column-parallel input rule); ``grad_weight`` stays local.
-        vocab_size: optional global V, checked against ``V/P * P`` before any collective.
+        vocab_size: optional global V, checked against ``V/P * P`` (on every rank alike).
 
     Returns:
         ``(..., T)`` float32 (float64 for float64 input), or ``(logp, entropy)``;
@@ -223,13 +223,10 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     if vocab_group is None:
         check_token_range(tokens.reshape(-1), weight.shape[0], v)  # before the first matrix product
     else:
-        import torch.distributed as dist
-
         from . import vocab_parallel as vp
 
-        vp.check_vocab_size(vocab_size, vocab_group, weight.shape[0], name="weight")
-        check_token_range(tokens.reshape(-1), weight.shape[0] * dist.get_world_size(vocab_group), v)
-        shard = vp.resolve_shard(vocab_group, weight.shape[0], name="weight")
+        shard = vp.resolve_shard(vocab_group, weight.shape[0], tokens.numel(), vocab_size, name="weight")
+        check_token_range(tokens.reshape(-1), shard.vocab, v)
     opts = LinearOptions(inv_temp, C, bool(return_entropy), shard)
     out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1), v, opts)
     if return_entropy:

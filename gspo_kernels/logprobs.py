@@ -258,7 +258,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
             is sharded: ``logits`` are then this rank's contiguous shard
             ``(..., T, V/P)`` (rank r: ids ``[r V/P, (r+1) V/P)``), ``tokens`` global
             ids; every rank returns the full results (see :mod:`gspo_kernels.vocab_parallel`).
-        vocab_size: optional global V, checked against ``V/P * P`` before any collective.
+        vocab_size: optional global V, checked against ``V/P * P`` (on every rank alike).
 
     Returns:
         ``logp`` ``(..., T)`` float32 (float64 for float64 logits), or
@@ -277,15 +277,11 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
 
 
 def _vocab_parallel(logits, tokens, opts, valid, group, vocab_size):
-    """Checks (all before any collective but one metadata all-gather), then the sharded op."""
-    import torch.distributed as dist
-
+    """Layout checked across ranks (one metadata all-gather), ids checked, then the sharded op."""
     from . import vocab_parallel as vp
 
-    width = logits.shape[-1]
-    vp.check_vocab_size(vocab_size, group, width)
-    check_token_range(tokens, width * dist.get_world_size(group), valid)  # global ids, same on every rank
-    shard = vp.resolve_shard(group, width)
+    shard = vp.resolve_shard(group, logits.shape[-1], tokens.numel(), vocab_size)
+    check_token_range(tokens, shard.vocab, valid)  # global ids, the same tensor on every rank
     return vp.VocabParallelTokenLogprobs.apply(logits, tokens, opts, shard, valid)
 
 

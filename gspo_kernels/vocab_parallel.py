@@ -48,11 +48,13 @@ class Shard:
     vocab: int
 
 
-def resolve_shard(group, width: int, name: str = "logits") -> Shard:
-    """Rank layout of ``group`` for a shard of ``width`` ids; refuses unequal shards before any data moves.
+def resolve_shard(group, width: int, rows: int, vocab_size: Optional[int] = None, name: str = "logits") -> Shard:
+    """Rank layout of ``group`` for a shard of ``width`` ids, checked across ranks.
 
-    One all-gather of one integer per rank checks that every rank holds a shard
-    of the same width (a mismatch raises the same error on every rank, so none hangs)."""
+    The op's first collective is one all-gather of two integers per rank (shard
+    width, row count); every check that compares ranks runs on its result, so a
+    bad layout raises the same ``ValueError`` on every rank (none is left
+    waiting in a collective), and before any data moves."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
@@ -61,27 +63,21 @@ def resolve_shard(group, width: int, name: str = "logits") -> Shard:
     if r < 0:
         raise ValueError("vocab_group: this process is not a member of the group")
     device = "cuda" if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available() else "cpu"
-    mine = torch.tensor([width], dtype=torch.int64, device=device)
-    widths = [torch.empty_like(mine) for _ in range(P)]
-    dist.all_gather(widths, mine, group=group)
-    widths = [int(w) for w in widths]
+    mine = torch.tensor([width, rows], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(everyone, mine, group=group)
+    widths = [int(t[0]) for t in everyone]
+    counts = [int(t[1]) for t in everyone]
     if len(set(widths)) != 1:
         raise ValueError(f"vocab_group: every rank must hold an equal shard of the vocabulary (V/P ids, rank "
                          f"order); {name}' last dims per rank are {widths}. Pad the vocabulary to a multiple "
                          f"of P = {P} (Megatron does) so that the shards are equal")
-    return Shard(group, r * width, width, P * width)
-
-
-def check_vocab_size(vocab_size: Optional[int], group, width: int, name: str = "logits") -> None:
-    """Optional early check, before any collective: ``width * P == vocab_size``."""
-    if vocab_size is None:
-        return
-    import torch.distributed as dist
-
-    P = dist.get_world_size(group)
-    if width * P != vocab_size:
+    if len(set(counts)) != 1:
+        raise ValueError(f"vocab_group: every rank must pass the same tokens; token counts per rank are {counts}")
+    if vocab_size is not None and width * P != vocab_size:
         raise ValueError(f"{name} shard has {width} ids and vocab_group has P = {P} ranks: {width} * {P} = "
                          f"{width * P}, but vocab_size = {vocab_size}; each rank must hold V/P ids")
+    return Shard(group, r * width, width, P * width)
 
 
 def local_ids(tokens: Tensor, shard: Shard) -> tuple[Tensor, Tensor]:
