@@ -2,14 +2,17 @@
 
 Functional API:
 
-- :func:`token_logprobs` ``(..., T, V) -> (..., T)``: per-token log-probs of the sampled tokens.
+- :func:`token_logprobs` ``(..., T, V) -> (..., T)``: per-token log-probs of the sampled tokens
+  (``return_entropy=True``: and the per-token entropy, from the same pass).
 - :func:`sequence_logprobs` ``(..., T, V) -> (...)``: masked mean ("1/L") or sum per sequence.
 - :func:`linear_token_logprobs`, :func:`linear_sequence_logprobs`: the same from hidden states
   ``(..., T, H)`` and the LM head ``(V, H)``, chunk by chunk, never holding the logits.
 - :func:`gspo_loss`, :func:`grpo_loss` (and ``GSPOLoss``, ``GRPOLoss``): the losses, ``-> (loss, metrics)``.
 
-Neither materialises a ``(..., V)`` log-softmax; both are differentiable
-w.r.t. the logits, with a one-pass backward.
+None materialises a ``(..., V)`` log-softmax; all are differentiable w.r.t.
+the logits (or hidden states and LM head), with a one-pass backward. Every op
+and loss takes ``vocab_group=`` for a vocabulary sharded over a
+``torch.distributed`` group (tensor parallel, :mod:`gspo_kernels.vocab_parallel`).
 """
 from .losses import GRPOLoss, GSPOLoss, contrast_advantage, group_norm_advantage, grpo_loss, gspo_loss
 from .linear import linear_sequence_logprobs, linear_token_logprobs

@@ -296,3 +296,21 @@ def test_collapse_rows_refuses_unaddressable_strides():
 def test_public_api_exports():
     for name in ("sequence_logprobs", "token_logprobs", "SequenceLogprobs", "TokenLogprobs"):
         assert hasattr(gspo_kernels, name)
+
+
+def test_eager_first_call_does_not_import_dynamo():
+    # The custom ops are for torch.compile; an eager call runs the implementation
+    # directly, so a short script's first call does not pay torch._dynamo's import (~1 s).
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, gspo_kernels\n"
+            "x = torch.randn(2, 3, 50, requires_grad=True)\n"
+            "y = torch.randint(0, 50, (2, 3))\n"
+            "gspo_kernels.sequence_logprobs(x, y).sum().backward()\n"
+            "lp, h = gspo_kernels.token_logprobs(x, y, return_entropy=True)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
