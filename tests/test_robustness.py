@@ -294,14 +294,15 @@ def test_losses_compile_fullgraph(backend, compiler):
         cf(x2, d["tokens"], lengths, d["rewards"], d["old"], bad_ref)
 
 
-def test_inplace_backward_under_compile(backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_inplace_backward_under_compile(backend, compiler):
     d = _batch(device=backend, seed=8)
 
     def f(w, y, m):
         return sequence_logprobs(w * 1.0, y, m, inplace_backward=True).sum()
 
     torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    cf = torch.compile(f, fullgraph=True, backend=compiler)
     w1 = d["logits"].clone().requires_grad_(True)
     w2 = d["logits"].clone().requires_grad_(True)
     (g1,) = torch.autograd.grad(f(w1, d["tokens"], d["mask"]), w1)
