@@ -23,7 +23,8 @@ accesses, same values. That gives a handful of variants per kernel, not one
 per shape. The row count and the leading sizes ``D1, D2``, which change every
 call and never touch alignment, are ``do_not_specialize``. Compile-time
 parameters: ``BLOCK_V`` and ``ROWS`` (powers of two chosen from V's size
-class), the accumulator dtype and the ``ENTROPY`` switch.
+class), ``VEC`` (elements per 16 bytes of the logits' dtype), the accumulator
+dtype and the ``ENTROPY`` switch.
 """
 from __future__ import annotations
 
@@ -46,13 +47,16 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # Tile over V for rows of a large vocabulary (V > TILE): one row per program,
 # BLOCK_V elements per loop step, per kernel ("fwd", "bwd"): (BLOCK_V, num_warps).
 # 4096 bf16 = 8 KB per step; with 8 warps each thread owns 16 contiguous
-# elements = two 16-byte loads in flight, and keeps per-lane running
-# (max, sum[, entropy]) state for them: 58-80 registers (forward) and 32-39
-# (backward) on sm_90, no spills (tests/test_codegen.py prints them), so 3+
-# programs fit one SM and ~24 KB of loads are in flight per SM, about what
-# HBM's latency-bandwidth product asks. The GPU sweep that chose these is
-# benchmarks/tune.py (figures in benchmarks/NOTES.md). GSPO_KERNELS_LARGE_V
-# (e.g. "fwd=8192x16,bwd=4096x8") overrides them, for tuning runs.
+# elements = two 16-byte loads in flight, and keeps the running (max, sum[,
+# entropy]) state of its two 16-byte chunks: 31-40 registers (forward, with or
+# without entropy) and 32-36 (backward) on sm_90, no spills
+# (tests/test_codegen.py prints them), so many programs fit one SM and tens of
+# KB of loads are in flight per SM, what HBM's latency-bandwidth product asks.
+# The H100 sweep that chose these (benchmarks/tune.py; figures in
+# benchmarks/NOTES.md): 2048 x 4, 4096 x 4, 4096 x 8 and 8192 x 8 all ran the
+# forward within 1% of each other (1.62-1.63 ms, 3050-3070 GB/s of reads) and
+# the backward within 1% too; 4096 x 8 is within noise of the best for both.
+# GSPO_KERNELS_LARGE_V (e.g. "fwd=8192x16,bwd=4096x8") overrides them, for tuning runs.
 LARGE_V = {"fwd": (4096, 8), "bwd": (4096, 8)}
 # Medium vocabularies (TILE < V <= MID_V, e.g. 32,000) may take MID_ROWS rows
 # per program, paying each row's fixed cost (final cross-warp reduction,
