@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Per-row scalar loads that are not logits: fwd: token id (+ the sampled logit);
 # bwd: g, lse, token id (+ h, H with the entropy gradient).
 SCALAR_LOADS = {"fwd": 2, "fwd_ent": 2, "bwd": 3, "bwd_ent": 5}
+SUMMARY: list[str] = []  # registers and accesses per kernel, shown in the run's terminal summary
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,13 @@ def probe():
 def test_aligned_rows_use_16_byte_accesses(probe):
     aligned = [c for c in probe["cases"] if c["V"] in (151_936, 128_256)]
     assert len(aligned) == 3 * 4 * 3 * 2 * 2  # archs x kernels x dtypes x V x layouts
-    print("\nkernel   dtype     arch  V        layout      regs  v4 loads  scalar loads  v4 stores")
+    SUMMARY.append("kernel   dtype     arch  V        layout      regs  v4 loads  scalar loads  v4 stores")
     for c in aligned:
-        print(f"{c['kind']:<8} {c['dtype']:<9} sm{c['arch']:<3} {c['V']:<8} {c['layout']:<11} {c['regs']:<5} "
-              f"{c['loads_v4']:<9} {c['loads_scalar']:<13} {c['stores_v4']}")
+        line = (f"{c['kind']:<8} {c['dtype']:<9} sm{c['arch']:<3} {c['V']:<8} {c['layout']:<11} {c['regs']:<5} "
+                f"{c['loads_v4']:<9} {c['loads_scalar']:<13} {c['stores_v4']}")
+        print(line)
+        if c["arch"] == 90 and c["V"] == 151_936 and c["layout"] == "sliced":
+            SUMMARY.append(line)  # printed at the end of the run by tests/conftest.py
         what = f"{c['kind']} {c['dtype']} V={c['V']} {c['layout']} sm_{c['arch']}"
         assert c["loads_v4"] >= 1, what
         assert c["loads_v2"] == 0 and c["loads_scalar"] == SCALAR_LOADS[c["kind"]], what
