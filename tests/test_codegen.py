@@ -83,6 +83,8 @@ def test_bounded_variants_per_shape(probe):
         assert n == 1 if key.endswith("/aligned") else 1 <= n <= 8, (key, n)
 
 
+# GPU-only complement of test_bounded_variants_per_shape (which runs everywhere): the same
+# bound, counted in Triton's real kernel cache, which only fills where kernels are compiled.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts real compilations: needs a CUDA GPU")
 def test_compiled_kernel_cache_is_bounded_on_gpu():  # pragma: no cover - GPU only
     from gspo_kernels import _kernels, token_logprobs
