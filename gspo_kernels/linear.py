@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .logprobs import logprob_bwd, logprob_fwd
+from .logprobs import logprob_bwd, logprob_fwd, masked_sequence_mean
 from ._validate import check_temperature, check_token_range, check_tokens, resolve_mask
 
 # Budget for one chunk of logits when the caller gives no chunk_size: at most
@@ -74,7 +74,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         ent = torch.zeros(R, dtype=acc, device=hidden.device) if opts.entropy else None
         sharded = opts.shard is not None
         if sharded:
-            from .vocab_parallel import combine, local_ids
+            from .vocab_parallel import combine_local, local_ids
 
             tokens, inside = local_ids(tokens, opts.shard)
         skipped = []
@@ -89,10 +89,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             if opts.entropy:
                 ent[r:r + C] = e
         if sharded:  # this shard's statistics -> global ones (two all-reduces over R floats)
-            lse_r = lse * opts.inv_temp
-            target = torch.where(inside, logp + lse_r, torch.zeros_like(lse_r))
-            logp, lse_g, ent = combine(lse_r, target, ent, opts.shard.group)
-            lse = lse_g / opts.inv_temp
+            logp, lse, ent = combine_local(logp, lse, ent, inside, opts.inv_temp, opts.shard.group)
             for r in skipped:
                 logp[r:r + C] = 0
                 if ent is not None:
@@ -247,9 +244,4 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
         valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature, chunk_size=chunk_size,
                                  valid=valid, vocab_group=vocab_group, vocab_size=vocab_size)
-    m = valid.to(logp.dtype)
-    total = (logp * m).sum(-1)
-    if not normalize:
-        return total
-    L = m.sum(-1)
-    return torch.where(L > 0, total / L.clamp(min=1), torch.zeros_like(total))
+    return masked_sequence_mean(logp, valid, normalize)

@@ -227,6 +227,17 @@ class SequenceLogprobs(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- public API
+def masked_sequence_mean(logp: Tensor, valid: Tensor, normalize: bool = True) -> Tensor:
+    """Differentiable ``(..., T) -> (...)``: the sum of ``logp`` over valid tokens, divided by
+    their count when ``normalize`` (0 for an empty sequence); invalid entries never reach it."""
+    total = torch.where(valid, logp, torch.zeros_like(logp)).sum(-1)
+    if not normalize:
+        return total
+    L = valid.sum(-1).to(logp.dtype)
+    return torch.where(L > 0, total / L.clamp(min=1), torch.zeros_like(total))
+
+
+
 def _check_common(logits, tokens, temperature, inplace_backward=False) -> float:
     check_logits(logits)
     check_tokens(tokens, logits)
@@ -312,13 +323,7 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     if vocab_group is not None:  # per-token results from the sharded op, then the O(N*T) masked mean
         v = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if valid is None else valid
         opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
-        lp = _vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size)
-        m = v.to(lp.dtype)
-        total = torch.where(v, lp, torch.zeros_like(lp)).sum(-1)
-        if not normalize:
-            return total
-        L = m.sum(-1)
-        return torch.where(L > 0, total / L.clamp(min=1), torch.zeros_like(total))
+        return masked_sequence_mean(_vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size), v, normalize)
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
     return SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts)

@@ -108,6 +108,16 @@ def combine(lse_r: Tensor, target: Tensor, ent_r: Optional[Tensor], group) -> tu
     return logp, lse, ent
 
 
+def combine_local(logp_l: Tensor, c_l: Tensor, ent_l: Optional[Tensor], inside: Tensor, inv_temp: float,
+                  group) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The fused forward's per-row outputs on this shard (local log-prob, ``c = tau * lse_r``,
+    local entropy) -> global ``(logp, tau * lse, entropy)``, equal on every rank."""
+    lse_r = c_l * inv_temp
+    target = torch.where(inside, logp_l + lse_r, torch.zeros_like(lse_r))  # x_y / tau where y is here
+    logp, lse, ent = combine(lse_r, target, ent_l, group)
+    return logp, lse / inv_temp, ent
+
+
 class VocabParallelTokenLogprobs(torch.autograd.Function):
     """``(logits shard (..., T, V/P), global tokens (..., T), options, shard, valid) -> logp (..., T)``
     (``(logp, entropy)`` with ``options.entropy``), equal on every rank of the group."""
@@ -118,13 +128,12 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
 
         y, inside = local_ids(tokens, shard)
         lp_l, c_l, ent_l = logprob_fwd(logits, y, None, opts.inv_temp, opts.entropy, check=False)
-        lse_r = c_l * opts.inv_temp
-        target = torch.where(inside, lp_l + lse_r, torch.zeros_like(lse_r))
-        logp, lse, ent = combine(lse_r, target, ent_l if opts.entropy else None, shard.group)
+        logp, c, ent = combine_local(lp_l, c_l, ent_l if opts.entropy else None, inside, opts.inv_temp,
+                                     shard.group)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         # Saved: the global logsumexp in logit units (tau * lse) and entropy: backward needs no collective.
-        ctx.save_for_backward(logits, y, lse / opts.inv_temp, ent)
+        ctx.save_for_backward(logits, y, c, ent)
         return (logp, ent) if opts.entropy else logp
 
     @staticmethod
