@@ -7,18 +7,27 @@ Functional API:
 - :func:`sequence_logprobs` ``(..., T, V) -> (...)``: masked mean ("1/L") or sum per sequence.
 - :func:`linear_token_logprobs`, :func:`linear_sequence_logprobs`: the same from hidden states
   ``(..., T, H)`` and the LM head ``(V, H)``, chunk by chunk, never holding the logits.
-- :func:`gspo_loss`, :func:`grpo_loss` (and ``GSPOLoss``, ``GRPOLoss``): the losses, ``-> (loss, metrics)``.
+- :func:`policy_loss` (and ``PolicyLoss``): every policy loss of TRL's ``GRPOTrainer`` and verl,
+  under TRL's option names, ``-> (loss, metrics)``; :func:`gspo_loss`, :func:`grpo_loss` (and
+  ``GSPOLoss``, ``GRPOLoss``) are presets over it; :func:`rollout_correction` the rollout/training
+  mismatch ratio.
 
 None materialises a ``(..., V)`` log-softmax; all are differentiable w.r.t.
 the logits (or hidden states and LM head), with a one-pass backward. Every op
 and loss takes ``vocab_group=`` for a vocabulary sharded over a
 ``torch.distributed`` group (tensor parallel, :mod:`gspo_kernels.vocab_parallel`).
 """
-from .losses import GRPOLoss, GSPOLoss, contrast_advantage, group_norm_advantage, grpo_loss, gspo_loss
+from .losses import (ARTICLE_GSPO, GRPOLoss, GSPOLoss, LossOptions, PolicyLoss, contrast_advantage,
+                     group_norm_advantage, grpo_loss, gspo_loss, policy_loss, rollout_correction)
 from .linear import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import LogprobOptions, SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
 
 __all__ = [
+    "ARTICLE_GSPO",
+    "LossOptions",
+    "PolicyLoss",
+    "policy_loss",
+    "rollout_correction",
     "GRPOLoss",
     "GSPOLoss",
     "contrast_advantage",

@@ -68,11 +68,12 @@ def _den(denominator, old, ref):
 
 
 def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
-                        advantage="contrast", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
+                        advantage="group_norm", epsilon=3e-4, epsilon_high=4e-4, beta=0.0, kl="k3",
                         temperature=1.0, level="sequence", entropy_coef=0.0, denominator=None,
                         dtype=torch.float64):
     """GSPO loss (and metrics dict) with everything materialised. Returns (loss, metrics).
-    ``entropy_coef``: ``loss -= coef * mean over sequences of the masked token-mean entropy``."""
+    ``entropy_coef``: ``loss -= coef * mean entropy over the valid tokens``; ``metrics["kl"]``
+    is the mean per-token KL over the valid tokens."""
     eh = epsilon if epsilon_high is None else epsilon_high
     logp = naive_token_logprobs(logits, tokens, temperature, dtype)
     mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
@@ -103,19 +104,22 @@ def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
     else:
         kl_seq = torch.zeros_like(s)
     ent = torch.where(mask, naive_token_entropy(logits, temperature, dtype), 0.0)
-    loss = (policy + beta * kl_seq - entropy_coef * _masked_mean(ent, mask)).mean()
-    metrics = {"ratio": s.detach(), "advantage": A_seq.detach(), "kl": kl_seq.detach().mean(),
+    n_valid = mask.sum().clamp(min=1)
+    loss = (policy + beta * kl_seq).mean() - entropy_coef * ent.sum() / n_valid
+    kl_tok = _kl_tokens(logp, ref_logprobs.to(dtype), kl) if ref_logprobs is not None else torch.zeros_like(logp)
+    metrics = {"ratio": s.detach(), "advantage": A_seq.detach(),
+               "kl": torch.where(mask, kl_tok, 0).detach().sum() / n_valid,
                "entropy": ent.detach().sum() / mask.sum().clamp(min=1),
                "policy_loss": policy.detach().mean(), "policy_per_sequence": policy.detach()}
     return loss, metrics
 
 
 def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
-                        advantage="group_norm", epsilon=0.2, epsilon_high=None, beta=0.05, kl="k1",
+                        advantage="group_norm", epsilon=0.2, epsilon_high=None, beta=0.0, kl="k3",
                         temperature=1.0, loss_agg="seq-mean-token-mean", entropy_coef=0.0, denominator=None,
                         dtype=torch.float64):
     """Token-level GRPO loss with every aggregation, materialised. Returns (loss, metrics).
-    ``entropy_coef``: ``- coef * H_t`` joins each token's loss before the aggregation."""
+    ``entropy_coef``: ``loss -= coef * mean entropy over the valid tokens``."""
     eh = epsilon if epsilon_high is None else epsilon_high
     logp = naive_token_logprobs(logits, tokens, temperature, dtype)
     mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
@@ -132,7 +136,6 @@ def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
     if ref_logprobs is not None:
         per_tok = per_tok + beta * _kl_tokens(logp, ref_logprobs.to(dtype), kl)
     ent = naive_token_entropy(logits, temperature, dtype)
-    per_tok = per_tok - entropy_coef * ent
     m = mask.to(dtype)
     N, T = m.shape[0] * m.shape[1], m.shape[-1]
     if loss_agg == "seq-mean-token-mean":
@@ -143,4 +146,5 @@ def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
         loss = (per_tok * m).sum(-1).mean()
     else:  # dr_grpo
         loss = (per_tok * m).sum() / (N * T)
+    loss = loss - entropy_coef * (ent * m).sum() / m.sum().clamp(min=1)
     return loss, {"ratio": r.detach(), "entropy": (ent.detach() * m).sum() / m.sum().clamp(min=1)}

@@ -99,7 +99,8 @@ def test_non_finite_at_valid_positions_is_refused(what):
     else:
         kw[what] = kw[what].clone()
         kw[what][0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=f"{what} must be finite at valid"):
+    name = "advantages" if what == "advantage" else what   # the loss core's argument name
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
         gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], **kw)
 
 
@@ -206,7 +207,7 @@ def test_errors_name_the_argument():
         (lambda: GSPOLoss(temperature=0), ValueError, r"temperature must be finite and > 0"),
         (lambda: GRPOLoss(entropy_coef=float("nan")), ValueError, r"entropy_coef must be a finite float"),
         (lambda: gspo_loss(x, y, r, m, advantage=torch.full((2, 3), float("nan"), device=x.device), beta=0.0), ValueError,
-         r"advantage must be finite at valid"),
+         r"advantages must be finite at valid"),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -327,8 +328,9 @@ def test_linear_fully_masked_chunk_has_zero_gradient():
 def test_denominator_is_explicit():
     d = _batch(seed=9)
     x, y, r, m = d["logits"], d["tokens"], d["rewards"], d["mask"]
-    with pytest.raises(ValueError, match="ambiguous ratio denominator"):
-        gspo_loss(x, y, r, m, ref_logprobs=d["ref"])
+    # no old_logprobs: the detached current policy, as TRL (the reference enters through the KL only)
+    _, m_default = gspo_loss(x, y, r, m, ref_logprobs=d["ref"])
+    assert torch.equal(m_default["ratio"], torch.ones_like(m_default["ratio"]))
     with pytest.raises(ValueError, match="denominator must be one of"):
         gspo_loss(x, y, r, m, ref_logprobs=d["ref"], denominator="reference")
     with pytest.raises(ValueError, match="denominator='old' needs old_logprobs"):

@@ -209,7 +209,10 @@ def _grid_worker(rank, out_dir):
 def test_losses_on_a_2x2_grid_equal_one_process():
     head = _head()
     hidden, tokens, mask, rewards, old, ref = _loss_data()
-    loss = _losses(head(hidden), tokens, mask, rewards, old, ref)
+    # Data parallel averages the replicas' losses; the entropy bonus is a token mean per call, so
+    # one process sees the same objective as the mean of the per-prompt losses.
+    loss = sum(_losses(head(hidden[b:b + 1]), *(t[b:b + 1] for t in (tokens, mask, rewards, old, ref)))
+               for b in range(B)) / B
     gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_grid_worker, args=(d,), nprocs=4, join=True)

@@ -1,0 +1,235 @@
+"""Input resolution of the losses: every tensor checked once and laid out as
+``(N, T)`` per-token / ``(N, 1)`` per-sequence values, then the one pass over
+the logits (or hidden states) that gives the policy's log-probs and entropies.
+
+Checks run in the order a user needs: shapes, dtypes and devices of every
+argument first (raised at once), then values (finite inputs at valid positions,
+a 0/1 float mask: queued on one device flag, see :mod:`.checks`), then option
+combinations (a reference for ``beta > 0``, rewards for a named advantage, ...).
+Whatever sits at a masked position is replaced by exact zeros here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._validate import check_index_dtype, check_logits, resolve_mask
+from .checks import ValueChecks
+from .options import LossOptions
+
+IGNORE_INDEX = -100  # Hugging Face's label padding: such positions count as masked
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What the loss math sees. ``N`` sequences of ``T`` tokens; ``lead`` the caller's
+    leading shape (``(B, G, T)`` or ``(N, T)``) for reporting per-token metrics."""
+
+    logp: Tensor                      # (N, T) policy log-probs, differentiable, 0 at masked positions
+    entropy: Tensor                   # (N, T) entropies from the same pass, 0 at masked positions
+    mask: Tensor                      # (N, T) bool
+    old: Optional[Tensor]             # (N, T) behaviour policy (detached), or None
+    ref: Optional[Tensor]             # (N, T) reference policy, or None
+    sampling: Optional[Tensor]        # (N, T) rollout engine's log-probs (NaN allowed: "not scored")
+    is_ratio: Optional[Tensor]        # (N, T) or (N, 1) rollout-correction ratio, or None
+    advantages: Optional[Tensor]      # (N, 1) or (N, T) given advantages, or None (from rewards)
+    rewards: Optional[Tensor]         # (B, G) float, or None
+    group_size: int
+    denominator: str                  # "old" | "ref" | "detached"
+    num_items_in_batch: Optional[Tensor]
+    lead: Tuple[int, ...]
+
+
+def _float_tensor(t, name: str, shapes, dev) -> Optional[Tensor]:
+    """A float tensor whose shape is one of ``shapes`` (the first is canonical); reshaped to it."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a float tensor of shape {shapes[0]}, got {got}")
+    if tuple(t.shape) not in [tuple(s) for s in shapes]:
+        raise ValueError(f"{name} must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(t.shape)}")
+    if t.device != dev:
+        raise ValueError(f"{name} is on {t.device} but the logits are on {dev}; put them on one device")
+    return t.detach()
+
+
+def _layout(src: Tensor, src_name: str, tokens, group_size) -> Tuple[int, int, int, Tuple[int, ...]]:
+    lead = tuple(src.shape[:-1])
+    if len(lead) == 3:
+        B, G, T = lead
+        if group_size is not None and group_size != G:
+            raise ValueError(f"group_size={group_size!r} does not match G = {G} of {src_name} of shape "
+                             f"{tuple(src.shape)}; omit group_size for 4-D input")
+    elif len(lead) == 2:
+        N, T = lead
+        if group_size is None:
+            group_size = 1 if N else 0
+        elif isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or N % group_size:
+            raise ValueError(f"group_size must be a positive divisor of N = {N}, got {group_size!r}")
+        G = group_size
+        B = N // G if G else 0
+    else:
+        last = "V" if src_name == "logits" else "H"
+        raise ValueError(f"{src_name} must be (B, G, T, {last}) or (N, T, {last}), got shape {tuple(src.shape)}")
+    if B * G == 0:
+        raise ValueError(f"{src_name} of shape {tuple(src.shape)} holds no sequence (B * G = 0): "
+                         "the loss is a mean over sequences")
+    check_index_dtype(tokens, "tokens")
+    if tuple(tokens.shape) != lead:
+        raise ValueError(f"tokens must have shape {lead} ({src_name}.shape[:-1]), got {tuple(tokens.shape)}")
+    if tokens.device != src.device:
+        raise ValueError(f"tokens is on {tokens.device} but {src_name} is on {src.device}; put them on one device")
+    return B, G, T, lead
+
+
+def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=None, advantages=None, rewards=None,
+            hidden=None, weight=None, bias=None, old_logprobs=None, ref_logprobs=None, ref_logits=None,
+            ref_hidden=None, ref_weight=None, ref_bias=None, sampling_logprobs=None,
+            importance_sampling_ratio=None, num_items_in_batch=None, group_size=None, ignore_index=IGNORE_INDEX,
+            chunk_size=None, vocab_group=None, checks: ValueChecks) -> LossInputs:
+    """Check everything, run the one pass over the logits, return :class:`LossInputs`."""
+    # ---- shapes, dtypes, devices
+    if (logits is None) == (hidden is None):
+        raise ValueError("give exactly one of logits (..., T, V) or hidden (..., T, H) with weight (V, H)")
+    if logits is not None:
+        check_logits(logits)
+        src_name, src = "logits", logits
+    else:
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        if weight is None:
+            raise ValueError("hidden needs weight, the (V, H) LM head")
+        src_name, src = "hidden", hidden
+    if tokens is None:
+        raise ValueError("tokens (B, G, T) are required")
+    B, G, T, lead = _layout(src, src_name, tokens, group_size)
+    N, dev = B * G, src.device
+    flat = len(lead) == 2
+    mask_b = resolve_mask(mask, lengths, tokens)
+    # exact shapes only: the caller's layout, nothing reshaped by guess
+    tok_shapes = [lead]
+    seq_shapes = [(N,), (N, 1)] if flat else [(B, G)]
+    old = _float_tensor(old_logprobs, "old_logprobs", tok_shapes, dev)
+    ref = _float_tensor(ref_logprobs, "ref_logprobs", tok_shapes, dev)
+    samp = _float_tensor(sampling_logprobs, "sampling_logprobs", tok_shapes, dev)
+    isr = _float_tensor(importance_sampling_ratio, "importance_sampling_ratio", tok_shapes + seq_shapes, dev)
+    adv = None
+    if isinstance(advantages, Tensor):
+        adv = _float_tensor(advantages, "advantages", seq_shapes + tok_shapes, dev)
+    elif advantages is not None and not isinstance(advantages, str):
+        raise TypeError(f"advantages must be a float tensor of shape {seq_shapes[0]} or {lead}, or one of "
+                        f"('group_norm', 'contrast'), got {type(advantages).__name__}")
+    if rewards is not None:
+        if not isinstance(rewards, Tensor) or not (rewards.dtype.is_floating_point
+                                                   or rewards.dtype in (torch.int32, torch.int64)):
+            got = rewards.dtype if isinstance(rewards, Tensor) else type(rewards).__name__
+            raise TypeError(f"rewards must be a float tensor of shape {seq_shapes[0]}, got {got}")
+        if tuple(rewards.shape) not in [(B, G), (N,)] or (not flat and tuple(rewards.shape) == (N,) and G > 1):
+            raise ValueError(f"rewards must have shape {seq_shapes[0]}, got {tuple(rewards.shape)}")
+        if rewards.device != dev:
+            raise ValueError(f"rewards is on {rewards.device} but the logits are on {dev}; put them on one device")
+    if ref_logprobs is not None and ref_logits is not None:
+        raise ValueError("give ref_logprobs or ref_logits, not both")
+    if ref_logits is not None and ref_hidden is not None:
+        raise ValueError("give ref_logits or ref_hidden, not both")
+    if ref_logits is not None:
+        check_logits(ref_logits, name="ref_logits")
+        if logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
+            raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
+                             f"got {tuple(ref_logits.shape)}")
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, Tensor)):
+        raise TypeError(f"num_items_in_batch must be a number or a 0-d tensor, got {type(num_items_in_batch).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, type(None))):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+
+    # ---- values (one device flag)
+    if mask is not None and mask.dtype.is_floating_point:
+        checks.require_not(((mask != 0) & (mask != 1)).any(), "mask must hold only 0 and 1 (a float mask "
+                           "is not a weight); got other values")
+    valid = torch.ones(lead, dtype=torch.bool, device=dev) if mask_b is None else mask_b
+    if ignore_index is not None:
+        valid = valid & (tokens != ignore_index)
+    m = valid.reshape(N, T)
+    tok = lambda t: None if t is None else t.reshape(N, T)  # noqa: E731
+    seq = lambda t: t.reshape(N, 1) if t.dim() < len(lead) else t.reshape(N, T)  # noqa: E731
+    old = None if old is None else checks.finite(tok(old), m, "old_logprobs")
+    ref = None if ref is None else checks.finite(tok(ref), m, "ref_logprobs")
+    samp = None if samp is None else torch.where(m, tok(samp), torch.zeros((), dtype=samp.dtype, device=dev))
+    if isr is not None:
+        isr = seq(isr)
+        isr = checks.finite(isr, m if isr.shape[-1] == T else m.any(-1, keepdim=True), "importance_sampling_ratio")
+    if adv is not None:
+        adv = seq(adv)
+        adv = checks.finite(adv, m if adv.shape[-1] == T else m.any(-1, keepdim=True), "advantages")
+    if rewards is not None:
+        rewards = rewards.detach().reshape(B, G).to(torch.promote_types(rewards.dtype, torch.float32))
+        checks.require_not((~torch.isfinite(rewards)).any(), "rewards must be finite, got NaN/inf")
+
+    # ---- option combinations
+    has_ref = ref is not None or ref_logits is not None or ref_hidden is not None
+    if opt.beta > 0 and not has_ref:
+        raise ValueError("beta > 0 needs a reference: ref_logprobs, ref_logits or ref_hidden (or set beta=0)")
+    mode = advantages if isinstance(advantages, str) else opt.advantage
+    if adv is None:
+        if mode not in ("group_norm", "contrast"):
+            raise ValueError(f"advantages must be a tensor or one of ('group_norm', 'contrast'), got {mode!r}")
+        if rewards is None:
+            raise ValueError(f"advantages={mode!r} computes the advantage from rewards: pass rewards {(B, G)} "
+                             "(or an advantages tensor)")
+        if flat and group_size is None and N > 1:
+            raise ValueError(f"(N, T, V) input of shape {tuple(src.shape)} needs group_size=G to compute "
+                             f"advantages={mode!r} from rewards per group")
+    denominator = _resolve_denominator(opt, old is not None, has_ref)
+    if opt.loss_type == "vespo" and opt.vllm_importance_sampling_mode in ("sequence_truncate", "sequence_mask"):
+        raise ValueError("loss_type='vespo' needs a token-level vllm_importance_sampling_mode "
+                         f"('token_truncate' or 'token_mask'), got {opt.vllm_importance_sampling_mode!r}")
+    if opt.vllm_importance_sampling_mode is not None and (samp is None or old is None):
+        raise ValueError(f"vllm_importance_sampling_mode={opt.vllm_importance_sampling_mode!r} needs "
+                         "old_logprobs and sampling_logprobs (the rollout engine's), or pass "
+                         "importance_sampling_ratio instead")
+    if opt.vllm_importance_sampling_mode is not None and isr is not None:
+        raise ValueError("give importance_sampling_ratio or vllm_importance_sampling_mode, not both")
+
+    # ---- the one pass over the logits
+    kw = dict(temperature=opt.temperature, valid=valid, vocab_group=vocab_group)
+    logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, **kw)
+    zero = lambda x: torch.where(m, x.reshape(N, T), torch.zeros((), dtype=x.dtype, device=x.device))  # noqa: E731
+    logp, ent = zero(logp), zero(ent)
+    if ref_logits is not None or ref_hidden is not None:
+        with torch.no_grad():
+            ref = zero(_logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None else weight,
+                                 ref_bias, chunk_size, grad=False, **kw))
+    nib = num_items_in_batch
+    if nib is not None and not isinstance(nib, Tensor):
+        nib = torch.tensor(float(nib), device=dev)
+    return LossInputs(logp=logp, entropy=ent, mask=m, old=old, ref=ref, sampling=samp, is_ratio=isr,
+                      advantages=adv, rewards=rewards, group_size=G, denominator=denominator,
+                      num_items_in_batch=nib, lead=lead)
+
+
+def _resolve_denominator(opt: LossOptions, has_old: bool, has_ref: bool) -> str:
+    """Which log-probs divide the policy's in the importance weight: ``opt.denominator``, or
+    (None) the old policy's when given, else the detached current policy (as TRL and verl)."""
+    d = opt.denominator
+    if d is None:
+        return "old" if has_old else "detached"
+    if d == "old" and not has_old:
+        raise ValueError("denominator='old' needs old_logprobs (B, G, T)")
+    if d == "ref" and not has_ref:
+        raise ValueError("denominator='ref' needs a reference: ref_logprobs, ref_logits or ref_hidden")
+    return d
+
+
+def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, **kw):
+    """The policy's (``grad``: log-probs and entropies) or the reference's log-probs, one pass."""
+    from ..logprobs import token_logprobs
+
+    if logits is not None:
+        return token_logprobs(logits, tokens, return_entropy=grad, **kw)
+    from ..linear import linear_token_logprobs  # local: the linear path is optional
+
+    return linear_token_logprobs(hidden, weight, tokens, bias=bias, chunk_size=chunk_size, return_entropy=grad, **kw)
