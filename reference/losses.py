@@ -82,9 +82,9 @@ def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
     den = logp.detach() if den is None else den.to(dtype)
     log_s = _masked_mean(logp, mask) - _masked_mean(torch.where(mask, den, torch.zeros_like(den)), mask)
     s = torch.exp(log_s)
-    if isinstance(advantage, Tensor):  # given advantages count only at valid positions (0 elsewhere)
+    if isinstance(advantage, Tensor):  # per-token advantages count only at valid positions (0 elsewhere)
         A = advantage.to(dtype)
-        A = A * (mask if A.dim() == 3 else mask.any(-1))
+        A = A * mask if A.dim() == 3 else A
     elif advantage == "contrast":
         A = contrast_advantage_reference(rewards, s.detach())
     else:

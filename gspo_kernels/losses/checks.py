@@ -48,12 +48,15 @@ class ValueChecks:
             self._flags.append(bad.reshape(()))
             self._messages.append(message)
 
-    def finite(self, t: Tensor, valid: Tensor, name: str) -> Tensor:
-        """``where(valid, t, 0)``; queues "``name`` must be finite at valid positions"."""
+    def finite(self, t: Tensor, valid: Tensor, name: str, keep_finite: bool = False) -> Tensor:
+        """``where(valid, t, 0)`` (``keep_finite``: only non-finite values are zeroed, finite ones
+        kept everywhere); queues "``name`` must be finite at valid positions"."""
         valid = valid.expand(t.shape)
-        self.require_not((~torch.isfinite(t) & valid).any(),
+        finite = torch.isfinite(t)
+        self.require_not((~finite & valid).any(),
                          f"{name} must be finite at valid (unmasked) positions, got NaN/inf there")
-        return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+        return torch.where((valid | finite) if keep_finite else valid, t, torch.zeros((), dtype=t.dtype,
+                                                                                      device=t.device))
 
     def finish(self, loss: Tensor) -> Tensor:
         """``loss``, after raising the first failed check: one host sync (none when nothing was

@@ -164,7 +164,9 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
         isr = checks.finite(isr, m if isr.shape[-1] == T else m.any(-1, keepdim=True), "importance_sampling_ratio")
     if adv is not None:
         adv = seq(adv)
-        adv = checks.finite(adv, m if adv.shape[-1] == T else m.any(-1, keepdim=True), "advantages")
+        # an empty sequence's advantage is kept (it enters no loss term, but TRL's metrics count it)
+        adv = checks.finite(adv, m if adv.shape[-1] == T else m.any(-1, keepdim=True), "advantages",
+                            keep_finite=adv.shape[-1] != T)
     if rewards is not None:
         rewards = rewards.detach().reshape(B, G).to(torch.promote_types(rewards.dtype, torch.float32))
         checks.require_not((~torch.isfinite(rewards)).any(), "rewards must be finite, got NaN/inf")

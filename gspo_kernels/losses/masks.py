@@ -38,7 +38,7 @@ def high_entropy_mask(entropy: Tensor, m: Tensor, top_quantile: float) -> Tensor
     """Tokens whose entropy is at or above the ``1 - top_quantile`` quantile of the valid
     tokens' entropies (TRL's ``top_entropy_quantile``); (N, T) bool, False at masked positions."""
     H = entropy.detach()
-    thr = quantile_of_valid(H, m, 1.0 - top_quantile)
+    thr = quantile_of_valid(H.float(), m, 1.0 - top_quantile)  # in fp32, as TRL takes it
     return (torch.where(m, H, 0) >= thr) & m
 
 
