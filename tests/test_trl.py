@@ -229,3 +229,40 @@ def test_multimodal_inputs_are_refused(model_dir, tmp_path):
     ids = torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="pixel_values"):
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, ids, 3, pixel_values=torch.zeros(2, 3))
+
+
+# Every TRL loss_type at both importance-sampling levels through the drop-in's loss
+# (gspo_kernels.policy_loss), with two-sided clipping, the off-policy mask and the vLLM
+# importance-sampling ratio switched on, under gradient accumulation (TRL scales the
+# per-call loss by the accumulation steps, or by the generation batch's token count).
+ALL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ALL_LOSS_TYPES)
+def test_every_loss_type_through_policy_loss(model_dir, tmp_path, loss_type, level):
+    cfg = dict(importance_sampling_level=level, loss_type=loss_type, beta=0.04, epsilon=0.1,
+               off_policy_mask_threshold=0.2, vllm_importance_sampling_mode="token_truncate",
+               **({"delta": 1.5} if loss_type not in ("cispo", "sapo", "vespo") else {}))
+    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", **cfg)
+    theirs = _trainer(GRPOTrainer, model_dir, tmp_path / "theirs", **cfg)
+    inputs = _inputs(theirs, seed=ALL_LOSS_TYPES.index(loss_type) + 17 * (level == "token"))
+    g = torch.Generator().manual_seed(5)
+    mask = inputs["completion_mask"]
+    inputs["sampling_per_token_logps"] = (inputs["old_per_token_logps"] + 0.3 * torch.randn(mask.shape, generator=g)) * mask
+    inputs["importance_sampling_ratio"] = torch.exp(
+        (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]) * mask).clamp(max=1.4)
+    for t in (ours, theirs):
+        t.use_vllm, t.vllm_importance_sampling_correction = True, True   # as a vLLM run would set them
+        t.current_gradient_accumulation_steps = 2
+    loss_ref, grads_ref, ent_ref = _step(theirs, inputs)
+    loss, grads, ent = _step(ours, inputs)
+    tol = TOLERANCE["fp32"]
+    torch.testing.assert_close(loss, loss_ref, **tol["loss"])
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], **tol["grad"], msg=lambda m: f"{name}: {m}")
+    for name, values in theirs._metrics["train"].items():   # TRL's logged metrics, same names and values
+        assert name in ours._metrics["train"], name
+        got, want = ours._metrics["train"][name][-1], values[-1]
+        assert abs(got - want) <= tol["metric"]["atol"] + tol["metric"]["rtol"] * abs(want), (name, got, want)
+    assert grads_ref["lm_head.weight"].abs().max() > 1e-5

@@ -26,10 +26,16 @@ the constructor argument ``logprob_source``:
   (logit soft-capping or scaling in the config, an MoE aux loss, or a
   DeepSpeed-partitioned head).
 
-Masked positions get a log-prob of exactly 0, as in TRL. What stays TRL's:
-advantages, old and reference log-probs handling, the importance-sampling level
-(``"sequence"`` is GSPO, ``"token"`` GRPO), clipping, the KL term, the loss
-aggregation (``loss_type``), metrics, generation.
+Masked positions get a log-prob of exactly 0, as in TRL. The loss itself
+(``_compute_loss``) runs through :func:`gspo_kernels.policy_loss` with the
+config's options mapped one to one (``loss_type``, ``importance_sampling_level``,
+``epsilon``/``epsilon_high``, ``delta``, ``beta``, ``use_bias_correction_kl``,
+the off-policy and high-entropy masks, the vLLM importance-sampling ratio, the
+entropy bonus), scaled for gradient accumulation as TRL scales it, and logs
+TRL's metric names. Adaptive entropy control, MoE auxiliary losses and
+multimodal batches keep TRL's own ``_compute_loss`` (still on the fused
+log-probs below). What stays TRL's: generation, rewards, advantages, old and
+reference log-probs.
 
 Entropies (TRL logs them, masks low-entropy tokens when
 ``top_entropy_quantile < 1``, and adds the entropy bonus when
@@ -50,6 +56,7 @@ import torch
 
 from ..linear import linear_token_logprobs
 from ..logprobs import token_logprobs
+from ..losses import policy_loss
 
 try:
     from accelerate.utils import is_peft_model
@@ -161,17 +168,8 @@ class FusedLogprobsMixin:
     def _hidden_step(self, model, ids, attn, k, compute_entropy, compute_aux_loss):
         with self.accelerator.autocast():
             hidden = model(input_ids=ids, attention_mask=attn, gspo_hidden=True)[:, -k - 1:-1]   # (b, k, H)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):                     # FSDP2 shards the head as a DTensor
-            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
-        dev = hidden.device.type
-        # The head's product runs in the autocast dtype when autocast is on (as the model's own
-        # head would), else in the weight's dtype; the same dtype in forward and in the backward's
-        # recomputation, so the saved logsumexp matches the recomputed logits.
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        weight, bias, dtype = self._head_params(model, hidden)
+        hidden, dev = hidden.to(dtype), hidden.device.type
         valid = attn[:, -k:] != 0
         with torch.autocast(dev, enabled=False):
             out = linear_token_logprobs(hidden, weight, ids[:, -k:], bias=bias, temperature=self.temperature,
@@ -179,6 +177,87 @@ class FusedLogprobsMixin:
         logps, ent = out if compute_entropy else (out, None)
         ent = None if ent is None else ent.masked_fill(~valid, 0.0)
         return logps.masked_fill(~valid, 0.0), ent, None
+
+    # ------------------------------------------------------------------ the loss
+    def _compute_loss(self, model, inputs):
+        if self.use_adaptive_entropy or self.aux_loss_enabled or any(k in inputs for k in _MULTIMODAL):
+            return super()._compute_loss(model, inputs)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        k = inputs["completion_ids"].size(1)
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = mask.bool()
+        args, train = self.args, self.model.training
+        accum = self.current_gradient_accumulation_steps if train else 1.0
+        tensors = dict(tokens=ids[:, -k:], advantages=inputs["advantages"], mask=mask,
+                       old_logprobs=inputs.get("old_per_token_logps"))
+        if self.beta != 0.0:
+            tensors["ref_logprobs"] = inputs["ref_per_token_logps"]
+        if self.off_policy_mask_threshold is not None and "sampling_per_token_logps" in inputs:
+            tensors["sampling_logprobs"] = inputs["sampling_per_token_logps"]
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            tensors["importance_sampling_ratio"] = inputs["importance_sampling_ratio"]
+        coef = self.entropy_coef if self._entropy_bonus_enabled else 0.0
+        scale = 1.0 / accum  # TRL divides the per-call loss (and the entropy bonus) by the accumulation steps
+        if self.loss_type in ("cispo", "dapo", "vespo"):
+            # TRL's normaliser: the generation batch's token count, rescaled to one accumulation window
+            factor = (accum / args.steps_per_generation if train else 1.0) / self.accelerator.num_processes
+            tensors["num_items_in_batch"] = inputs["num_items_in_batch"].clamp(min=1.0)
+            scale, coef = 1.0 / factor, coef / accum * factor
+        options = dict(loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+                       epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=args.delta, beta=self.beta,
+                       use_bias_correction_kl=args.use_bias_correction_kl,
+                       max_completion_length=self.max_completion_length,
+                       sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+                       vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                       vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+                       off_policy_mask_threshold=self.off_policy_mask_threshold,
+                       top_entropy_quantile=self.top_entropy_quantile, entropy_coef=coef,
+                       temperature=self.temperature)
+        if self._gspo_source == "hidden":
+            with self.accelerator.autocast():
+                hidden = model(input_ids=ids, attention_mask=attn, gspo_hidden=True)[:, -k - 1:-1]
+            weight, bias, dtype = self._head_params(model, hidden)
+            with torch.autocast(hidden.device.type, enabled=False):
+                loss, metrics = policy_loss(hidden=hidden.to(dtype), weight=weight, bias=bias, **tensors, **options)
+        else:
+            with self.accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=k + 1).logits
+            loss, metrics = policy_loss(logits[:, :-1], **tensors, **options,
+                                        inplace_backward=self.gspo_inplace_backward)
+        self._log_fused_metrics(metrics)
+        return loss * scale
+
+    def _log_fused_metrics(self, metrics):
+        """TRL's metric names, gathered across processes (per-process means averaged)."""
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(gather(metrics["kl"]).nanmean().item())
+        self._metrics[mode]["entropy"].append(gather(metrics["entropy"]).nanmean().item())
+        if self._entropy_bonus_enabled:
+            self._metrics[mode]["policy_loss"].append(gather(metrics["policy_loss"]).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                     "cispo_clip_ratio", "vespo/phi_seq_mean"):
+            if name in metrics:
+                self._metrics[mode][name].append(gather(metrics[name]).nanmean().item())
+        if "clip_ratio/low_min" in metrics:
+            self._metrics[mode]["clip_ratio/low_min"].append(gather(metrics["clip_ratio/low_min"]).min().item())
+            self._metrics[mode]["clip_ratio/high_max"].append(gather(metrics["clip_ratio/high_max"]).max().item())
+
+    def _head_params(self, model, hidden):
+        """The LM head's weight and bias in the dtype its product runs in: the autocast dtype when
+        autocast is on (as the model's own head would), else the weight's; the same dtype in
+        forward and in the backward's recomputation, so the saved logsumexp matches."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):                     # FSDP2 shards the head as a DTensor
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        return weight.to(dtype), None if bias is None else bias.to(dtype), dtype
 
 
 class FusedGRPOTrainer(FusedLogprobsMixin, GRPOTrainer):

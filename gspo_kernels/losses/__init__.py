@@ -52,7 +52,8 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
                 ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
                 ref_bias: Optional[Tensor] = None, group_size: Optional[int] = None,
                 ignore_index: Optional[int] = IGNORE_INDEX, chunk_size: Optional[int] = None,
-                vocab_group=None, process_group=None, check_inputs: bool = True, **options):
+                vocab_group=None, process_group=None, check_inputs: bool = True, inplace_backward: bool = False,
+                **options):
     """Every policy loss of TRL 1.16's ``GRPOTrainer`` (and verl's), over logits or hidden states.
 
     Per token ``t`` of sequence ``i`` (``lp`` the policy's log-prob, ``m`` the mask, ``L = sum_t m``)::
@@ -87,6 +88,8 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
         vocab_group: the vocabulary is sharded over this process group (tensor parallel).
         process_group: data parallel with a group's completions split across ranks (advantages
             from rewards are computed over the whole group).
+        inplace_backward: write the logits' gradient into their storage (logits source only; see
+            :func:`token_logprobs`): the loss then needs no logits-sized gradient buffer.
         check_inputs: check values (finite old/ref/advantages at valid positions, 0/1 float
             mask, finite rewards) on one device flag read once. Shapes are always checked.
         **options: :class:`LossOptions` fields (TRL's names and defaults: ``loss_type="dapo"``,
@@ -110,7 +113,7 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
                   ref_bias=ref_bias, sampling_logprobs=sampling_logprobs,
                   importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
                   group_size=group_size, ignore_index=ignore_index, chunk_size=chunk_size, vocab_group=vocab_group,
-                  checks=checks)
+                  inplace_backward=inplace_backward, checks=checks)
     loss, metrics = compose(inp, opt, mode, process_group)
     return checks.finish(loss), metrics
 
@@ -151,7 +154,8 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     return policy_loss(logits, tokens, advantage, mask, rewards=rewards, **kwargs)
 
 
-_CALL_ARGS = ("chunk_size", "group_size", "ignore_index", "check_inputs", "vocab_group", "process_group")
+_CALL_ARGS = ("chunk_size", "group_size", "ignore_index", "check_inputs", "vocab_group", "process_group",
+              "inplace_backward")
 
 
 class _LossModule(nn.Module):

@@ -68,6 +68,10 @@ def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) ->
     den = lp.detach() if den is None else den.to(lp.dtype)
     log_ratio = torch.where(m, lp - den, torch.zeros((), dtype=lp.dtype, device=lp.device))
     A = _advantages(inp, opt, mode, log_ratio, process_group)
+    if opt.family == "verl":
+        from .verl import compose_verl
+
+        return compose_verl(inp, opt, A, den.detach())
     log_w = log_importance_weight(log_ratio, lp, m, opt.importance_sampling_level)
     w_raw = torch.exp(log_w.detach())
     w = guarded_exp(log_w, A)

@@ -90,7 +90,7 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
             hidden=None, weight=None, bias=None, old_logprobs=None, ref_logprobs=None, ref_logits=None,
             ref_hidden=None, ref_weight=None, ref_bias=None, sampling_logprobs=None,
             importance_sampling_ratio=None, num_items_in_batch=None, group_size=None, ignore_index=IGNORE_INDEX,
-            chunk_size=None, vocab_group=None, checks: ValueChecks) -> LossInputs:
+            chunk_size=None, vocab_group=None, inplace_backward=False, checks: ValueChecks) -> LossInputs:
     """Check everything, run the one pass over the logits, return :class:`LossInputs`."""
     # ---- shapes, dtypes, devices
     if (logits is None) == (hidden is None):
@@ -198,7 +198,8 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
 
     # ---- the one pass over the logits
     kw = dict(temperature=opt.temperature, valid=valid, vocab_group=vocab_group)
-    logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, **kw)
+    extra = dict(inplace_backward=True) if inplace_backward and logits is not None else {}
+    logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, **kw, **extra)
     zero = lambda x: torch.where(m, x.reshape(N, T), torch.zeros((), dtype=x.dtype, device=x.device))  # noqa: E731
     logp, ent = zero(logp), zero(ent)
     if ref_logits is not None or ref_hidden is not None:

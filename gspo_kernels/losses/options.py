@@ -16,7 +16,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-# loss_type -> (objective, default aggregation). TRL 1.16's eight first, then verl 0.9.1's.
+# loss_type -> (objective, default aggregation). TRL 1.16's eight first, then verl 0.9.1's
+# (policy_loss.loss_mode; the three whose verl form differs from TRL's same-named loss carry a
+# "verl_" prefix). verl's losses are composed as verl's actor does (losses/verl.py).
 LOSS_TYPES = {
     # TRL
     "grpo": ("ppo_clip", "seq-mean-token-mean"),
@@ -27,18 +29,25 @@ LOSS_TYPES = {
     "cispo": ("cispo", "token-sum-norm"),
     "sapo": ("sapo", "seq-mean-token-mean"),
     "vespo": ("vespo", "token-sum-norm"),
-    # verl (policy_loss.loss_mode); their aggregation is verl's loss_agg_mode (default token-mean)
-    "vanilla": ("ppo_clip", "token-mean"),
-    "gspo": ("ppo_clip", "token-mean"),
+    # verl: aggregation is verl's loss_agg_mode (default token-mean)
+    "vanilla": ("vanilla", "token-mean"),
+    "verl_gspo": ("verl_gspo", "token-mean"),
+    "verl_sapo": ("verl_sapo", "token-mean"),
+    "verl_cispo": ("verl_cispo", "token-mean"),
     "gpg": ("gpg", "token-mean"),
     "clip_cov": ("clip_cov", "token-mean"),
     "kl_cov": ("kl_cov", "token-mean"),
     "geo_mean": ("geo_mean", "token-mean"),
+    "dro": ("dro", "token-mean"),
+    "dppo_tv": ("dppo_tv", "token-mean"),
+    "dppo_kl": ("dppo_kl", "token-mean"),
 }
+VERL_LOSS_TYPES = ("vanilla", "verl_gspo", "verl_sapo", "verl_cispo", "gpg", "clip_cov", "kl_cov", "geo_mean",
+                   "dro", "dppo_tv", "dppo_kl")
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 # How per-token losses l_t (masked by m_t) become one scalar (see aggregate.py).
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "dr_grpo", "token-sum-norm",
-                "seq-mean-token-sum-norm")
+                "seq-mean-token-sum-norm", "token-sum")
 LEVELS = ("token", "sequence", "sequence_token")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "abs")
 ADVANTAGE_MODES = ("group_norm", "contrast")
@@ -80,6 +89,7 @@ class LossOptions:
         clip_ratio_c: dual clip (verl, > 1): for ``A < 0`` the loss is capped at ``-A * c``.
         sapo_temperature_pos/neg, vespo_k_pos/lambda_pos/k_neg/lambda_neg: SAPO's and VESPO's knobs.
         clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef: verl's Clip-Cov / KL-Cov.
+        dro_beta: verl's DRO quadratic penalty weight (> 0, required by ``loss_type="dro"``).
     KL against the reference:
         beta: weight of the per-token KL added to each token's loss (0: no reference needed).
         kl: estimator of ``d = ref - lp``: "k1" ``-d``, "k2" ``d^2/2``, "k3" ``e^d - d - 1``,
@@ -127,7 +137,8 @@ class LossOptions:
     clip_cov_lb: float = 1.0
     clip_cov_ub: float = 5.0
     kl_cov_ratio: float = 0.0002
-    ppo_kl_coef: float = 1.0
+    ppo_kl_coef: float = 0.1
+    dro_beta: Optional[float] = None
     off_policy_mask_threshold: Optional[float] = None
     top_entropy_quantile: float = 1.0
     vllm_importance_sampling_mode: Optional[str] = None
@@ -162,6 +173,9 @@ class LossOptions:
             _number(name, getattr(self, name))
         for name in ("clip_cov_ratio", "kl_cov_ratio"):
             _number(name, getattr(self, name), lo=0.0, hi=1.0)
+        _number("dro_beta", self.dro_beta, lo=0.0, lo_open=True, optional=True)
+        if self.loss_type == "dro" and self.dro_beta is None:
+            raise ValueError("loss_type='dro' needs dro_beta > 0 (verl's policy_loss.dro_beta)")
         _number("off_policy_mask_threshold", self.off_policy_mask_threshold, optional=True)
         _number("top_entropy_quantile", self.top_entropy_quantile, lo=0.0, hi=1.0)
         _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, CORRECTION_MODES, optional=True)
@@ -182,6 +196,11 @@ class LossOptions:
     @property
     def objective(self) -> str:
         return LOSS_TYPES[self.loss_type][0]
+
+    @property
+    def family(self) -> str:
+        """"verl" for verl's losses (composed as verl's actor does), else "trl"."""
+        return "verl" if self.loss_type in VERL_LOSS_TYPES else "trl"
 
     @property
     def aggregation(self) -> str:
