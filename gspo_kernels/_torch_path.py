@@ -80,10 +80,9 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
         n = x.shape[0]
         o = next(outs)[1] if same else out_rows[r:r + n]
         g = g_all[r:r + n]
+        # rows with no upstream gradient get exact zeros (masked below), whatever their logits
+        # hold; no host-side skip of all-zero chunks: the backward never syncs
         active = g != 0 if h_all is None else (g != 0) | (h_all[r:r + n] != 0)
-        if not bool(active.any()):
-            o.zero_()
-            continue
         logp = x.to(acc, copy=True)  # the chunk's temporaries: log p = (x - c) / tau, then p, in place
         logp.sub_(lse_all[r:r + n].unsqueeze(-1)).mul_(inv_temp)
         scale = (g * inv_temp).unsqueeze(-1)

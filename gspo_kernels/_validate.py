@@ -12,7 +12,7 @@ break; eager calls run the same functions directly.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -114,25 +114,45 @@ def check_no_overlap(t: torch.Tensor, name: str = "logits") -> None:
         )
 
 
+class LazyMessage:
+    """An error message whose details (which read tensor values) are built only on failure;
+    ``static`` stands in for it where values cannot be read (under torch.compile)."""
+
+    def __init__(self, static: str, details: Callable[[], str]):
+        self.static, self.details = static, details
+
+    def __call__(self) -> str:
+        return self.static + self.details()
+
+
 def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Tensor] = None,
-                      name: str = "tokens") -> None:
-    """Token ids must lie in [0, V) (only where ``valid`` is true, if given)."""
+                      name: str = "tokens", checks: "Optional[ValueChecks]" = None) -> None:
+    """Token ids must lie in [0, V) (only where ``valid`` is true, if given). With ``checks``
+    the test is queued on its device flag instead of read here."""
     if tokens.numel() == 0:
         return
     bad = (tokens < 0) | (tokens >= vocab)
     if valid is not None:
         bad &= valid
-    if bool(bad.any()):  # one device sync on the fast path; details only on failure
+    where = "" if valid is None else " (at unmasked positions)"
+
+    def details():
         t = tokens if valid is None else tokens[valid]
-        lo, hi = int(t.min()), int(t.max())
-        where = "" if valid is None else " (at unmasked positions)"
-        raise ValueError(f"{name} must lie in [0, V) = [0, {vocab}){where}, got values in [{lo}, {hi}]")
+        return f", got values in [{int(t.min())}, {int(t.max())}]"
+
+    msg = LazyMessage(f"{name} must lie in [0, V) = [0, {vocab}){where}", details)
+    if checks is not None:
+        checks.require_not(bad.any(), msg)
+    elif bool(bad.any()):  # one device sync on the fast path; details only on failure
+        raise ValueError(msg())
 
 
-def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask") -> Optional[torch.Tensor]:
+def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
+                 checks: "Optional[ValueChecks]" = None) -> Optional[torch.Tensor]:
     """Turn ``mask`` (..., T) or ``lengths`` (...) into a bool mask (..., T), or None (all valid).
 
-    ``lengths`` are range-checked inside a custom op (also under torch.compile).
+    ``lengths`` are range-checked: queued on ``checks`` when given, else read here (inside a
+    custom op under torch.compile).
     """
     if mask is not None and lengths is not None:
         raise ValueError("give either mask or lengths, not both")
@@ -153,6 +173,15 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask") -> Opt
                 f"lengths must have shape {tuple(tokens.shape[:-1])} (tokens.shape[:-1]), got {tuple(lengths.shape)}"
             )
         _same_device(lengths, tokens, "lengths", "tokens")
+        if checks is not None:
+            def details():
+                lo, hi = torch.aminmax(lengths)
+                return f", got values in [{int(lo)}, {int(hi)}]"
+
+            if lengths.numel():
+                checks.require_not(((lengths < 0) | (lengths > T)).any(),
+                                   LazyMessage(f"lengths must lie in [0, T] = [0, {T}]", details))
+            return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
         if torch.compiler.is_compiling():
             return torch.ops.gspo_kernels.lengths_mask(lengths, T)
         return _lengths_mask(lengths, T)
@@ -203,3 +232,75 @@ def finite_where(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tenso
     if torch.compiler.is_compiling():
         return torch.ops.gspo_kernels.finite_where(t, valid, name)
     return _finite_where(t, valid, name)
+
+
+# ---------------------------------------------------------------- value checks: one device flag
+_SEP = "\x1f"  # joins the messages passed to the custom op
+
+
+def _raise_flagged(code: int, messages: List[str]) -> None:
+    for i, msg in enumerate(messages):
+        if code >> i & 1:
+            raise ValueError(msg() if callable(msg) else msg)
+
+
+@torch.library.custom_op("gspo_kernels::raise_flagged", mutates_args=())
+def _raise_flagged_op(code: torch.Tensor, messages: str, like: torch.Tensor) -> torch.Tensor:
+    _raise_flagged(int(code), messages.split(_SEP))
+    return like.new_zeros(())
+
+
+@_raise_flagged_op.register_fake
+def _(code, messages, like):
+    return like.new_empty(())
+
+
+class ValueChecks:
+    """Value checks of one call, gathered on the device and read once.
+
+    Shape, dtype and device checks raise at once (they need no data). A check that
+    reads values (ids in ``[0, V)`` at valid positions, lengths in ``[0, T]``, finite
+    inputs at valid positions, a 0/1 float mask) is queued as a 0-d bool "bad" flag;
+    :meth:`finish` packs the flags into one integer on the device and reads it in a
+    single host sync, then raises the first failed check's message (built only then,
+    so the details it reads cost nothing on the fast path). The kernels never read
+    out of bounds whatever the values, so the read can come after them. Under
+    ``torch.compile`` the read is an opaque custom op joined to the result. With
+    ``enabled=False`` (``check_inputs=False``) nothing is queued and nothing syncs.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = bool(enabled)
+        self._flags: List[torch.Tensor] = []
+        self._messages: List[Union[str, Callable[[], str]]] = []
+
+    def require_not(self, bad: torch.Tensor, message: Union[str, Callable[[], str]]) -> None:
+        if self.enabled:
+            self._flags.append(bad.reshape(()))
+            self._messages.append(message)
+
+    def finite(self, t: torch.Tensor, valid: torch.Tensor, name: str, keep_finite: bool = False) -> torch.Tensor:
+        """``where(valid, t, 0)`` (``keep_finite``: only non-finite values are zeroed, finite ones
+        kept everywhere); queues "``name`` must be finite at valid positions"."""
+        valid = valid.expand(t.shape)
+        finite = torch.isfinite(t)
+        self.require_not((~finite & valid).any(),
+                         f"{name} must be finite at valid (unmasked) positions, got NaN/inf there")
+        keep = (valid | finite) if keep_finite else valid
+        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    def finish(self, result: torch.Tensor) -> torch.Tensor:
+        """``result``, after raising the first failed check (one host sync; none when nothing
+        was queued)."""
+        if not self._flags:
+            return result
+        assert len(self._flags) < 63, "too many queued checks for one int64 flag"
+        weights = torch.tensor([1 << i for i in range(len(self._flags))], device=self._flags[0].device)
+        code = (torch.stack([f.to(weights.device) for f in self._flags]).to(torch.int64) * weights).sum()
+        flags, messages = self._flags, self._messages
+        self._flags, self._messages = [], []
+        if torch.compiler.is_compiling():
+            text = _SEP.join(m.static if isinstance(m, LazyMessage) else m for m in messages)
+            return result + torch.ops.gspo_kernels.raise_flagged(code, text, result.detach())
+        _raise_flagged(int(code), messages)  # the one host sync
+        return result

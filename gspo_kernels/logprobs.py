@@ -28,8 +28,8 @@ from torch import Tensor
 
 from . import _torch_path
 from ._kernels import HAS_TRITON
-from ._validate import (check_logits, check_no_overlap, check_temperature, check_token_range, check_tokens,
-                        resolve_mask)
+from ._validate import (ValueChecks, check_logits, check_no_overlap, check_temperature, check_token_range,
+                        check_tokens, resolve_mask)
 
 if HAS_TRITON:
     from . import _kernels
@@ -80,12 +80,12 @@ def _seq_reduce_impl(logp, maskf, normalize):
 
 @torch.library.custom_op("gspo_kernels::logprob_fwd", mutates_args=())
 def _logprob_fwd(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float,
-                 entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _fwd_impl(logits, tokens, valid, inv_temp, entropy)
+                 entropy: bool, check: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd_impl(logits, tokens, valid, inv_temp, entropy, check)
 
 
 @_logprob_fwd.register_fake
-def _(logits, tokens, valid, inv_temp, entropy):
+def _(logits, tokens, valid, inv_temp, entropy, check):
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = logits.new_empty(logits.shape[:-1], dtype=dt)
     return out, torch.empty_like(out), torch.empty_like(out) if entropy else out.new_empty(0)
@@ -126,9 +126,10 @@ def _(logp, maskf, normalize):
 
 def logprob_fwd(logits, tokens, valid, inv_temp, entropy=False, check=True):
     """``(logp, c, ent)`` per row (``c = tau * logsumexp(x / tau)``); ``ent`` is empty unless
-    ``entropy``. ``check=False`` (vocab shards) skips the id range check; eager only."""
-    if torch.compiler.is_compiling() and check:
-        return torch.ops.gspo_kernels.logprob_fwd(logits, tokens, valid, inv_temp, entropy)
+    ``entropy``. ``check=False`` skips the id range check here (vocab shards; the public ops,
+    which queue it on their :class:`ValueChecks` flag instead)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gspo_kernels.logprob_fwd(logits, tokens, valid, inv_temp, entropy, check)
     return _fwd_impl(logits, tokens, valid, inv_temp, entropy, check)
 
 
@@ -159,6 +160,7 @@ class LogprobOptions:
     normalize: bool = True
     inplace_backward: bool = False
     entropy: bool = False
+    check_ids: bool = False  # read the id range check in the forward (else the caller queued it)
 
 
 def _logits_grad(ctx, logits: Tensor, tokens: Tensor, lse: Tensor, grad_tok: Tensor,
@@ -184,7 +186,7 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, opts: LogprobOptions, valid: Optional[Tensor] = None):
         # valid (..., T) bool, optional: ids are range-checked only there (masked ids are never read).
-        logp, lse, ent = logprob_fwd(logits, tokens, valid, opts.inv_temp, opts.entropy)
+        logp, lse, ent = logprob_fwd(logits, tokens, valid, opts.inv_temp, opts.entropy, opts.check_ids)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         if opts.entropy:
@@ -211,7 +213,7 @@ class SequenceLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, maskf: Tensor, opts: LogprobOptions) -> Tensor:
-        logp, lse, _ = logprob_fwd(logits, tokens, maskf != 0, opts.inv_temp, False)
+        logp, lse, _ = logprob_fwd(logits, tokens, maskf != 0, opts.inv_temp, False, opts.check_ids)
         seq, length = seq_reduce(logp, maskf, opts.normalize)
         ctx.opts = opts
         ctx.save_for_backward(logits, tokens, maskf, lse, length)
@@ -248,7 +250,8 @@ def _check_common(logits, tokens, temperature, inplace_backward=False) -> float:
 
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                    inplace_backward: bool = False, valid: Optional[Tensor] = None,
-                   return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None):
+                   return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
+                   check_inputs: bool = True):
     """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``,
     and (``return_entropy=True``) the entropy of ``softmax(logits / temperature)``
     from the same single read of the logits.
@@ -270,6 +273,11 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
             ``(..., T, V/P)`` (rank r: ids ``[r V/P, (r+1) V/P)``), ``tokens`` global
             ids; every rank returns the full results (see :mod:`gspo_kernels.vocab_parallel`).
         vocab_size: optional global V, checked against ``V/P * P`` (on every rank alike).
+        check_inputs: check that ids lie in ``[0, V)`` at valid positions: computed on the
+            device beside the kernel and read once, after it (one host sync per call).
+            ``False``: no check, no sync; an id outside ``[0, V)`` is clamped into it by the
+            kernels (never read out of bounds) and yields the log-prob of the clamped id.
+            Shapes, dtypes and devices are always checked.
 
     Returns:
         ``logp`` ``(..., T)`` float32 (float64 for float64 logits), or
@@ -278,12 +286,26 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         the logits once and writes the gradient once:
         ``dx = (g (1[v = y] - p) - h p (log p + H)) / tau``).
     """
+    checks = ValueChecks(check_inputs)
+    out = token_logprobs_checked(logits, tokens, checks, temperature=temperature, inplace_backward=inplace_backward,
+                                 valid=valid, return_entropy=return_entropy, vocab_group=vocab_group,
+                                 vocab_size=vocab_size)
+    if return_entropy:
+        return checks.finish(out[0]), out[1]
+    return checks.finish(out)
+
+
+def token_logprobs_checked(logits: Tensor, tokens: Tensor, checks: ValueChecks, *, temperature: float = 1.0,
+                           inplace_backward: bool = False, valid: Optional[Tensor] = None,
+                           return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None):
+    """:func:`token_logprobs` with its value checks queued on ``checks`` (the caller reads them)."""
     inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
     if valid is not None:
         valid = resolve_mask(valid, None, tokens, name="valid")
     opts = LogprobOptions(inv_temp, True, bool(inplace_backward), bool(return_entropy))
     if vocab_group is not None:
         return _vocab_parallel(logits, tokens, opts, valid, vocab_group, vocab_size)
+    check_token_range(tokens, logits.shape[-1], valid, checks=checks)
     return TokenLogprobs.apply(logits, tokens, opts, valid)
 
 
@@ -298,7 +320,8 @@ def _vocab_parallel(logits, tokens, opts, valid, group, vocab_size):
 
 def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
                       lengths: Optional[Tensor] = None, temperature: float = 1.0, normalize: bool = True,
-                      inplace_backward: bool = False, vocab_group=None, vocab_size: Optional[int] = None) -> Tensor:
+                      inplace_backward: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
+                      check_inputs: bool = True) -> Tensor:
     """Per-sequence log-probability: the masked mean over T of the per-token
     log-probs (GSPO's ``1/L`` geometric normalisation), or the masked sum.
 
@@ -312,18 +335,23 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
         normalize: divide by ``L`` (True, GSPO) or return the plain sum (False).
         inplace_backward: see :func:`token_logprobs`.
         vocab_group, vocab_size: vocabulary sharded over a process group, see :func:`token_logprobs`.
+        check_inputs: ids in ``[0, V)`` at valid positions and lengths in ``[0, T]``, on one
+            device flag read once per call; ``False``: no check, no host sync (see :func:`token_logprobs`).
 
     Returns:
         ``(...)`` (``(B, G)`` for 4-D logits) float32; a sequence with ``L = 0``
         gives 0 and a zero gradient.
     """
     inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
-    valid = resolve_mask(mask, lengths, tokens)
+    checks = ValueChecks(check_inputs)
+    valid = resolve_mask(mask, lengths, tokens, checks=checks)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if vocab_group is not None:  # per-token results from the sharded op, then the O(N*T) masked mean
         v = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if valid is None else valid
         opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
-        return masked_sequence_mean(_vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size), v, normalize)
+        out = masked_sequence_mean(_vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size), v, normalize)
+        return checks.finish(out)
+    check_token_range(tokens, logits.shape[-1], valid, checks=checks)
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
-    return SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts)
+    return checks.finish(SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts))

@@ -109,7 +109,7 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     B, G, T, lead = _layout(src, src_name, tokens, group_size)
     N, dev = B * G, src.device
     flat = len(lead) == 2
-    mask_b = resolve_mask(mask, lengths, tokens)
+    mask_b = resolve_mask(mask, lengths, tokens, checks=checks)
     # exact shapes only: the caller's layout, nothing reshaped by guess
     tok_shapes = [lead]
     seq_shapes = [(N,), (N, 1)] if flat else [(B, G)]
@@ -199,13 +199,13 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     # ---- the one pass over the logits
     kw = dict(temperature=opt.temperature, valid=valid, vocab_group=vocab_group)
     extra = dict(inplace_backward=True) if inplace_backward and logits is not None else {}
-    logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, **kw, **extra)
+    logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, checks=checks, **kw, **extra)
     zero = lambda x: torch.where(m, x.reshape(N, T), torch.zeros((), dtype=x.dtype, device=x.device))  # noqa: E731
     logp, ent = zero(logp), zero(ent)
     if ref_logits is not None or ref_hidden is not None:
         with torch.no_grad():
             ref = zero(_logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None else weight,
-                                 ref_bias, chunk_size, grad=False, **kw))
+                                 ref_bias, chunk_size, grad=False, checks=checks, **kw))
     nib = num_items_in_batch
     if nib is not None and not isinstance(nib, Tensor):
         nib = torch.tensor(float(nib), device=dev)
@@ -227,12 +227,12 @@ def _resolve_denominator(opt: LossOptions, has_old: bool, has_ref: bool) -> str:
     return d
 
 
-def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, **kw):
+def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, checks, **kw):
     """The policy's (``grad``: log-probs and entropies) or the reference's log-probs, one pass."""
-    from ..logprobs import token_logprobs
+    from ..logprobs import token_logprobs_checked
 
     if logits is not None:
-        return token_logprobs(logits, tokens, return_entropy=grad, **kw)
+        return token_logprobs_checked(logits, tokens, checks, return_entropy=grad, **kw)
     from ..linear import linear_token_logprobs  # local: the linear path is optional
 
     return linear_token_logprobs(hidden, weight, tokens, bias=bias, chunk_size=chunk_size, return_entropy=grad, **kw)

@@ -23,12 +23,14 @@ def quantile_of_valid(x: Tensor, m: Tensor, q: float) -> Tensor:
     """``torch.quantile(x[m], q)`` (linear interpolation) without the host sync of boolean
     indexing: invalid entries sort last as +inf, the rank comes from the device-side count.
     +inf when no entry is valid."""
+    if x.numel() == 0:
+        return torch.full((), float("inf"), dtype=x.dtype, device=x.device)
     vals = torch.where(m, x, float("inf")).flatten().sort().values
     n = m.sum()
     pos = (q * (n - 1).clamp(min=0).to(torch.float64))
-    lo = pos.floor().long()
-    hi = pos.ceil().long()
-    v_lo, v_hi = vals[lo], vals[hi]
+    lo = pos.floor().long().reshape(1)
+    hi = pos.ceil().long().reshape(1)
+    v_lo, v_hi = vals.gather(0, lo).reshape(()), vals.gather(0, hi).reshape(())  # no host read of the rank
     frac = (pos - lo).to(x.dtype)
     out = torch.where(v_hi == v_lo, v_lo, torch.lerp(v_lo, v_hi, frac))
     return torch.where(n > 0, out, torch.full_like(out, float("inf")))
