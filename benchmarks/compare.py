@@ -6,9 +6,13 @@ Runs ``gspo_kernels.sequence_logprobs`` (forward + backward) and the naive
 ``log_softmax -> gather -> masked mean`` of ``reference/`` on the same inputs and
 prints, per provider (``gspo_kernels``, the same with ``inplace_backward=True``,
 ``naive``): the time of the process's first fwd+bwd (imports, compilation) and
-the median, min and max of the following ones, peak extra memory (bytes beyond
-the inputs, the logits' gradient included), and the max error of values and
-gradients against a float64 reference.
+the median, min and max of the following ones (each run timed alone: inputs
+are made before the clock starts), peak extra memory (bytes beyond the inputs,
+the logits' gradient included), and the max error of values and gradients
+against a float64 reference. It also prints the torch thread count and the
+machine's load, and says "faster" or "slower" as measured, with whether the
+two providers' run ranges overlap (then the order is not settled on this
+machine).
 
 Defaults: CUDA, the main workload B=2, G=8, T=1024, V=151,936 in bf16 (the
 float64 reference is then taken on the first two sequences only, it would not
@@ -102,7 +106,7 @@ def measure(provider, B, G, T, V, dtype, device, repeats):
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "first_ms": first,
-            "peak_extra_mb": peak / 2**20}
+            "peak_extra_mb": peak / 2**20, "threads": torch.get_num_threads()}
 
 
 def errors(provider, B, G, T, V, dtype, device):
@@ -116,6 +120,20 @@ def errors(provider, B, G, T, V, dtype, device):
     (gr,) = torch.autograd.grad(ref, xr, grad_out.double())
     out, gx = _step(PROVIDERS[provider], logits, tokens, mask, grad_out)
     return {"value_err": (out.double() - ref).abs().max().item(), "grad_err": (gx.double() - gr).abs().max().item()}
+
+
+def verdict(r, base):
+    """One plain line: faster or slower (median against median), by how much, and whether the
+    two providers' [min, max] run ranges overlap (then the order is not settled by these runs)."""
+    ratio = base["ms"] / r["ms"]
+    speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    overlap = r["ms_min"] <= base["ms_max"] and base["ms_min"] <= r["ms_max"]
+    note = ("the run ranges overlap: not a settled difference on this machine" if overlap
+            else "the run ranges do not overlap")
+    mem = (f", {r['peak_extra_mb'] / base['peak_extra_mb']:.2f}x the peak extra memory"
+           if base["peak_extra_mb"] > 0 else "")
+    return (f"{r['provider']} vs {base['provider']}: {speed} (median {r['ms']:.2f} vs {base['ms']:.2f} ms; "
+            f"{note}){mem}")
 
 
 def _worker(args):
@@ -149,18 +167,26 @@ def main(argv=None):
         rows.append({"provider": prov, **json.loads(out)})
     dev = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     meta = {"device": dev, "torch": torch.__version__, "shape": [args.B, args.G, args.T, args.V],
-            "dtype": args.dtype, "logits_mb": args.B * args.G * args.T * args.V * getattr(torch, args.dtype).itemsize / 2**20}
+            "dtype": args.dtype, "logits_mb": args.B * args.G * args.T * args.V * getattr(torch, args.dtype).itemsize / 2**20,
+            "threads": sorted({r["threads"] for r in rows}), "cpus": os.cpu_count(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     print(f"device {meta['device']} | torch {meta['torch']} | (B, G, T, V) = {tuple(meta['shape'])} {args.dtype}"
           f" | logits {meta['logits_mb']:.0f} MiB | fwd+bwd of sequence_logprobs")
-    print(f"{'provider':<22}{'first call ms':>14}{'steady ms (median [min-max])':>30}{'peak extra MiB':>16}"
-          f"{'value err':>12}{'grad err':>12}")
+    print(f"torch threads {', '.join(map(str, meta['threads']))} of {meta['cpus']} CPUs"
+          + (f" | load average (1/5/15 min) {meta['load_avg'][0]} / {meta['load_avg'][1]} / {meta['load_avg'][2]}"
+             if meta["load_avg"] else ""))
+    print(f"{'provider':<22}{'first call ms':>14}{'steady ms (median [min-max])':>30}{'spread':>8}"
+          f"{'peak extra MiB':>16}{'value err':>12}{'grad err':>12}")
     for r in rows:
         spread = f"{r['ms']:.2f} [{r['ms_min']:.2f}-{r['ms_max']:.2f}]"
-        print(f"{r['provider']:<22}{r['first_ms']:>14.2f}{spread:>30}{r['peak_extra_mb']:>16.1f}"
+        rel = f"{(r['ms_max'] - r['ms_min']) / r['ms']:.0%}"
+        print(f"{r['provider']:<22}{r['first_ms']:>14.2f}{spread:>30}{rel:>8}{r['peak_extra_mb']:>16.1f}"
               f"{r['value_err']:>12.2e}{r['grad_err']:>12.2e}")
-    print(f"({args.repeats} steady-state runs each after the first call, every provider in a fresh process)")
-    f, n = rows[0], rows[-1]
-    print(f"gspo_kernels vs naive: {n['ms'] / f['ms']:.2f}x faster, {f['peak_extra_mb'] / n['peak_extra_mb']:.2f}x the peak extra memory")
+    print(f"({args.repeats} steady-state runs each after the first call, every provider in a fresh process;"
+          " spread = (max - min) / median)")
+    naive = rows[-1]
+    for r in rows[:-1]:
+        print(verdict(r, naive))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

@@ -7,9 +7,12 @@ Ops: ``sequence_logprobs``, ``token_entropy`` (per-token log-prob alone, and wit
 entropy, both differentiated), ``gspo_loss``, ``linear`` (hidden states + LM head).
 Providers: ``gspo_kernels`` (this package), ``gspo_kernels_inplace`` (``inplace_backward=True``),
 ``naive`` (the ``reference/`` implementation, eager), ``compile`` (the same under
-``torch.compile``), ``liger`` (Liger-Kernel's ``triton_grpo_loss`` /
-``LigerFusedLinearGRPOLoss`` with ``importance_sampling_level="sequence"``, when
-importable), ``materialized`` (linear only: logits by one matmul, then this
+``torch.compile``), Liger-Kernel when importable on CUDA (otherwise skipped with
+the reason printed): ``liger_seq`` and ``liger_token`` (``triton_grpo_loss``,
+``loss_type="grpo"``, ``importance_sampling_level`` "sequence" / "token"; the
+token level makes three passes over the logits like this package, the sequence
+level a log-prob pass more), ``liger`` on the linear op (``LigerFusedLinearGRPOLoss``, sequence
+level); ``materialized`` (linear only: logits by one matmul, then this
 package's op) and ``copy`` (a device-to-device copy of the logits: the bandwidth
 ceiling, measured in the same run).
 
@@ -17,10 +20,17 @@ Byte model (``gbps``): fwd moves one read of the logits; bwd one read and one
 write; full both (three passes); copy one read and one write. ``gbps`` = model
 bytes / median time, whatever the provider really moves, so providers compare
 on one scale and ``gbps / copy_gbps`` is the fraction of the copy rate.
-Timing: ``triton.testing.do_bench`` (warm-up, then the median of many runs; L2
-flushed between runs by do_bench); on CPU a median of a few ``perf_counter`` runs.
+Timing (the ``timing`` column of each row): every timed region holds the
+measured op and nothing else. ``do_bench``: ``triton.testing.do_bench`` (warm-up,
+then the median of many runs, L2 flushed before each). ``events_clone_outside``:
+the providers whose backward overwrites their input (``gspo_kernels_inplace``,
+Liger's ``inplace=True``) need a fresh copy of the logits per fwd+bwd; the copy
+is made before each run's start event, the L2 is flushed as do_bench does, and
+CUDA events around fwd+bwd alone give the per-run times (median). On CPU:
+``perf_counter`` (median of a few runs) and ``perf_counter_clone_outside``.
 ``peak_extra_mb``: ``torch.cuda.max_memory_allocated`` during one run of the mode,
-minus what was allocated before it (inputs), in MiB; empty on CPU.
+minus what was allocated before it (inputs, and the fresh copy of an in-place
+provider), in MiB; empty on CPU.
 """
 from __future__ import annotations
 
@@ -36,7 +46,8 @@ import gspo_kernels
 from reference import gspo_loss_reference, naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs
 
 COLUMNS = ["device", "torch", "triton", "provider", "op", "mode", "B", "G", "T", "V", "dtype", "ms", "gbps",
-           "peak_extra_mb"]
+           "peak_extra_mb", "timing"]
+INPLACE = ("gspo_kernels_inplace", "liger_seq", "liger_token")  # their backward overwrites the input
 HIDDEN = 4096  # H of the linear op's main workload (a 7-8B model's hidden size)
 
 
@@ -60,7 +71,7 @@ def _liger():
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
         return triton_grpo_loss, LigerFusedLinearGRPOLoss
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        print(f"liger provider skipped: {type(e).__name__}: {e}")
+        print(f"liger providers skipped: liger_kernel not importable ({type(e).__name__}: {e})")
         return None
 
 
@@ -111,13 +122,16 @@ def providers(op, case, liger, compile_ok, only=None):
             tgl = liger[0]
             N = c.B * c.G
 
-            def liger_fn(x, _buf=c.buf):
-                loss, _ = tgl(_buf if x is None else x, c.old.reshape(N, -1), c.ref.reshape(N, -1),
-                              c.tokens.reshape(N, -1), c.adv.reshape(N), c.mask.reshape(N, -1).int(),
-                              temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.2, inplace=True,
-                              loss_type="grpo", importance_sampling_level="sequence", reduce=True)
-                return loss
-            out["liger"] = ("buf", liger_fn)
+            def liger_fn(level):  # Liger takes the (N, T+1, V) buffer whole and drops the last position
+                def fn(x):
+                    loss, _ = tgl(x, c.old.reshape(N, -1), c.ref.reshape(N, -1), c.tokens.reshape(N, -1),
+                                  c.adv.reshape(N), c.mask.reshape(N, -1).int(), temperature=1.0, beta=0.04,
+                                  eps_low=0.2, eps_high=0.2, inplace=True, loss_type="grpo",
+                                  importance_sampling_level=level, reduce=True)
+                    return loss
+                return fn
+            out["liger_seq"] = ("buf", liger_fn("sequence"))
+            out["liger_token"] = ("buf", liger_fn("token"))
     else:  # linear
         out["gspo_kernels"] = lambda x: gspo_kernels.linear_sequence_logprobs(x, c.weight, c.tokens, c.mask).sum()
         out["materialized"] = lambda x: gspo_kernels.sequence_logprobs(x @ c.weight.T, c.tokens, c.mask).sum()
@@ -135,16 +149,60 @@ def providers(op, case, liger, compile_ok, only=None):
 
 
 def _time(fn, device, reps):
+    """Median ms of ``fn()``, and how it was timed."""
     if device == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), "do_bench"
     fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(ts), "perf_counter"
+
+
+def _l2_cache():
+    try:
+        import triton
+        return triton.runtime.driver.active.get_empty_cache_for_benchmark()
+    except Exception:  # noqa: BLE001 - older Triton: the buffer do_bench used (256 MB)
+        return torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+
+def _time_fresh(prepare, fn, device, reps, warmup_ms=25, rep_ms=100):
+    """Median ms of ``fn(x)`` with ``x = prepare()`` made outside the timed region, and how it was
+    timed. CUDA: the run counts and the L2 flush of ``do_bench``, one pair of events per run around
+    ``fn`` alone; CPU: ``perf_counter`` around ``fn`` alone."""
+    if device != "cuda":
+        fn(prepare())
+        ts = []
+        for _ in range(reps):
+            x = prepare()
+            t0 = time.perf_counter()
+            fn(x)
+            ts.append((time.perf_counter() - t0) * 1e3)
+            x = None
+        return statistics.median(ts), "perf_counter_clone_outside"
+    cache = _l2_cache()
+
+    def runs(n):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            x = prepare()  # enqueued before the start event: not timed
+            cache.zero_()
+            s.record()
+            fn(x)
+            e.record()
+            x = None
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    runs(1)
+    est = statistics.mean(runs(5))
+    runs(max(1, int(warmup_ms / est)))
+    return statistics.median(runs(max(1, int(rep_ms / est)))), "events_clone_outside"
 
 
 def _peak(fn, device):
@@ -159,13 +217,13 @@ def _peak(fn, device):
 
 
 def run_op(op, case, liger, modes, device, compile_ok, reps, only=None):
-    """Yield (provider, mode, ms, peak_extra_mb) for one op on one case."""
+    """Yield (provider, mode, ms, peak_extra_mb, timing) for one op on one case."""
     src = case.hidden if op == "linear" else case.logits
     for name, fn in providers(op, case, liger, compile_ok, only).items():
         on_buf = isinstance(fn, tuple)
         if on_buf:
             fn = fn[1]
-        inplace = "inplace" in name or name == "liger"  # these overwrite their input in backward
+        inplace = name in INPLACE  # these overwrite their input in backward
 
         def fresh():
             base = case.buf if on_buf else src
@@ -175,28 +233,25 @@ def run_op(op, case, liger, modes, device, compile_ok, reps, only=None):
             if inplace and mode == "bwd":
                 continue  # a second backward through an overwritten input is refused by design
             try:
-                x = fresh()
-                if mode == "fwd":
-                    step = lambda: fn(x)  # noqa: E731
-                elif mode == "bwd":
-                    loss = fn(x)
-                    step = lambda: torch.autograd.grad(loss, x, retain_graph=True)  # noqa: E731
+                if mode == "full" and inplace:  # a fresh input per run, made before the timed region
+                    full = lambda xi: torch.autograd.grad(fn(xi), xi)  # noqa: E731
+                    ms, how = _time_fresh(fresh, full, device, reps)
+                    x = fresh()
+                    peak = _peak(lambda: full(x), device)
                 else:
-                    if inplace:  # a fresh input every run: the clone is timed too (see NOTES.md)
-                        step = _inplace_full(fn, fresh)
+                    x = fresh()
+                    if mode == "fwd":
+                        step = lambda: fn(x)  # noqa: E731
+                    elif mode == "bwd":
+                        loss = fn(x)
+                        step = lambda: torch.autograd.grad(loss, x, retain_graph=True)  # noqa: E731
                     else:
                         step = lambda: torch.autograd.grad(fn(x), x)  # noqa: E731
-                ms = _time(step, device, reps)
-                yield name, mode, ms, _peak(step, device)
+                    ms, how = _time(step, device, reps)
+                    peak = _peak(step, device)
+                yield name, mode, ms, peak, how
             except Exception as e:  # noqa: BLE001 - report and go on with the other providers
                 print(f"  {op}/{name}/{mode}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-
-
-def _inplace_full(fn, fresh):
-    def step():
-        x = fresh()
-        return torch.autograd.grad(fn(x), x)
-    return step
 
 
 def main(argv=None):
@@ -210,15 +265,19 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--providers", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
-    p.add_argument("--out", default="benchmarks/results/gpu.csv")
+    p.add_argument("--out", default=None,
+                   help="default: benchmarks/results/gpu.csv on CUDA, benchmarks/results/cpu_smoke.csv on CPU")
     args = p.parse_args(argv)
     dev = args.device
+    args.out = args.out or f"benchmarks/results/{'gpu' if dev == 'cuda' else 'cpu_smoke'}.csv"
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("CPU run: the fused ops use their chunked PyTorch path")
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     import triton
     meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__)
     liger = _liger()
+    if liger is not None and dev != "cuda":
+        print("liger providers skipped: Liger-Kernel's Triton kernels run on CUDA only")
     dtype = getattr(torch, args.dtype)
     modes = args.modes.split(",")
     rows = []
@@ -230,17 +289,18 @@ def main(argv=None):
             # The ceiling: a contiguous device-to-device copy of as many bytes as the logits
             # (a clone of the strided [:, :-1] slice would run a slower strided copy).
             copy_src = case.hidden if op == "linear" else case.buf.view(-1)[:case.logits.numel()]
-            copy_ms = _time(lambda: copy_src.clone(), dev, args.reps)
+            copy_ms, how = _time(lambda: copy_src.clone(), dev, args.reps)
             rows.append(dict(meta, provider="copy", op=op, mode="copy", B=B, G=G, T=T, V=V, dtype=args.dtype,
                              ms=f"{copy_ms:.4f}", gbps=f"{2 * copy_src.numel() * copy_src.element_size() / copy_ms / 1e6:.4g}",
-                             peak_extra_mb=""))
-            for name, mode, ms, peak in run_op(op, case, liger, modes, dev, not args.no_compile, args.reps,
+                             peak_extra_mb="", timing=how))
+            for name, mode, ms, peak, how in run_op(op, case, liger, modes, dev, not args.no_compile, args.reps,
                                                     None if args.providers is None else args.providers.split(",")):
                 passes = {"fwd": 1, "bwd": 2, "full": 3}[mode]
                 rows.append(dict(meta, provider=name, op=op, mode=mode, B=B, G=G, T=T, V=V, dtype=args.dtype,
-                                 ms=f"{ms:.4f}", gbps=f"{passes * case.bytes / ms / 1e6:.4g}", peak_extra_mb=peak))
+                                 ms=f"{ms:.4f}", gbps=f"{passes * case.bytes / ms / 1e6:.4g}", peak_extra_mb=peak,
+                                 timing=how))
                 print(f"{op:<18}{name:<22}{mode:<5} B={B} G={G} T={T} V={V}: {ms:9.3f} ms {rows[-1]['gbps']:>9} GB/s"
-                      f" peak+ {peak or '-'} MiB")
+                      f" peak+ {peak or '-'} MiB  [{how}]")
             del case
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -21,6 +21,9 @@ from gspo_kernels import _kernels
 CANDIDATES = [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]
 
 
+TIMING = "do_bench" if torch.cuda.is_available() else "perf_counter_once"  # the rows' ``timing`` column
+
+
 def bench(fn):
     if not torch.cuda.is_available():  # CPU smoke run (interpreter): one timed call
         import time
@@ -56,7 +59,7 @@ def main(argv=None):
         copy_ms = bench(lambda: flat.clone())
         copy_gbps = 2 * nbytes / copy_ms / 1e6
         out_rows.append(dict(V=V, block_v="", warps="", rows="", kernel="copy", ms=f"{copy_ms:.4f}",
-                             gbps=f"{copy_gbps:.1f}", frac="1.000"))
+                             gbps=f"{copy_gbps:.1f}", frac="1.000", timing=TIMING))
         print(f"V={V} copy {copy_ms:.3f} ms {copy_gbps:.0f} GB/s")
         g = torch.randn(x.shape[:-1], device=dev)
         h = torch.randn(x.shape[:-1], device=dev)
@@ -80,7 +83,7 @@ def main(argv=None):
                 gbps = passes * nbytes / ms / 1e6
                 frac = gbps / copy_gbps
                 out_rows.append(dict(V=V, block_v=bv, warps=w, rows=mr, kernel=name, ms=f"{ms:.4f}", gbps=f"{gbps:.1f}",
-                                     frac=f"{frac:.3f}"))
+                                     frac=f"{frac:.3f}", timing=TIMING))
                 print(f"V={V} BLOCK_V={bv:<6} warps={w:<3} rows={mr} {name:<8} {ms:8.3f} ms {gbps:7.0f} GB/s {frac:6.3f} of copy")
                 if V == 151_936 and name in ("fwd", "bwd") and ms < best.get(name, (None, float("inf")))[1]:
                     best[name] = ((bv, w), ms)
@@ -91,7 +94,8 @@ def main(argv=None):
         torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["V", "block_v", "warps", "rows", "kernel", "ms", "gbps", "frac"])
+        wr = csv.DictWriter(f, fieldnames=["V", "block_v", "warps", "rows", "kernel", "ms", "gbps", "frac",
+                                              "timing"])
         wr.writeheader()
         wr.writerows(out_rows)
     print(f"wrote {len(out_rows)} rows to {args.out}")

@@ -52,7 +52,7 @@ def main(argv=None):
             passes = 2 if kind == "bwd" else 1
             gbps = passes * xs.numel() * 2 / ms / 1e6
             rows.append(dict(device=torch.cuda.get_device_name(), part=name, kernel=kind, V=xs.shape[-1],
-                             ms=f"{ms:.4f}", gbps=f"{gbps:.0f}"))
+                             ms=f"{ms:.4f}", gbps=f"{gbps:.0f}", timing="do_bench"))
             print(f"{name:<12} {kind:<12} V={xs.shape[-1]:<7} {ms:8.3f} ms {gbps:7.0f} GB/s")
     nt = N * T
     print(f"collectives per step: forward {nt * 4} B (MAX) + {2 * nt * 4} B (SUM; {3 * nt * 4} B with entropy); "
