@@ -4,7 +4,8 @@ Functional API:
 
 - :func:`token_logprobs` ``(..., T, V) -> (..., T)``: per-token log-probs of the sampled tokens
   (``return_entropy=True``: and the per-token entropy, from the same pass).
-- :func:`sequence_logprobs` ``(..., T, V) -> (...)``: masked mean ("1/L") or sum per sequence.
+- :func:`sequence_logprobs` ``(..., T, V) -> (...)``: masked mean ("1/L") or sum per sequence;
+  packed (padding-free) rows with ``cu_seqlens=`` (:func:`cu_seqlens_from_position_ids`), as the losses.
 - :func:`linear_token_logprobs`, :func:`linear_sequence_logprobs`: the same from hidden states
   ``(..., T, H)`` and the LM head ``(V, H)``, chunk by chunk, never holding the logits.
 - :func:`policy_loss` (and ``PolicyLoss``): every policy loss of TRL's ``GRPOTrainer`` and verl,
@@ -21,6 +22,7 @@ from .losses import (ARTICLE_GSPO, GRPOLoss, GSPOLoss, LossOptions, PolicyLoss, 
                      group_norm_advantage, grpo_loss, gspo_loss, policy_loss, rollout_correction)
 from .linear import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import LogprobOptions, SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
+from .sequences import cu_seqlens_from_position_ids
 
 __all__ = [
     "ARTICLE_GSPO",
@@ -31,6 +33,7 @@ __all__ = [
     "GRPOLoss",
     "GSPOLoss",
     "contrast_advantage",
+    "cu_seqlens_from_position_ids",
     "group_norm_advantage",
     "linear_sequence_logprobs",
     "linear_token_logprobs",

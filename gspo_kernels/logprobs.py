@@ -321,6 +321,7 @@ def _vocab_parallel(logits, tokens, opts, valid, group, vocab_size):
 def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
                       lengths: Optional[Tensor] = None, temperature: float = 1.0, normalize: bool = True,
                       inplace_backward: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
+                      cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                       check_inputs: bool = True) -> Tensor:
     """Per-sequence log-probability: the masked mean over T of the per-token
     log-probs (GSPO's ``1/L`` geometric normalisation), or the masked sum.
@@ -335,13 +336,21 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
         normalize: divide by ``L`` (True, GSPO) or return the plain sum (False).
         inplace_backward: see :func:`token_logprobs`.
         vocab_group, vocab_size: vocabulary sharded over a process group, see :func:`token_logprobs`.
+        cu_seqlens: packed sequences (see :mod:`gspo_kernels.sequences`): ``logits`` ``(total, V)``
+            or ``(1, total, V)``, ``tokens``/``mask`` ``(total,)`` or ``(1, total)``; sequence i is
+            rows ``[cu[i], cu[i+1])``, ``L`` its count of masked-in rows. ``max_seqlen``: its
+            longest sequence (saves a host read).
         check_inputs: ids in ``[0, V)`` at valid positions and lengths in ``[0, T]``, on one
             device flag read once per call; ``False``: no check, no host sync (see :func:`token_logprobs`).
 
     Returns:
-        ``(...)`` (``(B, G)`` for 4-D logits) float32; a sequence with ``L = 0``
-        gives 0 and a zero gradient.
+        ``(...)`` (``(B, G)`` for 4-D logits, ``(N,)`` packed) float32; a sequence with
+        ``L = 0`` gives 0 and a zero gradient.
     """
+    if cu_seqlens is not None:
+        return _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize,
+                                         check_inputs, temperature=temperature, inplace_backward=inplace_backward,
+                                         vocab_group=vocab_group, vocab_size=vocab_size)
     inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
     checks = ValueChecks(check_inputs)
     valid = resolve_mask(mask, lengths, tokens, checks=checks)
@@ -355,3 +364,24 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
     return checks.finish(SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts))
+
+
+def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize, check_inputs, **kw):
+    """The token op on the packed rows as they are, then the per-sequence masked mean over
+    ``cu_seqlens`` (the O(total) log-probs laid out per sequence; see :class:`~gspo_kernels.sequences.Packed`)."""
+    from .sequences import resolve_packed
+
+    check_logits(logits)
+    if lengths is not None:
+        raise ValueError("with cu_seqlens, give a mask (total,) or none, not lengths")
+    lead = tuple(logits.shape[:-1])
+    if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
+        raise ValueError(f"packed logits must be (total, V) or (1, total, V), got shape {tuple(logits.shape)}")
+    total = lead[-1]
+    packed = resolve_packed(cu_seqlens, total, max_seqlen, check_inputs=check_inputs)
+    checks = ValueChecks(check_inputs)
+    valid = resolve_mask(mask, None, tokens, checks=checks) if mask is not None else None
+    logp = token_logprobs_checked(logits, tokens, checks, valid=valid, **kw).reshape(total)
+    v = torch.ones(total, dtype=torch.bool, device=logp.device) if valid is None else valid.reshape(total)
+    out = masked_sequence_mean(packed.pad(torch.where(v, logp, 0)), packed.pad(v), normalize)
+    return checks.finish(out)

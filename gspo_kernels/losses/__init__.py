@@ -53,7 +53,7 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
                 ref_bias: Optional[Tensor] = None, group_size: Optional[int] = None,
                 ignore_index: Optional[int] = IGNORE_INDEX, chunk_size: Optional[int] = None,
                 vocab_group=None, process_group=None, check_inputs: bool = True, inplace_backward: bool = False,
-                **options):
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None, **options):
     """Every policy loss of TRL 1.16's ``GRPOTrainer`` (and verl's), over logits or hidden states.
 
     Per token ``t`` of sequence ``i`` (``lp`` the policy's log-prob, ``m`` the mask, ``L = sum_t m``)::
@@ -84,7 +84,12 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
             sequence (TRL's ``inputs["importance_sampling_ratio"]``).
         num_items_in_batch: the valid-token count of the whole generation batch, for the
             ``token-sum-norm`` aggregation (dapo, cispo, vespo); default this batch's count.
-        group_size: G for flat input (only needed to compute advantages from rewards).
+        group_size: G for flat or packed input (only needed to compute advantages from rewards).
+        cu_seqlens: packed sequences (padding-free; see :mod:`gspo_kernels.sequences`): logits
+            ``(total, V)`` or ``(1, total, V)`` (hidden ``(total, H)``), per-token tensors
+            ``(total,)`` or ``(1, total)``, per-sequence ones ``(N,)``; sequence i is rows
+            ``[cu[i], cu[i+1])``, a group ``group_size`` consecutive sequences; the mask selects
+            each sequence's completion tokens. ``max_seqlen`` (its longest sequence) saves a host read.
         vocab_group: the vocabulary is sharded over this process group (tensor parallel).
         process_group: data parallel with a group's completions split across ranks (advantages
             from rewards are computed over the whole group).
@@ -113,7 +118,7 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
                   ref_bias=ref_bias, sampling_logprobs=sampling_logprobs,
                   importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
                   group_size=group_size, ignore_index=ignore_index, chunk_size=chunk_size, vocab_group=vocab_group,
-                  inplace_backward=inplace_backward, checks=checks)
+                  inplace_backward=inplace_backward, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, checks=checks)
     loss, metrics = compose(inp, opt, mode, process_group)
     return checks.finish(loss), metrics
 
@@ -155,7 +160,7 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
 
 
 _CALL_ARGS = ("chunk_size", "group_size", "ignore_index", "check_inputs", "vocab_group", "process_group",
-              "inplace_backward")
+              "inplace_backward", "max_seqlen")
 
 
 class _LossModule(nn.Module):

@@ -8,6 +8,10 @@
 | ``dr_grpo`` | ``sum m l / (N * max_completion_length)`` | TRL dr_grpo |
 | ``token-sum-norm`` | ``sum m l / max(num_items_in_batch, 1)`` | TRL dapo, cispo, vespo |
 | ``seq-mean-token-sum-norm`` | ``sum m l / (N * max_completion_length)`` | verl (its ``loss_scale_factor``) |
+| ``token-sum`` | ``sum m l`` | verl |
+
+verl's own loss types aggregate with verl's semantics (``losses/verl.py``: its ``seq-mean-*``
+modes average over non-empty sequences only).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ def aggregate(l: Tensor, m: Tensor, mode: str, max_completion_length: Optional[i
         return lm.sum() / m.sum().clamp(min=1)
     if mode == "seq-mean-token-sum":
         return lm.sum(-1).mean()
+    if mode == "token-sum":
+        return lm.sum()
     if mode in ("dr_grpo", "seq-mean-token-sum-norm"):
         return lm.sum() / max(N * (max_completion_length or T), 1)
     nib = m.sum() if num_items_in_batch is None else num_items_in_batch.to(lm.dtype)

@@ -7,6 +7,7 @@
     l_t        += beta * KL_t (* w with use_bias_correction_kl)
     loss        = aggregate(l, m) - entropy_coef * (sum H m') / (sum m')
 
+verl's loss types (``opt.family == "verl"``) are composed in :mod:`.verl` from the same parts.
 Everything here is O(N*T); autograd hands the fused log-prob kernel's backward one
 per-token gradient for ``lp`` (and one for the entropy when the bonus asks for it).
 """
@@ -62,6 +63,45 @@ def _seq_fraction(x: Tensor, m: Tensor) -> Tensor:
     return torch.where(m, x, 0).sum(-1) / m.sum(-1)
 
 
+def correction_ratio(inp: LossInputs, opt: LossOptions):
+    """The rollout-correction ratio: ``importance_sampling_ratio`` as given, or computed from
+    ``old`` and ``sampling`` by ``vllm_importance_sampling_mode`` (masks.rollout_correction); None
+    without either."""
+    if opt.vllm_importance_sampling_mode is None:
+        return inp.is_ratio
+    return rollout_correction(inp.old, inp.sampling, inp.mask, opt.vllm_importance_sampling_mode,
+                              opt.vllm_importance_sampling_clip_min, opt.vllm_importance_sampling_clip_max)
+
+
+def common_metrics(inp: LossInputs, A: Tensor, ratio: Tensor, policy_loss: Tensor, kl,
+                   is_ratio) -> Dict[str, Tensor]:
+    """The metrics every loss reports (detached, in ``ratio``'s dtype): ``ratio`` (per sequence or
+    per token, in the caller's layout), ``advantage`` and ``seq_logprobs`` per sequence,
+    ``policy_loss``, ``kl`` and ``entropy`` (means over valid tokens; kl 0 without a reference),
+    and ``sampling/importance_sampling_ratio/{min,mean,max}`` when a correction ratio is used."""
+    lp, m = inp.logp, inp.mask
+    dt = ratio.dtype
+    per = lambda x: inp.per_sequence(x) if x.shape[-1] == 1 else inp.per_token(x)  # noqa: E731
+    metrics: Dict[str, Tensor] = {"ratio": per(ratio.detach())}
+    A_seq = A if A.shape[-1] == 1 else masked_seq_mean(A, m)
+    metrics["advantage"] = inp.per_sequence(A_seq.detach())
+    metrics["seq_logprobs"] = inp.per_sequence(masked_seq_mean(lp.detach(), m))
+    metrics["policy_loss"] = policy_loss
+    metrics["kl"] = _global_mean(kl.detach(), m).to(dt) if kl is not None else torch.zeros((), dtype=dt,
+                                                                                           device=lp.device)
+    metrics["entropy"] = _global_mean(inp.entropy.detach(), m).to(dt)
+    if is_ratio is not None:
+        r = is_ratio.detach().to(dt)
+        valid = m if r.shape == m.shape else torch.ones_like(r, dtype=torch.bool)
+        n = valid.sum()
+        metrics["sampling/importance_sampling_ratio/min"] = torch.where(
+            n > 0, torch.where(valid, r, float("inf")).min(), 0).to(dt)
+        metrics["sampling/importance_sampling_ratio/mean"] = (torch.where(valid, r, 0).sum() / n.clamp(min=1)).to(dt)
+        metrics["sampling/importance_sampling_ratio/max"] = torch.where(
+            n > 0, torch.where(valid, r, -float("inf")).max(), 0).to(dt)
+    return metrics
+
+
 def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     lp, m = inp.logp, inp.mask
     den = {"old": inp.old, "ref": inp.ref}.get(inp.denominator)
@@ -75,13 +115,9 @@ def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) ->
     log_w = log_importance_weight(log_ratio, lp, m, opt.importance_sampling_level)
     w_raw = torch.exp(log_w.detach())
     w = guarded_exp(log_w, A)
-    is_ratio = inp.is_ratio
-    if opt.vllm_importance_sampling_mode is not None:
-        is_ratio = rollout_correction(inp.old, inp.sampling, m, opt.vllm_importance_sampling_mode,
-                                      opt.vllm_importance_sampling_clip_min, opt.vllm_importance_sampling_clip_max)
+    is_ratio = correction_ratio(inp, opt)
     ctx = {"log_ratio": log_ratio, "mask": m, "is_ratio": is_ratio}
     l, parts = OBJECTIVES[opt.objective](w, w_raw, A, lp, opt, ctx)
-    metrics: Dict[str, Tensor] = {}
     if opt.off_policy_mask_threshold is not None:
         samp = inp.sampling if inp.sampling is not None else den.detach()
         keep = off_policy_mask(A, lp, samp, m, opt.off_policy_mask_threshold)
@@ -106,17 +142,8 @@ def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) ->
         loss = loss - opt.entropy_coef * torch.where(eff, inp.entropy, 0).sum() / eff.sum().clamp(min=1)
 
     # ---- metrics (detached), TRL's names where TRL has the quantity
+    metrics = common_metrics(inp, A, w_raw, policy_loss, kl, is_ratio)
     dt = w_raw.dtype
-    seq_shape = inp.lead[:-1]
-    per = lambda x: x.reshape(seq_shape) if x.shape[-1] == 1 else x.reshape(inp.lead)  # noqa: E731
-    metrics["ratio"] = per(w_raw)
-    A_seq = A if A.shape[-1] == 1 else masked_seq_mean(A, m)
-    metrics["advantage"] = A_seq.detach().reshape(seq_shape)
-    metrics["seq_logprobs"] = masked_seq_mean(lp.detach(), m).reshape(seq_shape)
-    metrics["policy_loss"] = policy_loss
-    metrics["kl"] = _global_mean(kl.detach(), m).to(dt) if kl is not None else torch.zeros((), dtype=dt,
-                                                                                           device=lp.device)
-    metrics["entropy"] = _global_mean(inp.entropy.detach(), m).to(dt)
     if "_low" in parts:
         low, high = parts["_low"], parts["_high"]
         region = low | high
@@ -130,13 +157,4 @@ def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) ->
         metrics["cispo_clip_ratio"] = _global_mean(parts["_cispo"], m).to(dt)
     if "_phi" in parts:
         metrics["vespo/phi_seq_mean"] = _global_mean(parts["_phi"], m).to(dt)
-    if is_ratio is not None:
-        r = is_ratio.detach().to(dt)
-        valid = m if r.shape == m.shape else torch.ones_like(r, dtype=torch.bool)
-        n = valid.sum()
-        metrics["sampling/importance_sampling_ratio/min"] = torch.where(
-            n > 0, torch.where(valid, r, float("inf")).min(), 0).to(dt)
-        metrics["sampling/importance_sampling_ratio/mean"] = (torch.where(valid, r, 0).sum() / n.clamp(min=1)).to(dt)
-        metrics["sampling/importance_sampling_ratio/max"] = torch.where(
-            n > 0, torch.where(valid, r, -float("inf")).max(), 0).to(dt)
     return loss, metrics

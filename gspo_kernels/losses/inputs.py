@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_index_dtype, check_logits, resolve_mask
+from ..sequences import Packed, resolve_packed
 from .checks import ValueChecks
 from .options import LossOptions
 
@@ -40,7 +41,16 @@ class LossInputs:
     group_size: int
     denominator: str                  # "old" | "ref" | "detached"
     num_items_in_batch: Optional[Tensor]
-    lead: Tuple[int, ...]
+    lead: Tuple[int, ...]             # per-token metrics' shape ((total,) for packed input)
+    packed: Optional[Packed] = None   # packed input: how its tokens map to the (N, T) rows
+
+    def per_token(self, x: Tensor) -> Tensor:
+        """(N, T) rows -> the caller's per-token layout."""
+        return self.packed.unpad(x) if self.packed is not None else x.reshape(self.lead)
+
+    def per_sequence(self, x: Tensor) -> Tensor:
+        """(N, 1) -> the caller's per-sequence layout ((B, G) or (N,))."""
+        return x.reshape(self.lead[:-1] if self.packed is None else (-1,))
 
 
 def _float_tensor(t, name: str, shapes, dev) -> Optional[Tensor]:
@@ -57,9 +67,16 @@ def _float_tensor(t, name: str, shapes, dev) -> Optional[Tensor]:
     return t.detach()
 
 
-def _layout(src: Tensor, src_name: str, tokens, group_size) -> Tuple[int, int, int, Tuple[int, ...]]:
+def _layout(src: Tensor, src_name: str, tokens, group_size, packed_n=None) -> Tuple[int, int, int, Tuple[int, ...]]:
     lead = tuple(src.shape[:-1])
-    if len(lead) == 3:
+    last = "V" if src_name == "logits" else "H"
+    if packed_n is not None:
+        if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
+            raise ValueError(f"with cu_seqlens, {src_name} must be (total, {last}) or (1, total, {last}), "
+                             f"got shape {tuple(src.shape)}")
+        G = group_size or 1
+        B, T = packed_n // G, lead[-1]
+    elif len(lead) == 3:
         B, G, T = lead
         if group_size is not None and group_size != G:
             raise ValueError(f"group_size={group_size!r} does not match G = {G} of {src_name} of shape "
@@ -73,7 +90,6 @@ def _layout(src: Tensor, src_name: str, tokens, group_size) -> Tuple[int, int, i
         G = group_size
         B = N // G if G else 0
     else:
-        last = "V" if src_name == "logits" else "H"
         raise ValueError(f"{src_name} must be (B, G, T, {last}) or (N, T, {last}), got shape {tuple(src.shape)}")
     if B * G == 0:
         raise ValueError(f"{src_name} of shape {tuple(src.shape)} holds no sequence (B * G = 0): "
@@ -90,7 +106,8 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
             hidden=None, weight=None, bias=None, old_logprobs=None, ref_logprobs=None, ref_logits=None,
             ref_hidden=None, ref_weight=None, ref_bias=None, sampling_logprobs=None,
             importance_sampling_ratio=None, num_items_in_batch=None, group_size=None, ignore_index=IGNORE_INDEX,
-            chunk_size=None, vocab_group=None, inplace_backward=False, checks: ValueChecks) -> LossInputs:
+            chunk_size=None, vocab_group=None, inplace_backward=False, cu_seqlens=None, max_seqlen=None,
+            checks: ValueChecks) -> LossInputs:
     """Check everything, run the one pass over the logits, return :class:`LossInputs`."""
     # ---- shapes, dtypes, devices
     if (logits is None) == (hidden is None):
@@ -106,12 +123,17 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
         src_name, src = "hidden", hidden
     if tokens is None:
         raise ValueError("tokens (B, G, T) are required")
-    B, G, T, lead = _layout(src, src_name, tokens, group_size)
+    packed = None
+    if cu_seqlens is not None:
+        if lengths is not None:
+            raise ValueError("with cu_seqlens, give a mask (total,) or none, not lengths")
+        packed = resolve_packed(cu_seqlens, src.shape[-2], max_seqlen, group_size, checks.enabled)
+    B, G, T, lead = _layout(src, src_name, tokens, group_size, None if packed is None else packed.n)
     N, dev = B * G, src.device
-    flat = len(lead) == 2
+    flat = len(lead) <= 2
     mask_b = resolve_mask(mask, lengths, tokens, checks=checks)
     # exact shapes only: the caller's layout, nothing reshaped by guess
-    tok_shapes = [lead]
+    tok_shapes = [lead] if packed is None else [(lead[-1],), (1, lead[-1])]
     seq_shapes = [(N,), (N, 1)] if flat else [(B, G)]
     old = _float_tensor(old_logprobs, "old_logprobs", tok_shapes, dev)
     ref = _float_tensor(ref_logprobs, "ref_logprobs", tok_shapes, dev)
@@ -153,9 +175,14 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     valid = torch.ones(lead, dtype=torch.bool, device=dev) if mask_b is None else mask_b
     if ignore_index is not None:
         valid = valid & (tokens != ignore_index)
-    m = valid.reshape(N, T)
-    tok = lambda t: None if t is None else t.reshape(N, T)  # noqa: E731
-    seq = lambda t: t.reshape(N, 1) if t.dim() < len(lead) else t.reshape(N, T)  # noqa: E731
+    if packed is None:
+        rows = lambda t: t.reshape(N, T)  # noqa: E731
+    else:  # packed: the O(total) per-token values laid out as (N, T_max) rows (the logits stay packed)
+        T = packed.t_max
+        rows = lambda t: packed.pad(t.reshape(-1))  # noqa: E731
+    m = rows(valid)
+    tok = lambda t: None if t is None else rows(t)  # noqa: E731
+    seq = lambda t: t.reshape(N, 1) if t.numel() == N else rows(t)  # noqa: E731
     old = None if old is None else checks.finite(tok(old), m, "old_logprobs")
     ref = None if ref is None else checks.finite(tok(ref), m, "ref_logprobs")
     samp = None if samp is None else torch.where(m, tok(samp), torch.zeros((), dtype=samp.dtype, device=dev))
@@ -200,7 +227,7 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     kw = dict(temperature=opt.temperature, valid=valid, vocab_group=vocab_group)
     extra = dict(inplace_backward=True) if inplace_backward and logits is not None else {}
     logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, checks=checks, **kw, **extra)
-    zero = lambda x: torch.where(m, x.reshape(N, T), torch.zeros((), dtype=x.dtype, device=x.device))  # noqa: E731
+    zero = lambda x: torch.where(m, rows(x), torch.zeros((), dtype=x.dtype, device=x.device))  # noqa: E731
     logp, ent = zero(logp), zero(ent)
     if ref_logits is not None or ref_hidden is not None:
         with torch.no_grad():
@@ -211,7 +238,7 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
         nib = torch.tensor(float(nib), device=dev)
     return LossInputs(logp=logp, entropy=ent, mask=m, old=old, ref=ref, sampling=samp, is_ratio=isr,
                       advantages=adv, rewards=rewards, group_size=G, denominator=denominator,
-                      num_items_in_batch=nib, lead=lead)
+                      num_items_in_batch=nib, lead=lead if packed is None else (packed.total,), packed=packed)
 
 
 def _resolve_denominator(opt: LossOptions, has_old: bool, has_ref: bool) -> str:

@@ -43,7 +43,8 @@ def guarded_exp(log_w: Tensor, A: Tensor) -> Tensor:
 
 def kl_tokens(lp: Tensor, ref: Tensor, estimator: str) -> Tensor:
     """Per-token KL estimate against the reference, ``d = ref - lp``: k1 ``-d``; k2 ``d^2/2``;
-    k3 ``e^d - d - 1`` (>= 0); low_var_kl k3 clamped to [-10, 10] (verl); abs ``|d|``."""
+    k3 ``e^d - d - 1`` (>= 0); low_var_kl verl's k3: d clamped to [-20, 20], then the result to
+    [-10, 10] (no gradient where either clamp acts); abs ``|d|``."""
     d = ref - lp
     if estimator == "k1":
         return -d
@@ -51,8 +52,10 @@ def kl_tokens(lp: Tensor, ref: Tensor, estimator: str) -> Tensor:
         return d.abs()
     if estimator == "k2":
         return 0.5 * d * d
-    k3 = torch.exp(d) - d - 1
-    return k3.clamp(-10.0, 10.0) if estimator == "low_var_kl" else k3
+    if estimator == "low_var_kl":
+        d = d.clamp(-20.0, 20.0)
+        return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)
+    return torch.exp(d) - d - 1
 
 
 # ---------------------------------------------------------------- objectives

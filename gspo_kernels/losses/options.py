@@ -79,7 +79,7 @@ class LossOptions:
 
     Objective and importance weight:
         loss_type: one of :data:`LOSS_TYPES` (TRL: grpo, bnpo, dr_grpo, dapo, luspo,
-            cispo, sapo, vespo; verl: vanilla, gspo, gpg, clip_cov, kl_cov, geo_mean).
+            cispo, sapo, vespo; verl: :data:`VERL_LOSS_TYPES`, composed in losses/verl.py).
         importance_sampling_level: "token" (``log w_t = lp_t - old_t``), "sequence"
             (GSPO: the masked mean of that over the sequence), "sequence_token"
             (GSPO-token: ``w_t = sg[w] * exp(lp_t - sg[lp_t])``).
@@ -151,6 +151,10 @@ class LossOptions:
     temperature: float = 1.0
 
     def __post_init__(self):
+        if self.loss_type == "bypass_mode":
+            from .verl import BYPASS_MODE_MESSAGE
+
+            raise ValueError(BYPASS_MODE_MESSAGE)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("importance_sampling_level", self.importance_sampling_level, LEVELS)
         _number("epsilon", self.epsilon)
@@ -188,6 +192,10 @@ class LossOptions:
         from .._validate import check_temperature
 
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        if self.family == "verl":
+            from .verl import check_verl_options
+
+            check_verl_options(self)
 
     @property
     def eps_high(self) -> float:
