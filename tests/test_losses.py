@@ -300,3 +300,25 @@ def test_entropy_bonus_changes_the_gradient_by_its_own():
     (gb,) = torch.autograd.grad(bonus, xr)
     _close(l1 - l0, bonus, TOLERANCE[torch.float64]["value"], "bonus value")
     _close(g1 - g0, gb, (1e-12, 1e-9), "bonus grad")
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_clip_metrics_equal_their_definition(level):
+    # clip_ratio/{low,high,region}_mean from the returned ratios and advantages, with an
+    # asymmetric clip range (a swapped epsilon / epsilon_high changes every count)
+    d = _batch(seed=21, spread=0.6)   # a seed where both clip sides occur at both levels
+    eps, eps_high = 0.1, 0.35
+    _, m = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"], epsilon=eps,
+                     epsilon_high=eps_high, level=level)
+    s, A = m["ratio"], m["advantage"]
+    if level == "sequence_token":  # per-token weights: a token mean over valid tokens
+        A, valid = A.unsqueeze(-1).expand(s.shape), d["mask"]
+    else:                          # one weight per sequence: a mean over the N sequences (TRL's)
+        valid = torch.ones_like(s, dtype=torch.bool)
+    low = (s < 1 - eps) & (A < 0) & valid
+    high = (s > 1 + eps_high) & (A > 0) & valid
+    n = valid.sum()
+    assert 0 < int(low.sum()) and 0 < int(high.sum())  # both sides exercised
+    assert m["clip_ratio/low_mean"].item() == pytest.approx(low.sum().item() / n.item(), abs=1e-7)
+    assert m["clip_ratio/high_mean"].item() == pytest.approx(high.sum().item() / n.item(), abs=1e-7)
+    assert m["clip_fraction"].item() == pytest.approx((low | high).sum().item() / n.item(), abs=1e-7)

@@ -77,6 +77,12 @@ def _worker(rank, world, backend, out_dir):
                                         return_entropy=True, vocab_group=dist.group.WORLD)
         grads = torch.autograd.grad([lp, ent], [hx, wx, bx], [torch.ones_like(lp), 0.5 * torch.ones_like(ent)])
         res["linear"] = (lp.detach(), ent.detach(), grads)
+        # a large common offset: the shards' maxima must combine by MAX (any shift works at scale 2)
+        big = _data(torch.float32)[0] + 100.0
+        res["offset"] = [o.detach() for o in _ops(big[..., sl], tokens, mask, dist.group.WORLD)]
+        # packed sequences through a loss, vocab-sharded
+        res["packed"] = _packed_loss(_data(torch.float64, seed=8)[0].reshape(N * T, V)[..., sl]
+                                     .clone().requires_grad_(True), dist.group.WORLD)
         # bad layouts, refused on every rank
         errs = []
         try:
@@ -95,6 +101,21 @@ def _worker(rank, world, backend, out_dir):
         traceback.print_exc()
         code = 1
     os._exit(code)  # gloo teardown can abort a rank after all work is done
+
+
+PACKED_CU = torch.tensor([0, 4, 4, 9, 11, 15], dtype=torch.int32)  # N*T = 15 tokens, 5 sequences, one empty
+
+
+def _packed_loss(x, group=None):
+    """gspo_loss on packed rows (cu_seqlens): the loss and its logits gradient."""
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, V, (N * T,), generator=g)
+    mask = torch.rand(N * T, generator=g) > 0.2
+    old = -torch.rand(N * T, generator=g, dtype=torch.float64) * 3
+    rewards = torch.randn(5, generator=g)
+    loss, _ = gspo_loss(x, tokens, rewards, mask, cu_seqlens=PACKED_CU, old_logprobs=old, group_size=5,
+                        entropy_coef=0.01, vocab_group=group)
+    return loss.detach(), torch.autograd.grad(loss, x)[0]
 
 
 def _close(a, e, dtype, kind, what):
@@ -139,6 +160,19 @@ def test_sharded_equals_unsharded(world, backend, monkeypatch):
         _close(gh_r, gh, torch.float64, "grad_entropy", "grad hidden (all-reduced)")
         _close(gw_r, gw[r * w:(r + 1) * w], torch.float64, "grad_entropy", "grad weight shard")
         _close(gb_r, gb[r * w:(r + 1) * w], torch.float64, "grad_entropy", "grad bias shard")
+    big = _data(torch.float32)[0] + 100.0
+    for r, res in enumerate(ranks):
+        for name, a, e in zip(("logp", "entropy", "sequence"), res["offset"], _ops(big, tokens, mask)):
+            # entropy = lse - sum p z cancels two terms of magnitude ~100: fp32 rounding of 100
+            # (7.6e-6) times a few roundings; a wrong combine gives inf or NaN
+            atol = 1e-4 if name == "entropy" else TOLERANCE[torch.float32]["value"][0]
+            torch.testing.assert_close(a.double(), e.detach().double(), atol=atol, rtol=1e-6,
+                                       msg=lambda m: f"{name} with a +100 offset, rank {r}: {m}")
+    x = _data(torch.float64, seed=8)[0].reshape(N * T, V).clone().requires_grad_(True)
+    loss, gx = _packed_loss(x)
+    for r, res in enumerate(ranks):
+        _close(res["packed"][0], loss, torch.float64, "value", f"packed loss rank {r}")
+        _close(res["packed"][1], gx[..., r * w:(r + 1) * w], torch.float64, "grad_entropy", f"packed grad rank {r}")
     for res in ranks:
         assert len(res["errors"]) == 2
         assert "vocab_size = 50" in res["errors"][0]
