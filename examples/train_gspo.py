@@ -92,7 +92,7 @@ def train(loss_name, steps, B=16, G=8, inner=2, lr=1e-3, beta=0.04, temperature=
     ref = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loss_fn = gspo_kernels.gspo_loss if loss_name == "gspo" else gspo_kernels.grpo_loss
-    extra = dict(advantage="group_norm", epsilon=0.2) if loss_name == "gspo" else dict(epsilon=0.2)
+    extra = dict(advantage="group_norm", epsilon=0.2, epsilon_high=0.2) if loss_name == "gspo" else dict(epsilon=0.2)
     history = []
     t0 = time.time()
     for step in range(steps):
