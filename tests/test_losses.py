@@ -322,3 +322,80 @@ def test_clip_metrics_equal_their_definition(level):
     assert m["clip_ratio/low_mean"].item() == pytest.approx(low.sum().item() / n.item(), abs=1e-7)
     assert m["clip_ratio/high_mean"].item() == pytest.approx(high.sum().item() / n.item(), abs=1e-7)
     assert m["clip_fraction"].item() == pytest.approx((low | high).sum().item() / n.item(), abs=1e-7)
+
+
+# ---------------------------------------------------------------- defaults that learn
+def test_simplest_call_learns_when_rewards_differ():
+    # logits, tokens, rewards, mask only: group_norm advantages, no reference needed, a nonzero gradient
+    d = _batch(seed=15)
+    x = d["logits"].detach().requires_grad_(True)
+    loss, m = gspo_loss(x, d["tokens"], d["rewards"], d["mask"])
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.count_nonzero(g) > 0 and m["advantage"].abs().max() > 0.5
+    x2 = d["logits"].detach().requires_grad_(True)
+    loss2, _ = gspo_kernels.policy_loss(x2, d["tokens"], "group_norm", d["mask"], rewards=d["rewards"])
+    assert torch.count_nonzero(torch.autograd.grad(loss2, x2)[0]) > 0
+
+
+def test_contrast_advantage_that_is_identically_zero_warns_once(monkeypatch):
+    from gspo_kernels.losses import core
+    monkeypatch.setattr(core, "_warned_contrast", False)
+    d = _batch(seed=16)
+    with pytest.warns(UserWarning, match="identically 0"):
+        _, m = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], advantage="contrast")
+    assert torch.all(m["advantage"] == 0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # once: the second call is silent
+        gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], advantage="contrast")
+        gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], advantage="contrast", old_logprobs=d["old"])
+
+
+def test_checks_report_shapes_before_option_combinations():
+    # a wrong shape and a missing reference for beta > 0: the shape is named first
+    d = _batch(seed=17)
+    with pytest.raises(ValueError, match=r"old_logprobs must have shape \(2, 4, 6\)"):
+        gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], beta=0.1, old_logprobs=d["old"][..., :3])
+    with pytest.raises(ValueError, match=r"tokens must have shape"):
+        gspo_loss(d["logits"], d["tokens"][..., :3], d["rewards"], d["mask"], beta=0.1)
+    with pytest.raises(ValueError, match=r"beta > 0 needs a reference"):
+        gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], beta=0.1)
+
+
+def test_ignore_index_labels_count_as_masked():
+    d = _batch(seed=18)
+    labels = torch.where(d["mask"], d["tokens"], torch.full_like(d["tokens"], -100))
+    l1, m1 = gspo_loss(d["logits"], labels, d["rewards"], old_logprobs=d["old"])          # no mask: -100 marks padding
+    l2, m2 = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"])
+    assert torch.equal(l1, l2) and torch.equal(m1["ratio"], m2["ratio"])
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, V\)"):
+        gspo_loss(d["logits"], labels, d["rewards"], ignore_index=None)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.5, 2.0])
+def test_float_mask_must_be_zero_or_one(bad):
+    d = _batch(seed=19)
+    m = d["mask"].double()
+    m[0, 0, 0] = bad
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        gspo_loss(d["logits"], d["tokens"], d["rewards"], m)
+    ok, _ = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"].double())   # a 0/1 float mask is fine
+    assert torch.isfinite(ok)
+
+
+def test_constructors_take_every_option_the_call_takes():
+    d = _batch(seed=20)
+    opts = dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=5.0, beta=0.02,
+                top_entropy_quantile=0.8, entropy_coef=0.01, temperature=0.9)
+    mod = gspo_kernels.PolicyLoss(**opts)
+    l1, _ = mod(d["logits"], d["tokens"], "group_norm", d["mask"], rewards=d["rewards"], ref_logprobs=d["ref"])
+    l2, _ = gspo_kernels.policy_loss(d["logits"], d["tokens"], "group_norm", d["mask"], rewards=d["rewards"],
+                                     ref_logprobs=d["ref"], **opts)
+    assert torch.equal(l1, l2)
+    g1, _ = GSPOLoss(denominator="ref", kl="k1", beta=0.05)(d["logits"], d["tokens"], d["rewards"], d["mask"],
+                                                            ref_logprobs=d["ref"])
+    g2, _ = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=d["ref"], denominator="ref",
+                      kl="k1", beta=0.05)
+    assert torch.equal(g1, g2)
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['epsilon_hi'\]"):
+        GSPOLoss(epsilon_hi=0.3)
