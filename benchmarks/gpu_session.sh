@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session, in the order that matters if time runs out: the tests with
 # the compiled kernels, the kernel block/warp sweep, the main-workload
-# benchmark (all ops and providers), the V sweep. Results land in $OUT
+# benchmark (all ops and providers), the V sweep, the packed case, the
+# whole-step benchmark (0.5B config, then 1.5B if time is left). Results land in $OUT
 # (default benchmarks/results/session). Liger-Kernel is used when importable
 # (a wheel in .whl/ is installed to /tmp/site first).
 set -uo pipefail
@@ -17,6 +18,7 @@ fi
   | tee "$OUT/env.txt"
 timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_logprobs.py tests/test_entropy.py \
   tests/test_codegen.py::test_compiled_kernel_cache_is_bounded_on_gpu tests/test_linear.py tests/test_losses.py \
+  tests/test_cuda_graphs.py tests/test_syncs.py \
   > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?"; tail -4 "$OUT/pytest.txt"
 timeout 130 python3 -m benchmarks.tune --vs 151936,32000,262144 --out "$OUT/tune.csv" 2>&1 \
   | grep -E "copy|best|BLOCK_V=(4096|8192)"
@@ -26,3 +28,5 @@ echo "GSPO_KERNELS_LARGE_V=${GSPO_KERNELS_LARGE_V:-default}" | tee -a "$OUT/env.
 timeout 190 python3 -m benchmarks.gpu --sweeps main --out "$OUT/gpu_main.csv" 2>&1 | tee "$OUT/gpu_main.txt" | tail -40
 timeout 80 python3 -m benchmarks.gpu --ops sequence_logprobs,token_entropy --sweeps v --no-compile \
   --out "$OUT/gpu_v.csv" 2>&1 | tail -30
+timeout 40 python3 -m benchmarks.packed --device cuda --out "$OUT/packed.csv" 2>&1 | tail -4
+timeout 150 python3 -m benchmarks.step --configs qwen2-0.5b --out "$OUT/step.csv" 2>&1 | tee "$OUT/step.txt" | tail -20
