@@ -23,7 +23,7 @@ do not. Providers:
   compile              the same loss (log-probs included) under ``torch.compile``
   liger_logits         Liger-Kernel ``triton_grpo_loss`` on the (N, T+1, V) logits, sequence level, in place
   liger_hidden         Liger-Kernel ``LigerFusedLinearGRPOLoss`` on hidden states + LM head, sequence level
-  gspo_logits          the model's logits -> ``gspo_kernels.gspo_loss`` (in place when it offers that)
+  gspo_logits          the model's logits -> ``gspo_kernels.gspo_loss(inplace_backward=True)``
   gspo_logits_inplace  the model's logits -> ``gspo_kernels.token_logprobs(inplace_backward=True)`` -> the loss
                        in plain PyTorch (what ``gspo_kernels.integrations.trl`` does with ``logprob_source="logits"``)
   gspo_hidden          backbone hidden states + LM head weight -> ``gspo_kernels.gspo_loss(hidden=, weight=)``
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import inspect
 import os
 import statistics
 import time
@@ -204,8 +203,7 @@ def providers(device, eps, eps_high, only=None):
                                              temperature=1.0, compiled=device == "cuda")
         fns["liger_hidden"] = lambda m, b: liger_mod(_hidden(m, b), m.lm_head.weight, b.tokens, b.mask.int(),
                                                      b.adv, old_per_token_logps=b.old)[0]
-    inplace = {"inplace_backward": True} if "inplace_backward" in inspect.signature(
-        gspo_kernels.gspo_loss).parameters else {}
+    inplace = {"inplace_backward": True}   # the logits' gradient written into their own storage
     hyper = dict(rewards=None, beta=0.0, epsilon=eps, epsilon_high=eps_high)
     fns["gspo_logits"] = lambda m, b: gspo_kernels.gspo_loss(
         logits=_logits(m, b)[:, :-1], tokens=b.tokens, mask=b.mask, advantage=b.adv, old_logprobs=b.old,
