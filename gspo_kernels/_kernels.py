@@ -1,10 +1,12 @@
 """Triton kernels and launchers: per-token log-probs (and entropy) of sampled
 tokens, their gradient, and the masked per-sequence reduction.
 
-One online-softmax core (:func:`_online_softmax`) serves the forward kernel,
-and through it the linear (hidden-state) path; the backward kernel reuses the
-saved logsumexp. The entropy output is a constexpr-selected part of both
-kernels, not a copy.
+One online-softmax core serves every forward: :func:`_softmax_update` (fold a
+block into the running max / sum / entropy state) and :func:`_softmax_merge`
+(combine states), used by the logits kernel's load loop here and by the
+hidden-state kernels' ``tl.dot`` tiles (``_kernels_linear``); the backward
+kernels reuse the saved logsumexp. The entropy output is a constexpr-selected
+part of both kernels, not a copy.
 
 Row addressing: the logits are ``(..., V)`` with stride 1 on ``V`` and any
 strides on the leading dims. The launcher collapses the leading dims into at
@@ -158,6 +160,51 @@ if HAS_TRITON:
         return tl.cast(inv_hi, ACC) + tl.cast(inv_lo, ACC)
 
     @triton.jit
+    def _softmax_update(m, s, u, x, scale2, AXIS: tl.constexpr, ENTROPY: tl.constexpr):
+        """One step of the online softmax: fold the block ``x`` (raw logit units,
+        reduced along ``AXIS``) into the running state ``(m, s, u)`` of shape
+        ``x.shape`` without ``AXIS``: ``m`` the max so far, and with
+        ``z = scale2 * (x - m)`` (``scale2 = log2(e) / tau``): ``s = sum 2^z``,
+        ``u = sum 2^z * z`` (``ENTROPY``; ``u`` is passed through otherwise).
+
+        Shared by the logits kernels (``x`` a (ROWS, chunks, VEC) block of loaded
+        logits, ``AXIS`` = 2: one state per 16-byte chunk slot) and the
+        hidden-state kernels (``x`` a (rows, columns) tile from ``tl.dot``,
+        ``AXIS`` = 1: one state per row). One exp2 per element and one per
+        state; differences are taken before scaling, so a large common offset
+        keeps full relative precision; -inf entries contribute 0 with no
+        inf - inf (a state that has seen only -inf keeps shift 0)."""
+        m_new = tl.maximum(m, tl.max(x, AXIS))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.where(m_new == float("-inf"), 0.0, (m - m_new) * scale2)
+        alpha = tl.exp2(a)
+        z = (x - tl.expand_dims(m_safe, AXIS)) * scale2
+        if ENTROPY:  # finite z, so p * z is 0 (not NaN) for -inf logits
+            z = tl.maximum(z, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        p = tl.exp2(z)
+        if ENTROPY:
+            u = alpha * (u + tl.maximum(a, _FLOOR) * s) + tl.sum(p * z, AXIS)
+        s = s * alpha + tl.sum(p, AXIS)
+        return m_new, s, u
+
+    @triton.jit
+    def _softmax_merge(m, s, u, scale2, AXIS: tl.constexpr, ENTROPY: tl.constexpr):
+        """Merge online-softmax states ``(m, s, u)`` along ``AXIS`` (chunk slots of
+        one row, or vocabulary splits): returns ``(M, S, U)`` relative to the
+        common max ``M`` (0 for a row of only -inf: then ``S`` = 0); ``U`` is
+        ``S`` when not ``ENTROPY``."""
+        M = tl.max(m, AXIS)
+        M = tl.where(M == float("-inf"), 0.0, M)  # a row of only -inf: S = 0, lse = -inf
+        dm = tl.maximum((m - tl.expand_dims(M, AXIS)) * scale2, _FLOOR)
+        w = tl.exp2(dm)
+        S = tl.sum(s * w, AXIS)
+        if ENTROPY:
+            U = tl.sum(w * (u + dm * s), AXIS)
+        else:
+            U = S
+        return M, S, U
+
+    @triton.jit
     def _online_softmax(ptrs, live, V, scale2, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
                         ACC: tl.constexpr, ENTROPY: tl.constexpr):
         """Stream ROWS rows of V logits once; return per row the max logit ``M``
@@ -173,14 +220,14 @@ if HAS_TRITON:
         by one thread). Every chunk slot keeps its own running max ``m``, sum
         ``s`` (and ``u``); per block it takes the max of its VEC new elements
         (in-thread, no shuffle), rescales its state by one exp2, and adds
-        ``2^(c (x - m))``: one exp2 per element plus one per VEC elements, about
-        six instructions per element (eight with the entropy). The chunk slots
-        are combined once per row at the end (one cross-warp reduction per row,
-        not per block). Differences of logits are taken before scaling, so rows
-        with a large common offset keep full relative precision. NaN
-        propagates through the sums; -inf logits (a masked vocabulary, the
-        tail past V) contribute 0 with no inf - inf; finite logits anywhere in
-        the fp32 range are exact (tested at +-3e38).
+        ``2^(c (x - m))`` (:func:`_softmax_update`): one exp2 per element plus
+        one per VEC elements, about six instructions per element (eight with the
+        entropy). The chunk slots are merged once per row at the end
+        (:func:`_softmax_merge`: one cross-warp reduction per row, not per
+        block). NaN propagates through the sums; -inf logits (a masked
+        vocabulary, the tail past V) contribute 0 with no inf - inf; finite
+        logits anywhere in the fp32 range are exact (tested at +-3e38); a +inf
+        logit makes its row NaN (``x - M`` is inf - inf), as on every backend.
         """
         NB: tl.constexpr = BLOCK_V // VEC
         cols = tl.arange(0, NB)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
@@ -192,29 +239,8 @@ if HAS_TRITON:
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(p3 + offs, mask=lv & (offs < V), other=float("-inf")).to(ACC)
-            m_new = tl.maximum(m, tl.max(x, 2))
-            # A chunk that has seen only -inf keeps shift 0: no inf - inf (per chunk, not per element).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            a = tl.where(m_new == float("-inf"), 0.0, (m - m_new) * scale2)
-            alpha = tl.exp2(a)
-            z = (x - m_safe[:, :, None]) * scale2
-            if ENTROPY:  # finite z, so p * z is 0 (not NaN) for -inf logits
-                z = tl.maximum(z, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
-            p = tl.exp2(z)
-            if ENTROPY:
-                u = alpha * (u + tl.maximum(a, _FLOOR) * s) + tl.sum(p * z, 2)
-            s = s * alpha + tl.sum(p, 2)
-            m = m_new
-        M = tl.max(m, 1)
-        M = tl.where(M == float("-inf"), 0.0, M)  # a row of only -inf: S = 0, lse = -inf
-        dm = tl.maximum((m - M[:, None]) * scale2, _FLOOR)
-        w = tl.exp2(dm)
-        S = tl.sum(s * w, 1)
-        if ENTROPY:
-            U = tl.sum(w * (u + dm * s), 1)
-        else:
-            U = S
-        return M, S, U
+            m, s, u = _softmax_update(m, s, u, x, scale2, 2, ENTROPY)
+        return _softmax_merge(m, s, u, scale2, 1, ENTROPY)
 
     @triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
     def _logprob_fwd_kernel(X, Y, LOGP, LSE, ENT, n_rows, V, D1, D2, s0, s1, s2, inv_hi, inv_lo,
@@ -307,12 +333,16 @@ if HAS_TRITON:
             tl.store(dst + offs, d.to(DX.dtype.element_ty), mask=live[:, None] & inb)
 
     @triton.jit(do_not_specialize=["T"])
-    def _seq_reduce_kernel(LOGP, MASK, OUT, LEN, T, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    def _seq_reduce_kernel(LOGP, MASK, OUT, LEN, T, shrink, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
         """One program per sequence n (deterministic, no atomics):
 
             L_n = sum_t mask[n, t];   out_n = sum_t mask[n, t] * logp[n, t]  (/ L_n if NORMALIZE; 0 if L_n = 0)
 
-        Bytes: reads O(T) floats of per-token stats; never touches the logits.
+        The sum runs on ``logp * shrink`` (``shrink = 2^-ceil(log2 T)``, exact),
+        so no partial sum can overflow: a mean of finite log-probs (each down
+        to -3.4e38) is finite, and the plain sum is inf only when it truly
+        exceeds the fp32 range. Bytes: reads O(T) floats of per-token stats;
+        never touches the logits.
         """
         n = tl.program_id(0).to(tl.int64)
         acc = tl.zeros((BLOCK,), LOGP.dtype.element_ty)
@@ -321,14 +351,19 @@ if HAS_TRITON:
             offs = start + tl.arange(0, BLOCK)
             m = tl.load(MASK + n * T + offs, mask=offs < T, other=0.0)
             lp = tl.load(LOGP + n * T + offs, mask=offs < T, other=0.0)
-            acc += tl.where(m != 0, lp, 0.0)
+            acc += tl.where(m != 0, lp * shrink, 0.0)
             cnt += m
         total = tl.sum(acc, 0)
         length = tl.sum(cnt, 0)
         if NORMALIZE:
             total = tl.where(length > 0, total / tl.maximum(length, 1.0), 0.0)
-        tl.store(OUT + n, total)
+        tl.store(OUT + n, total / shrink)
         tl.store(LEN + n, length)
+
+
+def seq_shrink(T: int) -> float:
+    """``2^-ceil(log2 T)``: a sum of T terms each within the float range, times this, stays within it."""
+    return 2.0 ** -max(0, math.ceil(math.log2(max(T, 1))))
 
 
 def _acc(dtype: torch.dtype):
@@ -412,7 +447,7 @@ def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool):
     out = torch.empty(lp.shape[0], dtype=logp.dtype, device=logp.device)
     length = torch.empty_like(out)
     if out.numel() and T:
-        _seq_reduce_kernel[(out.numel(),)](lp, mk, out, length, T, NORMALIZE=normalize,
+        _seq_reduce_kernel[(out.numel(),)](lp, mk, out, length, T, seq_shrink(T), NORMALIZE=normalize,
                                            BLOCK=BLOCK_T, num_warps=4)
     elif out.numel():
         out.zero_()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._kernels import collapse_rows
+from ._kernels import collapse_rows, seq_shrink
 
 # 2**20 fp32 elements = 4 MiB per chunk: large enough that the per-chunk
 # Python overhead is negligible against the chunk's arithmetic, small enough
@@ -47,7 +47,9 @@ def torch_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, entro
         n = x.shape[0]
         xa = x.to(acc, copy=True)
         m = xa.amax(-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # finite shift (an all -inf row: no inf - inf)
+        # An all -inf row: shift 0 (no inf - inf). A +inf max stays: x - m is NaN at the +inf
+        # logits, so the row's log-prob, entropy and gradient are NaN, as in the kernels.
+        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
         xs = xa.sub_(m).mul_(inv_temp)  # differences before scaling, as the kernel
         l = torch.logsumexp(xs, dim=-1)  # one more chunk-sized temporary inside
         y = y_all[r:r + n].unsqueeze(-1)
@@ -101,8 +103,11 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
 
 
 def torch_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool):
-    total = torch.where(maskf != 0, logp, torch.zeros_like(logp)).sum(-1)
+    """As ``_kernels._seq_reduce_kernel``: the sum runs on ``logp * 2^-ceil(log2 T)`` (exact), so a
+    mean of finite log-probs never overflows."""
+    shrink = seq_shrink(logp.shape[-1])
+    total = torch.where(maskf != 0, logp * shrink, torch.zeros_like(logp)).sum(-1)
     length = maskf.sum(-1)
     if normalize:
         total = torch.where(length > 0, total / length.clamp(min=1), torch.zeros_like(total))
-    return total, length
+    return total / shrink, length

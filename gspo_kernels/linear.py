@@ -1,22 +1,30 @@
 """Log-probs straight from hidden states and the LM head, never holding the
 full ``(..., T, V)`` logits.
 
-Forward, per chunk of ``C`` rows: ``logits_c = hidden_c @ weight.T (+ bias)``
-(one matrix product), reduced by the fused kernel to per-token log-probs and
-logsumexp, then dropped. Saved: hidden, weight, bias, tokens and the per-token
-logsumexp (O(N*T) floats). Backward, per chunk: recompute ``logits_c``, let the
-fused backward kernel overwrite it in place with ``dlogits_c``, then
+Two implementations, same semantics:
 
-    grad_hidden_c  = dlogits_c @ weight
-    grad_weight   += dlogits_c.T @ hidden_c     (fp32 accumulator across chunks)
-    grad_bias     += dlogits_c.sum(0)           (fp32)
+- **Fused kernels** (``_kernels_linear``): CUDA tensors, and CPU tensors under
+  ``TRITON_INTERPRET=1`` (as the logits kernels), for bf16, fp16 and fp32.
+  Forward tiles ``hidden @ weight.T`` on the tensor cores and folds each tile
+  into the online softmax: no logit is written. Backward recomputes the tiles,
+  writes ``dz`` one vocabulary slice at a time and forms ``grad_weight`` (each
+  element summed once, in fp32 registers), ``grad_bias`` and ``grad_hidden``
+  with ``tl.dot``; deterministic. Optional gradient filtering
+  (``grad_filter``).
+- **Chunked** (this file), for everything else: fp64 (``gradcheck``), and
+  CPUs without the interpreter. Forward, per chunk of ``C`` rows:
+  ``logits_c = hidden_c @ weight.T (+ bias)`` (one matrix product), reduced by
+  the fused logits kernel (or the chunked PyTorch path) and dropped. Backward,
+  per chunk: recompute ``logits_c``, overwrite it in place with ``dlogits_c``,
+  then ``grad_hidden_c = dlogits_c @ weight``, ``grad_weight += dlogits_c.T @
+  hidden_c`` (fp32 accumulator across chunks), ``grad_bias += dlogits_c.sum(0)``.
+  Peak extra memory: one chunk of logits, plus the fp32 ``grad_weight``
+  accumulator and one ``(V, H)`` partial product when the weight is not fp32.
 
-Peak extra memory: one chunk of logits (``C * V`` elements in the input dtype),
-plus the fp32 ``grad_weight`` accumulator and one ``(V, H)`` partial product
-when the weight is not fp32 — never O(N*T*V). A chunk whose rows are all
-masked (forward) or all have zero upstream gradient (backward) skips its
-matrix products. Compute: one more product than materialising the logits
-(the forward one is recomputed in backward), the price of not storing them.
+Saved for backward (both): hidden, weight, bias, tokens, the per-token
+``tau * logsumexp`` (and entropy): O(N*T) floats. Rows where ``valid`` is
+False give 0 (log-prob and entropy) and a zero gradient, whatever their
+upstream gradient; rows with zero upstream gradient cost no products.
 """
 from __future__ import annotations
 
@@ -26,16 +34,49 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _kernels_linear, logprobs as _logprobs
 from .logprobs import logprob_bwd, logprob_fwd, masked_sequence_mean
 from ._validate import check_temperature, check_token_range, check_tokens, resolve_mask
 
-# Budget for one chunk of logits when the caller gives no chunk_size: at most
+# Budget for one chunk of logits (chunked path) when the caller gives no chunk_size: at most
 # 1/8 of the free device memory (room for the gradient buffers and the
 # caller's own tensors) and at most 256 MiB (beyond that, a GEMM of
 # 256 MiB / (V * 2 B) >= 512 rows at V = 151,936 is already large enough to
 # run the tensor cores near peak, so larger chunks buy no speed). On CPU: 64 MiB.
 CHUNK_BYTES_CAP = 256 << 20
 CPU_CHUNK_BYTES = 64 << 20
+# The fused kernels where they run; tests switch it off to cover the chunked
+# path with the logits kernels.
+FUSED = True
+# Fused forward: vocabulary splits enough for (row block, split) programs to
+# fill the GPU twice over (2 x SMs), each split at least MIN_SPLIT_BLOCKS
+# tiles wide so that its per-row state (16 bytes) and first loads stay
+# negligible against its tiles. The interpreter counts SPLIT_PROGRAMS (tests
+# lower MIN_SPLIT_BLOCKS to put V over several splits).
+MIN_SPLIT_BLOCKS = 8
+SPLIT_PROGRAMS = 4
+# Fused backward: the R x Vc dz slice's budget, as the chunked path's logits
+# chunk: min(256 MiB, free GPU memory / 8); 64 MiB on CPU. Each slice costs a
+# read and a write of the fp32 grad_hidden accumulator (8 R H bytes: 0.54 GB
+# at R = 16,384, H = 4,096), so slices much under 256 MiB (Vc = 8,192 there:
+# 19 slices, 10 GB of accumulator traffic, ~3 ms at an H100's 3.3 TB/s) trade speed for
+# memory. MAX_SLICE_COLS caps Vc (tests lower it to run several slices).
+SLICE_BYTES_CAP = 256 << 20
+CPU_SLICE_BYTES = 64 << 20
+MAX_SLICE_COLS = 1 << 30
+# Gradient filtering's default threshold: finfo(dtype).eps / 32 (bf16: 2**-12,
+# fp16: 2**-15, fp32: 2**-28), Cut Cross-Entropy's choice: a probability
+# below it moves a gradient entry by under 1/32 of the dtype's rounding unit
+# of the sampled token's term g (1 - p) / tau.
+FILTER_DIVISOR = 32
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def default_threshold(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / FILTER_DIVISOR
 
 
 def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -48,53 +89,172 @@ def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
+def uses_fused(hidden: Tensor) -> bool:
+    """Whether ``hidden`` (and its head) go through the fused kernels."""
+    return FUSED and _kernels_linear.supported(hidden) and _logprobs._use_triton(hidden)
+
+
 @dataclass(frozen=True)
 class LinearOptions:
     inv_temp: float
-    chunk_size: int
+    chunk_size: Optional[int]  # rows per chunk (chunked path); None: default_chunk_size
     entropy: bool = False
     shard: Optional[object] = None  # vocab_parallel.Shard: weight holds rows [start, start + width) of V
+    threshold: Optional[float] = None  # gradient filtering (fused path), None: exact
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.nn.functional.linear(h, weight, bias)
 
 
+def _chunked_fwd(hidden, weight, bias, tokens, valid, opts, C):
+    R = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.zeros(R, dtype=acc, device=hidden.device)
+    lse = torch.zeros(R, dtype=acc, device=hidden.device)
+    ent = torch.zeros(R, dtype=acc, device=hidden.device) if opts.entropy else None
+    for r in range(0, R, C):
+        v = None if valid is None else valid[r:r + C]
+        if v is not None and not bool(v.any()):
+            continue  # fully masked chunk: outputs 0, no matrix product
+        lp, l, e = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp,
+                               opts.entropy, check=opts.shard is None)
+        logp[r:r + C], lse[r:r + C] = lp, l
+        if opts.entropy:
+            ent[r:r + C] = e
+    return logp, lse, ent
+
+
+def _chunked_bwd(hidden, weight, bias, tokens, lse, ent, g, h_ent, opts, C, need):
+    R = hidden.shape[0]
+    need_h, need_w, need_b = need
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
+                         device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32,
+                         device=bias.device) if (need_b and bias is not None) else None
+    for r in range(0, R, C):
+        gc = g[r:r + C]
+        hc = None if h_ent is None else h_ent[r:r + C]
+        if not bool(gc.any()) and (hc is None or not bool(hc.any())):
+            continue  # no upstream gradient in this chunk (masked rows included): skip its products
+        hid = hidden[r:r + C]
+        dl = _logits(hid, weight, bias)
+        logprob_bwd(dl, tokens[r:r + C], lse[r:r + C], gc, None if hc is None else ent[r:r + C], hc,
+                    opts.inv_temp, True)
+        if grad_h is not None:
+            grad_h[r:r + C] = dl @ weight
+        if grad_w is not None:
+            act = gc != 0 if hc is None else (gc != 0) | (hc != 0)
+            hid = torch.where(act[:, None], hid, torch.zeros((), dtype=hid.dtype, device=hid.device))  # NaN stays out
+            if grad_w.dtype == dl.dtype:
+                grad_w.addmm_(dl.t(), hid)
+            else:  # low-precision product (fp32 accumulation inside the GEMM), fp32 sum across chunks
+                grad_w += dl.t() @ hid
+        if grad_b is not None:
+            grad_b += dl.sum(0, dtype=grad_b.dtype)
+    return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
+
+
+def split_span(R: int, V: int, tiles: dict, programs: int) -> tuple[int, int]:
+    """``(span, n_split)``: the fused forward's vocabulary split width (a multiple of BLOCK_N) and count."""
+    t = tiles["fwd"]
+    n = max(1, min(_cdiv(programs, _cdiv(max(R, 1), t.block_m)), V // (t.block_n * MIN_SPLIT_BLOCKS)))
+    span = _cdiv(_cdiv(V, n), t.block_n) * t.block_n
+    return span, _cdiv(V, span)
+
+
+def slice_cols(R: int, V: int, dtype: torch.dtype, device: torch.device, tiles: dict) -> int:
+    """The fused backward's vocabulary slice ``Vc``: a multiple of the dz tile whose ``R x Vc``
+    buffer fits the budget."""
+    budget = CPU_SLICE_BYTES
+    if device.type == "cuda":
+        budget = min(SLICE_BYTES_CAP, torch.cuda.mem_get_info(device)[0] // 8)
+    bn = tiles["dz"].block_n
+    cols = budget // (max(R, 1) * torch.empty((), dtype=dtype).element_size()) // bn * bn
+    return max(bn, min(cols, MAX_SLICE_COLS // bn * bn, _cdiv(V, bn) * bn))
+
+
+def fused_fwd(hidden, weight, bias, tokens, valid, inv_temp: float, entropy: bool):
+    """``(logp, c, ent)`` per row from the fused kernels, as ``logprob_fwd`` returns them for the
+    logits (``c = tau * logsumexp``; ``ent`` empty unless ``entropy``); rows where ``valid`` is
+    False get zeros. ``hidden (R, H)``, ``weight (V, H)``, ``tokens (R,)`` (ids outside
+    ``[0, V)`` match no column: another shard's)."""
+    R, V, dev = hidden.shape[0], weight.shape[0], hidden.device
+    logp = torch.zeros(R, dtype=torch.float32, device=dev)
+    lse = torch.zeros_like(logp)
+    ent = torch.zeros_like(logp) if entropy else logp.new_empty(0)
+    if R == 0:
+        return logp, lse, ent
+    tiles = _kernels_linear.tile_set(hidden.dtype, dev, _kernels_linear.aligned_rows(hidden, weight))
+    programs = 2 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" \
+        else SPLIT_PROGRAMS
+    span, n_split = split_span(R, V, tiles, programs)
+    stats = torch.empty((4, R, n_split), dtype=torch.float32, device=dev)
+    for launch in _kernels_linear.fwd_launches(hidden, weight, bias, tokens, valid, inv_temp, logp, lse,
+                                               ent if entropy else None, stats, span, tiles):
+        launch()
+    return logp, lse, ent
+
+
+def fused_bwd(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp: float, need, threshold=None):
+    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` (None where ``need`` says not) from
+    the fused kernels, one vocabulary slice at a time, from the saved ``c`` (and ``ent``) for
+    upstream ``g`` (and ``gh``, the entropy's), fp32 ``(R,)``; rows with zero upstream gradient
+    contribute nothing. ``threshold``: gradient filtering (None: exact)."""
+    (R, K), V, dev = hidden.shape, weight.shape[0], hidden.device
+    grad_h = torch.empty((R, K), dtype=hidden.dtype, device=dev) if need[0] else None
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need[1] else None
+    grad_b = torch.empty(V, dtype=bias.dtype, device=dev) if (need[2] and bias is not None) else None
+    if R == 0:
+        return tuple(None if x is None else x.zero_() for x in (grad_h, grad_w, grad_b))
+    active = ((g != 0) if gh is None else (g != 0) | (gh != 0)).to(torch.int8)
+    tiles = _kernels_linear.tile_set(hidden.dtype, dev, _kernels_linear.aligned_rows(hidden, weight))
+    vc = slice_cols(R, V, hidden.dtype, dev, tiles)
+    t = tiles["dz"]
+    dz = torch.empty((R, vc), dtype=hidden.dtype, device=dev)
+    flags = torch.empty((_cdiv(R, t.block_m), _cdiv(vc, t.block_n)), dtype=torch.int8, device=dev)
+    acc_h = None  # fp32 running sum of grad_hidden over slices, when grad_h itself is not fp32
+    if grad_h is not None:
+        acc_h = grad_h if (hidden.dtype == torch.float32 or vc >= V) else torch.empty((R, K), dtype=torch.float32,
+                                                                                     device=dev)
+    for v0 in range(0, V, vc):
+        ncols = min(vc, V - v0)
+        dst = None if grad_h is None else (grad_h if v0 + ncols >= V else acc_h)
+        dz_launch, *products = _kernels_linear.bwd_launches(
+            hidden, weight, bias, tokens, c, g, ent, gh, inv_temp, threshold, dz, flags, v0, ncols, dst,
+            acc_h if v0 > 0 else None, grad_w, grad_b, active, tiles)
+        dz_launch()
+        for product in products:  # built after dz ran: their K-block lists come from its flags
+            product()()
+    return grad_h, grad_w, grad_b
+
+
 class LinearTokenLogprobs(torch.autograd.Function):
     """``(hidden (R, H), weight (V, H), bias (V,) | None, tokens (R,), valid (R,) | None, opts) -> logp (R,)``,
-    or ``(logp, entropy)`` with ``opts.entropy``. A chunk whose rows are all
-    invalid is skipped: its outputs are 0 and so is its gradient."""
+    or ``(logp, entropy)`` with ``opts.entropy``. Rows where ``valid`` is False give 0 and
+    a zero gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, valid, opts: LinearOptions):
-        R, C = hidden.shape[0], opts.chunk_size
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logp = torch.zeros(R, dtype=acc, device=hidden.device)
-        lse = torch.zeros(R, dtype=acc, device=hidden.device)
-        ent = torch.zeros(R, dtype=acc, device=hidden.device) if opts.entropy else None
-        sharded = opts.shard is not None
-        if sharded:
+        fused = uses_fused(hidden)
+        if opts.shard is not None:
             from .vocab_parallel import combine_local, local_ids
 
             tokens, inside = local_ids(tokens, opts.shard)
-        skipped = []
-        for r in range(0, R, C):
-            v = None if valid is None else valid[r:r + C]
-            if v is not None and not bool(v.any()):
-                skipped.append(r)
-                continue  # fully masked chunk: outputs 0, no matrix product
-            lp, l, e = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp,
-                                   opts.entropy, check=not sharded)
-            logp[r:r + C], lse[r:r + C] = lp, l
-            if opts.entropy:
-                ent[r:r + C] = e
-        if sharded:  # this shard's statistics -> global ones (two all-reduces over R floats)
+        if fused:
+            logp, lse, ent = fused_fwd(hidden, weight, bias, tokens, valid, opts.inv_temp, opts.entropy)
+            ent = ent if opts.entropy else None
+        else:
+            C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+            logp, lse, ent = _chunked_fwd(hidden, weight, bias, tokens, valid, opts, C)
+        if opts.shard is not None:  # this shard's statistics -> global ones (two all-reduces over R floats)
             logp, lse, ent = combine_local(logp, lse, ent, inside, opts.inv_temp, opts.shard.group)
-            for r in skipped:
-                logp[r:r + C] = 0
-                if ent is not None:
-                    ent[r:r + C] = 0
-        ctx.opts = opts
+        if valid is not None:
+            logp = torch.where(valid, logp, torch.zeros_like(logp))
+            ent = None if ent is None else torch.where(valid, ent, torch.zeros_like(ent))
+        ctx.opts, ctx.fused = opts, fused
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse, valid, ent)
         return (logp, ent) if opts.entropy else logp
@@ -103,45 +263,38 @@ class LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_ent=None):
         hidden, weight, bias, tokens, lse, valid, ent = ctx.saved_tensors
         opts: LinearOptions = ctx.opts
-        R, C = hidden.shape[0], opts.chunk_size
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
-                             device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32,
-                             device=bias.device) if (need_b and bias is not None) else None
+        need = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_ent is None:
-            return grad_h, grad_w, grad_b, None, None, None
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.contiguous()
-        grad_ent = None if grad_ent is None else grad_ent.contiguous()
-        for r in range(0, R, C):
-            if valid is not None and not bool(valid[r:r + C].any()):
-                continue  # forward returned constants (0) for this chunk: zero gradient
-            g = grad_logp[r:r + C]
-            h_ent = None if grad_ent is None else grad_ent[r:r + C]
-            if not bool(g.any()) and (h_ent is None or not bool(h_ent.any())):
-                continue  # no upstream gradient in this chunk: skip its matrix products
-            h = hidden[r:r + C]
-            dl = _logits(h, weight, bias)
-            logprob_bwd(dl, tokens[r:r + C], lse[r:r + C], g, None if h_ent is None else ent[r:r + C], h_ent,
-                        opts.inv_temp, True)
-            if grad_h is not None:
-                grad_h[r:r + C] = dl @ weight
-            if grad_w is not None:
-                if grad_w.dtype == dl.dtype:
-                    grad_w.addmm_(dl.t(), h)
-                else:  # low-precision product (fp32 accumulation inside the GEMM), fp32 sum across chunks
-                    grad_w += dl.t() @ h
-            if grad_b is not None:
-                grad_b += dl.sum(0, dtype=grad_b.dtype)
+            return None, None, None, None, None, None
+        g = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
+        if valid is not None:  # outputs there are constants: their upstream gradient goes nowhere
+            g = torch.where(valid, g, torch.zeros_like(g))
+            grad_ent = None if grad_ent is None else torch.where(valid, grad_ent, torch.zeros_like(grad_ent))
+        g = g.contiguous()
+        h_ent = None if grad_ent is None else grad_ent.to(lse.dtype).contiguous()
+        if ctx.fused:
+            grad_h, grad_w, grad_b = fused_bwd(hidden, weight, bias, tokens, lse, g, None if h_ent is None else ent,
+                                               h_ent, opts.inv_temp, need, opts.threshold)
+        else:
+            C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+            grad_h, grad_w, grad_b = _chunked_bwd(hidden, weight, bias, tokens, lse, ent, g, h_ent, opts, C, need)
         if grad_h is not None and opts.shard is not None:
             # hidden feeds every shard (a column-parallel layer's input): sum its gradient over the group
             import torch.distributed as dist
 
             dist.all_reduce(grad_h, group=opts.shard.group)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None
+
+
+def _threshold(grad_filter, dtype: torch.dtype) -> Optional[float]:
+    if grad_filter is None or grad_filter is False:
+        return None
+    if grad_filter is True:
+        return default_threshold(dtype)
+    if isinstance(grad_filter, (int, float)) and 0.0 < float(grad_filter) < 1.0:
+        return float(grad_filter)
+    raise ValueError(f"grad_filter must be False, True (the dtype's default threshold) or a probability in (0, 1), "
+                     f"got {grad_filter!r}")
 
 
 def _check(hidden, weight, tokens, bias, temperature, chunk_size):
@@ -186,7 +339,7 @@ def _rows(hidden: Tensor) -> Tensor:
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                           temperature: float = 1.0, chunk_size: Optional[int] = None,
                           valid: Optional[Tensor] = None, return_entropy: bool = False, vocab_group=None,
-                          vocab_size: Optional[int] = None):
+                          vocab_size: Optional[int] = None, grad_filter=False):
     """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
     (and, with ``return_entropy=True``, that distribution's entropy, from the same pass).
 
@@ -196,10 +349,11 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         tokens: ``(..., T)`` ids in ``[0, V)``.
         bias: optional ``(V,)``.
         temperature: tau > 0.
-        chunk_size: rows per chunk; default :func:`default_chunk_size` (from V and free memory).
-        valid: optional ``(..., T)`` mask: ids are checked only there, and fully
-            masked chunks skip their matrix products (their outputs are 0, and
-            so is their gradient).
+        chunk_size: rows per chunk of the chunked path; default :func:`default_chunk_size`
+            (from V and free memory). The fused kernels do not chunk rows.
+        valid: optional ``(..., T)`` mask: ids are checked only there; elsewhere the
+            outputs are 0 and the gradient is 0 (rows of masked tokens cost no products
+            in backward, nor, in blocks of rows or chunks fully masked, in forward).
         return_entropy: also return the per-token entropy (its gradient flows
             to hidden, weight and bias like the log-prob's).
         vocab_group: process group over which the LM head is sharded by rows:
@@ -208,14 +362,20 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             ids. The gradient of ``hidden`` is all-reduced over the group here
             (Megatron's column-parallel input rule); ``grad_weight`` stays local.
         vocab_size: optional global V, checked against ``V/P * P`` (on every rank alike).
+        grad_filter: gradient filtering in the fused backward, off by default
+            (exact). ``True``: skip each (rows x vocabulary) tile whose
+            probabilities are all below ``finfo(dtype).eps / 32`` (bf16:
+            2**-12) and that holds no sampled token; a float: that threshold.
+            An approximation (error measured in README, "From hidden states");
+            the chunked path ignores it and stays exact.
 
     Returns:
         ``(..., T)`` float32 (float64 for float64 input), or ``(logp, entropy)``;
         differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size)
-    C = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
-    v = None if valid is None else resolve_mask(valid, None, tokens, name="valid").reshape(-1)
+    threshold = _threshold(grad_filter, hidden.dtype)
+    v = None if valid is None else resolve_mask(valid, None, tokens, name="valid").reshape(-1).contiguous()
     shard = None
     if vocab_group is None:
         check_token_range(tokens.reshape(-1), weight.shape[0], v)  # before the first matrix product
@@ -224,8 +384,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
 
         shard = vp.resolve_shard(vocab_group, weight.shape[0], tokens.numel(), vocab_size, name="weight")
         check_token_range(tokens.reshape(-1), shard.vocab, v)
-    opts = LinearOptions(inv_temp, C, bool(return_entropy), shard)
-    out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1), v, opts)
+    opts = LinearOptions(inv_temp, chunk_size, bool(return_entropy), shard, threshold)
+    out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1).contiguous(), v, opts)
     if return_entropy:
         return out[0].reshape(tokens.shape), out[1].reshape(tokens.shape)
     return out.reshape(tokens.shape)
@@ -235,7 +395,7 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
                              lengths: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                              temperature: float = 1.0, normalize: bool = True,
                              chunk_size: Optional[int] = None, vocab_group=None,
-                             vocab_size: Optional[int] = None) -> Tensor:
+                             vocab_size: Optional[int] = None, grad_filter=False) -> Tensor:
     """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
     over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients."""
     _check(hidden, weight, tokens, bias, temperature, chunk_size)
@@ -243,5 +403,5 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
     if valid is None:
         valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature, chunk_size=chunk_size,
-                                 valid=valid, vocab_group=vocab_group, vocab_size=vocab_size)
+                                 valid=valid, vocab_group=vocab_group, vocab_size=vocab_size, grad_filter=grad_filter)
     return masked_sequence_mean(logp, valid, normalize)

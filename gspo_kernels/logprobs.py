@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_path
-from ._kernels import HAS_TRITON
+from ._kernels import HAS_TRITON, seq_shrink
 from ._validate import (ValueChecks, check_logits, check_no_overlap, check_temperature, check_token_range,
                         check_tokens, resolve_mask)
 
@@ -232,11 +232,14 @@ class SequenceLogprobs(torch.autograd.Function):
 def masked_sequence_mean(logp: Tensor, valid: Tensor, normalize: bool = True) -> Tensor:
     """Differentiable ``(..., T) -> (...)``: the sum of ``logp`` over valid tokens, divided by
     their count when ``normalize`` (0 for an empty sequence); invalid entries never reach it."""
-    total = torch.where(valid, logp, torch.zeros_like(logp)).sum(-1)
+    # summed as logp * 2^-ceil(log2 T), then scaled back: T finite terms near the float limit
+    # (logits ~1e38 at a small temperature) give a finite mean, not an overflowed sum
+    shrink = seq_shrink(logp.shape[-1])
+    total = torch.where(valid, logp * shrink, torch.zeros_like(logp)).sum(-1)
     if not normalize:
-        return total
+        return total / shrink
     L = valid.sum(-1).to(logp.dtype)
-    return torch.where(L > 0, total / L.clamp(min=1), torch.zeros_like(total))
+    return torch.where(L > 0, (total / L.clamp(min=1)) / shrink, torch.zeros_like(total))
 
 
 

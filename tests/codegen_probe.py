@@ -5,11 +5,14 @@ a subprocess (Triton's JIT must not be in interpreter mode here):
     python tests/codegen_probe.py            # prints one JSON document
 
 Each case builds real (CPU) input tensors, asks the launchers for the exact
-launch they would make (``_kernels.fwd_launch`` / ``bwd_launch``), lets
-Triton's own binder specialise those arguments for the target, and compiles
-the result with ``triton.compile(..., target=GPUTarget("cuda", arch, 32))``.
-From the PTX it counts global loads and stores by width; from the cubin
-(``cuobjdump -res-usage``, shipped inside Triton) registers and local memory.
+launch they would make (``_kernels.fwd_launch`` / ``bwd_launch``; for the
+hidden-state kernels ``_kernels_linear.fwd_launches`` / ``bwd_launches`` with
+the tiles that arch gets), lets Triton's own binder specialise those
+arguments for the target, and compiles the result with
+``triton.compile(..., target=GPUTarget("cuda", arch, 32))``. From the PTX it
+counts global loads and stores by width and tensor-core instructions; from
+the cubin (``cuobjdump -res-usage``, shipped inside Triton) registers, local
+memory and stack (spills).
 """
 from __future__ import annotations
 
@@ -78,6 +81,51 @@ def variant_key(launch, arch=90):
     return repr((specialization, sorted(launch.kwargs.items(), key=lambda kv: kv[0])))
 
 
+# Hidden-state kernels: forward (tiles x splits; with entropy), the split combine,
+# dz (plain, with the entropy gradient, with filtering), grad_weight (with
+# grad_bias) and grad_hidden (accumulating over slices), each product also in
+# its filtering (sparse K list) variant. Shapes: H = 4,096, V = 151,936 (a
+# 7-8B model's head), and odd H = 897, V = 151,655 (unaligned rows).
+LINEAR_KINDS = ("lin_fwd", "lin_fwd_ent", "lin_combine", "lin_dz", "lin_dz_ent", "lin_dz_filter", "lin_gw",
+                "lin_gh", "lin_gw_filter", "lin_gh_filter")
+LINEAR_SHAPES = {"aligned": (4096, 151_936), "unaligned": (897, 151_655)}
+TENSOR_CORE = {80: r"\bmma\.sync", 90: r"\bwgmma\.mma_async", 100: r"\btcgen05\.mma"}
+
+
+def linear_launch(kind, dtype, arch, shape="aligned", R=48):
+    """The Launch ``_kernels_linear`` makes for this kernel on a GPU of ``arch``."""
+    import torch
+    from gspo_kernels import _kernels_linear as kl, linear
+
+    dt = getattr(torch, dtype)
+    H, V = LINEAR_SHAPES[shape]
+    tiles = kl.tile_set(dt, torch.device("cpu"), kl.aligned_rows(torch.empty(1, H, dtype=dt)), arch)
+    hid = torch.empty(R, H, dtype=dt)
+    w = torch.empty(V, H, dtype=dt)  # never touched: no memory committed
+    b = torch.empty(V, dtype=dt)
+    y = torch.zeros(R, dtype=torch.long)
+    f = torch.zeros(R)
+    if kind in ("lin_fwd", "lin_fwd_ent", "lin_combine"):
+        span, n = linear.split_span(R, V, tiles, 264)  # an H100's 132 SMs, twice
+        stats = torch.empty(4, R, n)
+        launches = kl.fwd_launches(hid, w, b, y, torch.ones(R, dtype=torch.bool), 0.7, f, f.clone(),
+                                   f.clone() if kind != "lin_fwd" else None, stats, span, tiles)
+        return launches[1] if kind == "lin_combine" else launches[0]
+    vc = 8192
+    t = tiles["dz"]
+    dz = torch.empty(R, vc, dtype=dt)
+    flags = torch.empty(-(-R // t.block_m), vc // t.block_n, dtype=torch.int8)
+    ent = kind == "lin_dz_ent"
+    launches = kl.bwd_launches(hid, w, b, y, f, f, f if ent else None, f if ent else None, 0.7,
+                               2.0 ** -12 if kind.endswith("_filter") else None, dz, flags, vc, vc,
+                               torch.empty(R, H, dtype=dt), torch.empty(R, H), torch.empty_like(w), b.clone(),
+                               torch.ones(R, dtype=torch.int8), tiles)
+    flags.fill_(1)  # the products' K-block lists come from the flags dz writes
+    launch = launches[{"lin_dz": 0, "lin_dz_ent": 0, "lin_dz_filter": 0, "lin_gw": 1, "lin_gh": 2, "lin_gw_filter": 1,
+                       "lin_gh_filter": 2}[kind]]
+    return launch if kind.startswith("lin_dz") else launch()
+
+
 def _resource_usage(cubin: bytes):
     import triton
 
@@ -116,6 +164,31 @@ def compile_case(case):
                 **_resource_usage(k.asm["cubin"]))
 
 
+def compile_linear_case(case):
+    import triton
+    from triton.compiler import ASTSource
+
+    kind, dtype, shape, arch = case
+    launch = linear_launch(kind, dtype, arch, shape)
+    backend, signature, constexprs, attrs, options, _ = specialise(launch, arch)
+    k = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=backend.target,
+                       options=options.__dict__)
+    ptx = k.asm["ptx"]
+    kw = launch.kwargs
+    tile = (kw.get("BLOCK_M", kw.get("ROWS")), kw.get("BLOCK_N", kw.get("SPLITS")), kw.get("BLOCK_K", 0))
+    return dict(kind=kind, dtype=dtype, shape=shape, arch=arch, tile="x".join(map(str, tile)),
+                num_warps=kw["num_warps"], num_stages=kw.get("num_stages", 0),
+                tensor_core=len(re.findall(TENSOR_CORE[arch], ptx)), shared=k.metadata.shared,
+                local_ptx=len(re.findall(r"\b(?:ld|st)\.local", ptx)), **_resource_usage(k.asm["cubin"]))
+
+
+def linear_cases():
+    # fp16 takes bf16's tiles and code path (same registers): bf16 and fp32 cover both.
+    out = [(kind, dtype, "aligned", arch) for arch in ARCHS for kind in LINEAR_KINDS
+           for dtype in ("bfloat16", "float32")]
+    return out + [(kind, "bfloat16", "unaligned", 90) for kind in LINEAR_KINDS]
+
+
 def cases():
     out = []
     for arch in ARCHS:
@@ -150,12 +223,14 @@ def main():
     # spawn, not fork: the parent has imported torch (threads) already.
     with ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
                              mp_context=multiprocessing.get_context("spawn")) as ex:
+        linear = ex.map(compile_linear_case, linear_cases())
         results = list(ex.map(compile_case, [v[0] for v in uniq.values()]))
+        linear = list(linear)
     rows = []
     for res, group in zip(results, uniq.values()):
         for c in group:
             rows.append(dict(res, kind=c[0], dtype=c[1], V=c[2], layout=c[3], arch=c[4]))
-    json.dump(dict(cases=rows, variants=variants()), sys.stdout)
+    json.dump(dict(cases=rows, variants=variants(), linear=linear), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ reports global accesses by width, registers and local memory. Asserted here:
   the same values: their correctness is tested in ``test_logprobs.py`` and
   ``test_entropy.py`` at those V in the interpreter.
 - a bounded number of compiled variants over many (N, T) and V of one alignment class.
+- the hidden-state kernels (``_kernels_linear``: forward, split combine, dz,
+  grad_weight, grad_hidden, the products also as filtering runs them), compiled through their launchers with the tiles
+  each arch gets, bf16 and fp32, H = 4,096 and V = 151,936 (and odd H = 897,
+  V = 151,655 on sm_90): every kernel that multiplies uses the target's
+  tensor-core instruction (sm_80 ``mma.sync``, sm_90 ``wgmma.mma_async``,
+  sm_100 ``tcgen05.mma``), none uses local memory or a stack frame (no spills);
+  registers are printed.
 """
 from __future__ import annotations
 
@@ -81,6 +88,24 @@ def test_bounded_variants_per_shape(probe):
     for key, n in sorted(probe["variants"].items()):
         print(f"{key:<28} {n} variant(s)")
         assert n == 1 if key.endswith("/aligned") else 1 <= n <= 8, (key, n)
+
+
+def test_linear_kernels_use_tensor_cores_without_spills(probe):
+    lin = probe["linear"]
+    assert len(lin) == 3 * 10 * 2 + 10  # archs x kernels x dtypes, + the unaligned shape on sm_90
+    SUMMARY.append("hidden-state kernels, H = 4,096, V = 151,936 (tile = BLOCK_M x BLOCK_N x BLOCK_K):")
+    SUMMARY.append("kernel         dtype     arch  tile         warps  stages  regs  tensor-core instr  smem KB")
+    print()
+    for c in lin:
+        line = (f"{c['kind']:<14} {c['dtype']:<9} sm{c['arch']:<3} {c['tile']:<12} {c['num_warps']:<6} "
+                f"{c['num_stages']:<7} {c['regs']:<5} {c['tensor_core']:<18} {c['shared'] // 1024} {c['shape']}")
+        print(line)
+        if c["arch"] == 90 and c["shape"] == "aligned":
+            SUMMARY.append(line)
+        what = f"{c['kind']} {c['dtype']} {c['shape']} sm_{c['arch']}"
+        if c["kind"] != "lin_combine":
+            assert c["tensor_core"] >= 1, what
+        assert c["local"] == 0 and c["stack"] == 0 and c["local_ptx"] == 0, what  # no spills
 
 
 # GPU-only complement of test_bounded_variants_per_shape (which runs everywhere): the same

@@ -1,11 +1,13 @@
-"""Log-probs from hidden states and the LM head, chunk by chunk, against the
-reference that materialises the logits: values and the three gradients."""
+"""Log-probs from hidden states and the LM head against the reference that
+materialises the logits: values and the three gradients, on the fused
+kernels and on both chunked paths (``tests/test_linear_fused.py`` covers the
+fused kernels' own edges)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gspo_kernels import grpo_loss, gspo_loss, linear_sequence_logprobs, linear_token_logprobs, logprobs
+from gspo_kernels import grpo_loss, gspo_loss, linear, linear_sequence_logprobs, linear_token_logprobs, logprobs
 from gspo_kernels.linear import default_chunk_size
 from reference import (gspo_loss_reference, naive_linear_sequence_logprobs, naive_linear_token_entropy,
                        naive_linear_token_logprobs)
@@ -14,7 +16,8 @@ from reference import (gspo_loss_reference, naive_linear_sequence_logprobs, naiv
 # fp32: GEMM + fp32 log-softmax, ~1e-6. bf16/fp16: the logits themselves are
 # rounded to the input dtype by the GEMM (as they are when materialised), so
 # values carry ~|logit| * 2**-8 (bf16) / 2**-11 (fp16) and gradients one or two
-# ulps of their dtype; a wrong temperature, sign or missing row is off by O(1).
+# ulps of their dtype (the fused kernels keep the logits in fp32: well inside);
+# a wrong temperature, sign or missing row is off by O(1).
 TOLERANCE = {
     torch.float64: dict(value=1e-12, grad=1e-12),
     torch.float32: dict(value=2e-6, grad=2e-5),
@@ -24,9 +27,12 @@ TOLERANCE = {
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["fused", "chunked_triton", "chunked_torch"])
 def backend(request, monkeypatch):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    """The fused hidden-state kernels; the chunked path over the Triton logits kernels; the
+    chunked path over the chunked PyTorch path (on a CUDA machine the first two run on the GPU)."""
+    monkeypatch.setattr(logprobs, "CPU_BACKEND", "torch" if request.param == "chunked_torch" else "triton")
+    monkeypatch.setattr(linear, "FUSED", request.param == "fused")
     return request.param
 
 

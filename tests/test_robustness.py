@@ -311,7 +311,7 @@ def test_inplace_backward_under_compile(backend, compiler):
     assert torch.equal(g1, g2)
 
 
-# ---------------------------------------------------------------- 9. hidden-state path, fully masked chunk
+# ---------------------------------------------------------------- 9. hidden-state path, masked rows
 def test_linear_fully_masked_chunk_has_zero_gradient():
     g = torch.Generator().manual_seed(2)
     h = torch.randn(6, 4, generator=g, requires_grad=True)
@@ -321,7 +321,9 @@ def test_linear_fully_masked_chunk_has_zero_gradient():
     out = linear_token_logprobs(h, w, y, valid=valid, chunk_size=2)
     assert out[2].item() == 0.0 and out[3].item() == 0.0  # rows 2-3: one fully masked chunk
     (gh,) = torch.autograd.grad(out, h, torch.ones(6))  # the caller sends a gradient there anyway
-    assert torch.count_nonzero(gh[2:4]) == 0 and torch.count_nonzero(gh[5]) > 0
+    # every invalid row (a whole masked chunk, or row 5 alone) is inert; valid rows are not
+    assert torch.count_nonzero(gh[2:4]) == 0 and torch.count_nonzero(gh[5]) == 0
+    assert torch.count_nonzero(gh[4]) > 0 and out[5].item() == 0.0
 
 
 # ---------------------------------------------------------------- 10. the ratio's denominator
