@@ -7,7 +7,7 @@ Functional API:
 - :func:`sequence_logprobs` ``(..., T, V) -> (...)``: masked mean ("1/L") or sum per sequence;
   packed (padding-free) rows with ``cu_seqlens=`` (:func:`cu_seqlens_from_position_ids`), as the losses.
 - :func:`linear_token_logprobs`, :func:`linear_sequence_logprobs`: the same from hidden states
-  ``(..., T, H)`` and the LM head ``(V, H)``, chunk by chunk, never holding the logits.
+  ``(..., T, H)`` and the LM head ``(V, H)``, by fused kernels that never write a logit to memory.
 - :func:`policy_loss` (and ``PolicyLoss``): every policy loss of TRL's ``GRPOTrainer`` and verl,
   under TRL's option names, ``-> (loss, metrics)``; :func:`gspo_loss`, :func:`grpo_loss` (and
   ``GSPOLoss``, ``GRPOLoss``) are presets over it; :func:`rollout_correction` the rollout/training

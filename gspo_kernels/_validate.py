@@ -297,7 +297,7 @@ class ValueChecks:
         assert len(self._flags) < 63, "too many queued checks for one int64 flag"
         weights = torch.tensor([1 << i for i in range(len(self._flags))], device=self._flags[0].device)
         code = (torch.stack([f.to(weights.device) for f in self._flags]).to(torch.int64) * weights).sum()
-        flags, messages = self._flags, self._messages
+        messages = self._messages
         self._flags, self._messages = [], []
         if torch.compiler.is_compiling():
             text = _SEP.join(m.static if isinstance(m, LazyMessage) else m for m in messages)

@@ -395,10 +395,27 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
                              lengths: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                              temperature: float = 1.0, normalize: bool = True,
                              chunk_size: Optional[int] = None, vocab_group=None,
-                             vocab_size: Optional[int] = None, grad_filter=False) -> Tensor:
+                             vocab_size: Optional[int] = None, grad_filter=False,
+                             cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
     """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
-    over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients."""
+    over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients.
+    ``cu_seqlens``: packed sequences, ``hidden`` ``(total, H)`` or ``(1, total, H)``, tokens/mask
+    ``(total,)`` or ``(1, total)``, ``-> (N,)`` (see :func:`gspo_kernels.sequence_logprobs`)."""
     _check(hidden, weight, tokens, bias, temperature, chunk_size)
+    if cu_seqlens is not None:
+        from .sequences import resolve_packed
+
+        if lengths is not None:
+            raise ValueError("with cu_seqlens, give a mask (total,) or none, not lengths")
+        lead = tuple(hidden.shape[:-1])
+        if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
+            raise ValueError(f"packed hidden must be (total, H) or (1, total, H), got shape {tuple(hidden.shape)}")
+        packed = resolve_packed(cu_seqlens, lead[-1], max_seqlen)
+        valid = None if mask is None else resolve_mask(mask, None, tokens)
+        logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature,
+                                     chunk_size=chunk_size, valid=valid, vocab_group=vocab_group,
+                                     vocab_size=vocab_size, grad_filter=grad_filter)
+        return packed.sequence_mean(logp, valid, normalize)
     valid = resolve_mask(mask, lengths, tokens)
     if valid is None:
         valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)

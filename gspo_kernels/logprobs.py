@@ -384,7 +384,5 @@ def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seq
     packed = resolve_packed(cu_seqlens, total, max_seqlen, check_inputs=check_inputs)
     checks = ValueChecks(check_inputs)
     valid = resolve_mask(mask, None, tokens, checks=checks) if mask is not None else None
-    logp = token_logprobs_checked(logits, tokens, checks, valid=valid, **kw).reshape(total)
-    v = torch.ones(total, dtype=torch.bool, device=logp.device) if valid is None else valid.reshape(total)
-    out = masked_sequence_mean(packed.pad(torch.where(v, logp, 0)), packed.pad(v), normalize)
-    return checks.finish(out)
+    logp = token_logprobs_checked(logits, tokens, checks, valid=valid, **kw)
+    return checks.finish(packed.sequence_mean(logp, valid, normalize))

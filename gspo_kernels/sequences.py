@@ -42,6 +42,15 @@ class Packed:
         out = torch.full((self.n, self.t_max), fill, dtype=x.dtype, device=x.device)
         return out.index_put((self.seq_id, self.pos), x)
 
+    def sequence_mean(self, logp: Tensor, valid: Optional[Tensor], normalize: bool = True) -> Tensor:
+        """``(total,)`` per-token log-probs -> ``(N,)`` masked mean over each sequence's valid tokens
+        (sum when not ``normalize``; 0 for an empty sequence)."""
+        from .logprobs import masked_sequence_mean
+
+        logp = logp.reshape(self.total)
+        v = torch.ones(self.total, dtype=torch.bool, device=logp.device) if valid is None else valid.reshape(self.total)
+        return masked_sequence_mean(self.pad(torch.where(v, logp, 0)), self.pad(v), normalize)
+
     def unpad(self, x: Tensor) -> Tensor:
         """``(N, T_max)`` rows -> ``(total,)`` packed tokens."""
         return x[self.seq_id, self.pos]

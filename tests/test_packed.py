@@ -178,3 +178,20 @@ def test_packed_layout_maps_tokens_to_rows():
     assert p.pad(x).tolist() == [[0, 1, 0], [0, 0, 0], [2, 3, 4]] and torch.equal(p.unpad(p.pad(x)), x)
     with pytest.raises(ValueError, match="max_seqlen=2 is shorter than the longest sequence"):
         resolve_packed(torch.tensor([0, 2, 2, 5]), 5, max_seqlen=2)
+
+
+def test_linear_sequence_logprobs_packed_equals_padded():
+    g = torch.Generator().manual_seed(6)
+    d = _packed_batch(torch.float32, seed=6)
+    cu, H = d["cu"], 8
+    hidden = torch.randn(int(cu[-1]), H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    h1 = hidden.clone().requires_grad_(True)
+    s1 = gspo_kernels.linear_sequence_logprobs(h1, weight, d["y"], d["m"], cu_seqlens=cu, temperature=0.8)
+    h2 = _pad(hidden, cu).requires_grad_(True)
+    s2 = gspo_kernels.linear_sequence_logprobs(h2, weight, _pad(d["y"], cu), _pad(d["m"], cu, False), temperature=0.8)
+    _close(s1, s2, torch.float32, "value", "sequence log-probs")
+    (g1,) = torch.autograd.grad(s1.sum(), h1)
+    (g2,) = torch.autograd.grad(s2.sum(), h2)
+    _close(g1, _unpad(g2, cu), torch.float32, "grad", "grad hidden")
+    assert s1[1].item() == 0.0
