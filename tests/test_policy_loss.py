@@ -6,7 +6,9 @@ high-entropy token mask and each rollout-correction mode, ``policy_loss`` on the
 logits equals TRL's own ``GRPOTrainer._compute_loss`` (the installed package, run
 by reference/trl_oracle.py) on per-token log-probs of the same logits: value,
 gradient w.r.t. the logits, and TRL's logged metrics. Fresh random inputs with an
-empty sequence and a sequence with a hole in its mask.
+empty sequence and a sequence with a hole in its mask. On both CPU backends: the Triton
+kernels in the interpreter (whose loss tail is the fused one, losses/_tail.py) and the
+chunked PyTorch path (the torch composition, losses/core.py).
 """
 from __future__ import annotations
 
@@ -126,8 +128,22 @@ CASES = [(lt, lvl, var) for lt in LOSS_TYPES for lvl in ("token", "sequence") fo
          if _valid(lt, lvl, var)]
 
 
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Both CPU backends against TRL: the Triton kernels in the interpreter (with the fused loss
+    tail) and the chunked PyTorch path (with the torch composition). On a GPU, the Triton path."""
+    from gspo_kernels import logprobs
+
+    if DEVICE == "cuda" and request.param == "torch":
+        pytest.skip("CUDA tensors always take the Triton path")
+    if DEVICE == "cpu" and request.param == "triton" and logprobs.CPU_BACKEND != "triton":
+        pytest.skip("Triton interpreter not active (TRITON_INTERPRET unset at import)")  # set by conftest
+    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("loss_type,level,variant", CASES)
-def test_equals_trl_fp32(loss_type, level, variant):
+def test_equals_trl_fp32(loss_type, level, variant, backend):
     d = _batch(torch.float32, seed=zlib.crc32(f"{loss_type}-{level}-{variant}".encode()) % 1000)
     config = dict(loss_type=loss_type, importance_sampling_level=level, **VARIANTS[variant])
     _compare(d, config, variant, torch.float32)
@@ -135,7 +151,7 @@ def test_equals_trl_fp32(loss_type, level, variant):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_equals_trl_bf16(loss_type, level):
+def test_equals_trl_bf16(loss_type, level, backend):
     # bf16 logits: the kernel accumulates in fp32 and writes a bf16 gradient (one rounding)
     d = _batch(torch.bfloat16, seed=5)
     config = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.05)

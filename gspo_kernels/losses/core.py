@@ -8,6 +8,8 @@
     loss        = aggregate(l, m) - entropy_coef * (sum H m') / (sum m')
 
 verl's loss types (``opt.family == "verl"``) are composed in :mod:`.verl` from the same parts.
+On the Triton path the TRL family runs fused instead (:mod:`._tail_fn`: two kernels forward,
+one backward), equal to this composition, which stays the CPU path and the reference.
 Everything here is O(N*T); autograd hands the fused log-prob kernel's backward one
 per-token gradient for ``lp`` (and one for the entropy when the bonus asks for it).
 """
@@ -19,6 +21,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from . import _tail_fn
 from .advantages import advantage_from_rewards
 from .aggregate import aggregate
 from .inputs import LossInputs
@@ -29,18 +32,23 @@ from .options import LossOptions
 _warned_contrast = False
 
 
+def _warn_contrast(inp: LossInputs, mode: str, stacklevel: int) -> None:
+    global _warned_contrast
+    if (inp.advantages is None and mode == "contrast" and inp.denominator == "detached"
+            and not _warned_contrast):
+        _warned_contrast = True
+        warnings.warn("advantages='contrast' with the detached current policy as the ratio's denominator "
+                      "is identically 0 (every ratio is 1): this loss has no gradient. Pass old_logprobs "
+                      "(off-policy steps) or use advantages='group_norm'", stacklevel=stacklevel)
+
+
 def _advantages(inp: LossInputs, opt: LossOptions, mode: str, log_ratio: Tensor, process_group) -> Tensor:
     if inp.advantages is not None:
         return inp.advantages.to(inp.logp.dtype)
     B, G = inp.rewards.shape
     s = None
     if mode == "contrast":
-        global _warned_contrast
-        if inp.denominator == "detached" and not _warned_contrast:
-            _warned_contrast = True
-            warnings.warn("advantages='contrast' with the detached current policy as the ratio's denominator "
-                          "is identically 0 (every ratio is 1): this loss has no gradient. Pass old_logprobs "
-                          "(off-policy steps) or use advantages='group_norm'", stacklevel=4)
+        _warn_contrast(inp, mode, stacklevel=5)
         s = torch.exp(masked_seq_mean(log_ratio, inp.mask).detach()).reshape(B, G)
     A = advantage_from_rewards(mode, inp.rewards, s, process_group)
     return A.reshape(B * G, 1).to(inp.logp.dtype)
@@ -103,6 +111,9 @@ def common_metrics(inp: LossInputs, A: Tensor, ratio: Tensor, policy_loss: Tenso
 
 
 def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    if _tail_fn.applies(inp, opt, process_group):  # the TRL family on the Triton path: the fused tail
+        _warn_contrast(inp, mode, stacklevel=4)
+        return _tail_fn.fused_compose(inp, opt, mode)
     lp, m = inp.logp, inp.mask
     den = {"old": inp.old, "ref": inp.ref}.get(inp.denominator)
     den = lp.detach() if den is None else den.to(lp.dtype)

@@ -1,0 +1,250 @@
+"""The fused loss tail of the TRL family: its autograd function and the dispatch from
+:func:`.core.compose` (kernels: :mod:`._tail`).
+
+Forward (per sequence i, token t; ``m`` the mask, ``L = sum_t m``, ``Lc = max(L, 1)``)::
+
+    r_t    = m (lp_t - den_t)                                  den: old / ref / sg[lp]
+    log_w  = r_t (token) | sum_t r_t / Lc (sequence) | sg[sum_t r_t / Lc] + lp_t - sg[lp_t] (sequence_token)
+    w      = exp(log_w if A != 0 else 0)                       guarded_exp
+    p_t    = objective(w, A, lp)                               ppo_clip | cispo | sapo | vespo
+    l_t    = p_t * keep_i * e_t * c_t + beta * kl_t * (exp(log_w) with use_bias_correction_kl)
+    loss   = sum_t m l_t a_t - coef * (sum_t m'_t H_t) / max(sum m', 1)
+
+with ``keep`` the off-policy mask, ``e`` the high-entropy mask (``m' = e``, else ``m``),
+``c`` the rollout-correction ratio (not for vespo, whose phi takes it) and ``a_t`` the
+aggregation weight: ``1 / (N Lc_i)`` (seq-mean-token-mean), ``1 / max(sum m, 1)``
+(token-mean), ``1/N`` (seq-mean-token-sum), ``1`` (token-sum), ``1 / max(N mcl, 1)``
+(dr_grpo, seq-mean-token-sum-norm), ``1 / max(nib, 1)`` (token-sum-norm).
+
+Backward, for the loss's upstream gradient g (``g_t = g m_t a_t``; C = keep e c)::
+
+    ppo_clip   p = -min(w1 A, w2 A),  w1 = min(w, delta),  w2 = clamp(w, 1-eps, 1+eps_high)
+               dp/dw = -(h_a A 1[w <= delta] + h_b A 1[1-eps <= w <= 1+eps_high])
+               with torch.minimum's split: h_a = 1[a < b] + 1/2 1[a = b], h_b = 1[b < a] + 1/2 1[a = b];
+               dual clip (clip_ratio_c, A < 0): p' = min(p, -A c): times 1[p < -A c] + 1/2 1[p = -A c]
+    cispo      p = -sg[min(w, eps_high)] A lp:        dp/dlp = -min(w, eps_high) A (direct; no w term)
+    sapo       p = -(4/tau) sigmoid(tau (w - 1)) A:    dp/dw = -4 A s (1 - s),  s = sigmoid(tau (w - 1))
+    vespo      p = -sg[phi] A lp:                      dp/dlp = -phi A (direct; phi detached)
+    weight     dw/dlog_w = w 1[A != 0]
+    KL         d = ref - lp; dkl/dlp: k1 1, k2 -d, k3 1 - e^d, abs -sign(d),
+               low_var_kl (1 - e^d) 1[|d| <= 20] 1[|e^d - d - 1| <= 10]
+               bias-corrected (kl E, E = exp(log_w)): dlp += beta dkl E, dlog_w += beta kl E
+    chain      token:          dlp_t = g_t (C dp/dw dw/dlog_w + beta ... ) (dlog_w_t/dlp_t = m_t)
+               sequence:       dlp_t = g_t (direct) + (m_t / Lc) sum_s g_s dl_s/dlog_w      (the m_t / L chain)
+               sequence_token: dlog_w_t/dlp_t = 1 (the sequence part is detached)
+    entropy    dH_t = -coef g m'_t / max(sum m', 1)
+
+The masks and the correction ratio carry no gradient. Every derivative is tested against
+autograd of the torch composition (tests/test_tail.py).
+
+Used when the log-probs take the Triton path (CUDA, or the CPU interpreter), the loss is of
+the TRL family and no ``process_group`` spreads a group over ranks (the advantage needs
+the whole group); not under ``torch.compile``, whose own fusion of the torch composition
+serves there. Otherwise :mod:`.core`'s torch composition runs (it is also the reference).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _tail as k
+from . import _tail_math as tm
+from .advantages import GROUP_NORM_EPS
+from .inputs import LossInputs
+from .options import LossOptions
+
+
+def applies(inp: LossInputs, opt: LossOptions, process_group) -> bool:
+    from ..logprobs import _use_triton
+
+    return (opt.family == "trl" and process_group is None and _use_triton(inp.logp) and inp.logp.numel() > 0
+            and inp.logp.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+
+
+@dataclass(frozen=True)
+class TailSpec:
+    """The compile-time switches of one call (``tl.constexpr`` in the kernels) and its dtypes:
+    ``acc`` the log-probs'; ``ps``/``pr`` those torch promotes the off-policy gap and the rollout
+    log-ratio to; ``rd`` the correction ratio's; ``vd`` VESPO's log-weight's; ``ld`` the loss's."""
+
+    level: int
+    den: int
+    adv_mode: int
+    obj: int
+    has_delta: bool
+    has_clipc: bool
+    kl: int
+    bias_kl: bool
+    add_kl: bool
+    offpol: int
+    entmask: bool
+    isr_mode: int
+    isr_mask: bool
+    has_cmin: bool
+    has_cmax: bool
+    clip_tok: bool
+    pass1: bool
+    agg: int
+    has_nib: bool
+    ent_bonus: bool
+    acc: torch.dtype
+    ps: torch.dtype
+    pr: torch.dtype
+    rd: torch.dtype
+    vd: torch.dtype
+    ld: torch.dtype
+
+
+def _spec(inp: LossInputs, opt: LossOptions, mode: str) -> TailSpec:
+    N, T = inp.mask.shape
+    acc = inp.logp.dtype
+    level = tm.LEVELS[opt.importance_sampling_level]
+    obj = tm.OBJS[opt.objective]
+    if inp.advantages is not None:
+        adv_mode = tm.ADV_SEQ if inp.advantages.shape[-1] == 1 else tm.ADV_TOK
+    else:
+        adv_mode = tm.ADV_CONTRAST if mode == "contrast" else tm.ADV_GROUP_NORM
+    cmode = opt.vllm_importance_sampling_mode
+    if cmode is not None:  # at T = 1 a sequence ratio is a token ratio (and torch's metrics see it so)
+        isr_mode = tm.ISR_MODE_SEQ if cmode.startswith("sequence") and T != 1 else tm.ISR_MODE_TOK
+        pr = torch.promote_types(inp.old.dtype, inp.sampling.dtype)
+        rd = pr
+    elif inp.is_ratio is not None:
+        isr_mode = tm.ISR_TOK if inp.is_ratio.shape[-1] == T else tm.ISR_SEQ
+        pr = acc
+        rd = inp.is_ratio.dtype if inp.is_ratio.dtype in (torch.float32, torch.float64) else torch.float32
+    else:
+        isr_mode, pr, rd = tm.ISR_NONE, acc, acc
+    offpol = 0 if opt.off_policy_mask_threshold is None else (1 if inp.sampling is not None else 2)
+    ps = torch.promote_types(inp.sampling.dtype, acc) if offpol == 1 else acc
+    vespo = obj == tm.OBJS["vespo"]
+    vd = torch.promote_types(acc, rd) if vespo and isr_mode else acc
+    ppo = obj == tm.OBJS["ppo_clip"]
+    adv_tok = adv_mode == tm.ADV_TOK or T == 1
+    clip_tok = adv_tok or (level != tm.LEVELS["sequence"] and obj in (tm.OBJS["ppo_clip"], tm.OBJS["cispo"]))
+    return TailSpec(
+        level=level, den=tm.DENS[inp.denominator], adv_mode=adv_mode, obj=obj,
+        has_delta=ppo and opt.delta is not None, has_clipc=ppo and opt.clip_ratio_c is not None,
+        kl=tm.KLS[opt.kl] if inp.ref is not None else 0, bias_kl=bool(opt.use_bias_correction_kl),
+        add_kl=bool(opt.beta) and inp.ref is not None, offpol=offpol, entmask=opt.top_entropy_quantile < 1.0,
+        isr_mode=isr_mode, isr_mask=bool(cmode and cmode.endswith("mask")),
+        has_cmin=opt.vllm_importance_sampling_clip_min is not None,
+        has_cmax=opt.vllm_importance_sampling_clip_max is not None, clip_tok=clip_tok,
+        pass1=level != tm.LEVELS["token"] or offpol != 0 or isr_mode == tm.ISR_MODE_SEQ or vespo,
+        agg=tm.AGGS[opt.aggregation], has_nib=inp.num_items_in_batch is not None,
+        ent_bonus=bool(opt.entropy_coef), acc=acc, ps=ps, pr=pr, rd=rd, vd=vd, ld=vd if vespo else acc)
+
+
+_PRM_CACHE: Dict[tuple, Tensor] = {}
+
+
+def _params(opt: LossOptions, device: torch.device) -> Tensor:
+    """The float options as an fp64 device tensor, built once per (options, device): no
+    host-to-device copy in a steady training loop (nor in a captured CUDA graph)."""
+    key = (opt, device)
+    t = _PRM_CACHE.get(key)
+    if t is None:
+        v = [0.0] * tm.N_PRM
+        for slot, x in {
+            tm.R_LO: 1.0 - opt.epsilon, tm.R_HI: 1.0 + opt.eps_high, tm.R_DELTA: opt.delta,
+            tm.R_CLIPC: opt.clip_ratio_c, tm.R_EPSH: opt.eps_high, tm.R_BETA: opt.beta,
+            tm.R_TPOS: opt.sapo_temperature_pos, tm.R_TNEG: opt.sapo_temperature_neg,
+            tm.R_KPOS: opt.vespo_k_pos, tm.R_LPOS: opt.vespo_lambda_pos, tm.R_KNEG: opt.vespo_k_neg,
+            tm.R_LNEG: opt.vespo_lambda_neg, tm.R_LAMMIN: 1e-4, tm.R_LOGLO: math.log(1e-8),
+            tm.R_GNEPS: GROUP_NORM_EPS, tm.R_OFFTHR: opt.off_policy_mask_threshold,
+            tm.R_CMIN: opt.vllm_importance_sampling_clip_min, tm.R_CMAX: opt.vllm_importance_sampling_clip_max,
+            tm.R_Q: 1.0 - opt.top_entropy_quantile, tm.R_COEF: opt.entropy_coef,
+        }.items():
+            v[int(slot)] = float(x or 0.0)
+        if len(_PRM_CACHE) >= 64:
+            _PRM_CACHE.clear()
+        t = _PRM_CACHE[key] = torch.tensor(v, dtype=torch.float64, device=device)
+    return t
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+class FusedTail(torch.autograd.Function):
+    """``(lp, entropy, ...) -> (loss, policy_loss, metrics vector, per-sequence metrics (3, N),
+    per-token ratio)``; differentiable in the loss only, w.r.t. ``lp`` (and ``entropy`` with
+    the bonus)."""
+
+    @staticmethod
+    def forward(ctx, lp, ent, spec: TailSpec, div: int, G: int, tensors: dict):
+        N, T = lp.shape
+        dev = lp.device
+        t = dict(tensors, lp=lp, ent=ent)
+        out = dict(part=torch.empty(N, k.K, dtype=spec.ld, device=dev),
+                   seqm=torch.empty(3, N, dtype=spec.acc, device=dev),
+                   ratio=torch.empty(N, T, dtype=spec.acc, device=dev) if spec.level != 1 else lp.new_empty(0),
+                   scal=torch.empty(4, dtype=torch.float64, device=dev),
+                   loss=torch.empty((), dtype=spec.ld, device=dev), pl=torch.empty((), dtype=spec.ld, device=dev),
+                   met=torch.empty(tm.N_MET, dtype=spec.acc, device=dev))
+        for launch in k.fwd_launches(spec, t, out, N, T, G, div):
+            launch()
+        names = ("mask", "old", "ref", "samp", "isr", "adv", "prm")
+        ctx.save_for_backward(lp, ent, out["part"], out["scal"], *(t.get(n) for n in names))
+        ctx.names, ctx.spec = names, spec
+        ctx.mark_non_differentiable(out["pl"], out["met"], out["seqm"], out["ratio"])
+        ctx.set_materialize_grads(False)
+        return out["loss"], out["pl"], out["met"], out["seqm"], out["ratio"]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, *_):
+        if g_loss is None:
+            return None, None, None, None, None, None
+        lp, ent, part, scal, *rest = ctx.saved_tensors
+        t = dict(zip(ctx.names, rest), lp=lp, ent=ent)
+        spec = ctx.spec
+        N, T = lp.shape
+        dlp = torch.empty_like(lp)
+        dh = torch.empty_like(ent) if spec.ent_bonus and ctx.needs_input_grad[1] else None
+        k.bwd_launch(spec, t, part, scal, g_loss.contiguous(), dlp, dh, N, T)()
+        return dlp, dh, None, None, None, None
+
+
+def fused_compose(inp: LossInputs, opt: LossOptions, mode: str) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`.core.compose` for the TRL family, in three kernels (see the module docstring)."""
+    spec = _spec(inp, opt, mode)
+    m = inp.mask
+    N, T = m.shape
+    tensors = dict(mask=m.contiguous().view(torch.uint8), old=_contig(inp.old), ref=_contig(inp.ref),
+                   samp=_contig(inp.sampling), isr=_contig(inp.is_ratio), adv=_contig(inp.advantages),
+                   rew=None if inp.rewards is None else inp.rewards.contiguous().reshape(-1),
+                   nib=inp.num_items_in_batch, prm=_params(opt, m.device))
+    if spec.entmask:  # the threshold's sort (masks.quantile_of_valid); the kernels take the rest
+        tensors["sorted"] = torch.where(m, inp.entropy.detach().float(), float("inf")).reshape(-1).sort().values
+    div = N * (opt.max_completion_length or T)
+    loss, pl, met, seqm, ratio = FusedTail.apply(inp.logp.contiguous(), inp.entropy.contiguous(), spec, div,
+                                                 inp.group_size, tensors)
+    seq = lambda x: inp.per_sequence(x.reshape(N, 1))  # noqa: E731
+    if spec.level == tm.LEVELS["sequence"]:
+        ratio = seqm[2].reshape(N, 1)
+    metrics = {"ratio": inp.per_sequence(ratio) if ratio.shape[-1] == 1 else inp.per_token(ratio),
+               "advantage": seq(seqm[0]), "seq_logprobs": seq(seqm[1]), "policy_loss": pl}
+    names = _COMMON + (_CORRECTION if spec.isr_mode else ()) + _BY_OBJECTIVE.get(spec.obj, ())
+    metrics.update((name, met[int(slot)]) for name, slot in names)
+    if spec.obj == tm.OBJS["ppo_clip"]:
+        metrics["clip_fraction"] = metrics["clip_ratio/region_mean"]
+    return loss, metrics
+
+
+# Scalar metrics: name -> slot of the kernels' metrics vector, in core.compose's order.
+_COMMON = (("kl", tm.M_KL), ("entropy", tm.M_ENT))
+_CORRECTION = tuple((f"sampling/importance_sampling_ratio/{s}", slot)
+                    for s, slot in (("min", tm.M_RMIN), ("mean", tm.M_RMEAN), ("max", tm.M_RMAX)))
+_BY_OBJECTIVE = {
+    tm.OBJS["ppo_clip"]: (("clip_ratio/low_mean", tm.M_LOW), ("clip_ratio/high_mean", tm.M_HIGH),
+                          ("clip_ratio/region_mean", tm.M_REGION), ("clip_ratio/low_min", tm.M_LOWMIN),
+                          ("clip_ratio/high_max", tm.M_HIGHMAX)),
+    tm.OBJS["cispo"]: (("cispo_clip_ratio", tm.M_CISPO),),
+    tm.OBJS["vespo"]: (("vespo/phi_seq_mean", tm.M_PHI),),
+}
