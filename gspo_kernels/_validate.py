@@ -129,7 +129,7 @@ def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Te
                       name: str = "tokens", checks: "Optional[ValueChecks]" = None) -> None:
     """Token ids must lie in [0, V) (only where ``valid`` is true, if given). With ``checks``
     the test is queued on its device flag instead of read here."""
-    if tokens.numel() == 0:
+    if tokens.numel() == 0 or (checks is not None and not checks.enabled):
         return
     bad = (tokens < 0) | (tokens >= vocab)
     if valid is not None:
@@ -178,7 +178,7 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
                 lo, hi = torch.aminmax(lengths)
                 return f", got values in [{int(lo)}, {int(hi)}]"
 
-            if lengths.numel():
+            if lengths.numel() and checks.enabled:
                 checks.require_not(((lengths < 0) | (lengths > T)).any(),
                                    LazyMessage(f"lengths must lie in [0, T] = [0, {T}]", details))
             return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
@@ -255,6 +255,15 @@ def _(code, messages, like):
     return like.new_empty(())
 
 
+def not_finite(t: torch.Tensor) -> torch.Tensor:
+    """``~isfinite(t)`` in two ops in eager mode (``t * 0`` is 0 exactly when ``t`` is finite: NaN
+    and +-inf give NaN); under torch.compile ``isfinite`` itself, since a compiler may fold
+    ``t * 0`` to 0."""
+    if torch.compiler.is_compiling():
+        return ~torch.isfinite(t)
+    return t * 0 != 0
+
+
 class ValueChecks:
     """Value checks of one call, gathered on the device and read once.
 
@@ -283,11 +292,16 @@ class ValueChecks:
         """``where(valid, t, 0)`` (``keep_finite``: only non-finite values are zeroed, finite ones
         kept everywhere); queues "``name`` must be finite at valid positions"."""
         valid = valid.expand(t.shape)
-        finite = torch.isfinite(t)
-        self.require_not((~finite & valid).any(),
-                         f"{name} must be finite at valid (unmasked) positions, got NaN/inf there")
-        keep = (valid | finite) if keep_finite else valid
-        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+        if keep_finite:
+            finite = torch.isfinite(t)
+            self.require_not((~finite & valid).any(),
+                             f"{name} must be finite at valid (unmasked) positions, got NaN/inf there")
+            return torch.where(valid | finite, t, 0.0)
+        out = torch.where(valid, t, 0.0)
+        if self.enabled:
+            self.require_not(not_finite(out).any(),
+                             f"{name} must be finite at valid (unmasked) positions, got NaN/inf there")
+        return out
 
     def finish(self, result: torch.Tensor) -> torch.Tensor:
         """``result``, after raising the first failed check (one host sync; none when nothing

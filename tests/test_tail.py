@@ -296,6 +296,7 @@ NOT_KERNELS = frozenset({
     "scalar_tensor", "promote_types", "_local_scalar_dense",
 })
 LAUNCH_BUDGET = 12
+CHECKED_LAUNCH_BUDGET = 40  # with check_inputs=True (measured 28-36 over COUNT_CASES)
 
 
 class CountKernels(TorchDispatchMode):
@@ -434,9 +435,10 @@ def test_launch_count(case, check_inputs, monkeypatch):
     assert sorted(t for t in tail if t.startswith("triton:")) == [
         "triton:_tail_bwd_kernel", "triton:_tail_fwd_kernel", "triton:_tail_reduce_kernel"], tail
     assert len(tail) <= 4 + sort, tail
-    if total > LAUNCH_BUDGET:
-        pytest.xfail(f"{total} device kernels > {LAUNCH_BUDGET}: the input resolution (losses/inputs.py, "
-                     f"value checks, log-prob kernels) alone dispatches {len(phases.get('inputs', []))}")
+    # check_inputs=False: the whole call within the budget. With the checks on, each value check
+    # is a few small ops on its tensor plus the one flag read: bounded, not yet fused into kernels.
+    budget = CHECKED_LAUNCH_BUDGET if check_inputs else LAUNCH_BUDGET
+    assert total <= budget, (total, phases)
 
 
 # ---------------------------------------------------------------- generated code

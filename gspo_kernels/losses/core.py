@@ -114,6 +114,7 @@ def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) ->
     if _tail_fn.applies(inp, opt, process_group):  # the TRL family on the Triton path: the fused tail
         _warn_contrast(inp, mode, stacklevel=4)
         return _tail_fn.fused_compose(inp, opt, mode)
+    inp = inp.zeroed()
     lp, m = inp.logp, inp.mask
     den = {"old": inp.old, "ref": inp.ref}.get(inp.denominator)
     den = lp.detach() if den is None else den.to(lp.dtype)

@@ -10,13 +10,14 @@ Whatever sits at a masked position is replaced by exact zeros here.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .._validate import check_index_dtype, check_logits, resolve_mask
+from .._validate import check_index_dtype, check_logits, not_finite, resolve_mask
 from ..sequences import Packed, resolve_packed
 from .checks import ValueChecks
 from .options import LossOptions
@@ -29,8 +30,8 @@ class LossInputs:
     """What the loss math sees. ``N`` sequences of ``T`` tokens; ``lead`` the caller's
     leading shape (``(B, G, T)`` or ``(N, T)``) for reporting per-token metrics."""
 
-    logp: Tensor                      # (N, T) policy log-probs, differentiable, 0 at masked positions
-    entropy: Tensor                   # (N, T) entropies from the same pass, 0 at masked positions
+    logp: Tensor                      # (N, T) policy log-probs, differentiable (anything at masked positions)
+    entropy: Tensor                   # (N, T) entropies from the same pass
     mask: Tensor                      # (N, T) bool
     old: Optional[Tensor]             # (N, T) behaviour policy (detached), or None
     ref: Optional[Tensor]             # (N, T) reference policy, or None
@@ -43,6 +44,14 @@ class LossInputs:
     num_items_in_batch: Optional[Tensor]
     lead: Tuple[int, ...]             # per-token metrics' shape ((total,) for packed input)
     packed: Optional[Packed] = None   # packed input: how its tokens map to the (N, T) rows
+
+    def zeroed(self) -> "LossInputs":
+        """The same inputs with exact zeros at masked positions in every per-token tensor (what sits
+        there, NaN included, then never reaches a value or a gradient of the torch composition)."""
+        m = self.mask
+        z = lambda t: None if t is None else torch.where(m, t, 0.0)  # noqa: E731
+        return dataclasses.replace(self, logp=z(self.logp), entropy=z(self.entropy), old=z(self.old),
+                                   ref=z(self.ref), sampling=z(self.sampling))
 
     def per_token(self, x: Tensor) -> Tensor:
         """(N, T) rows -> the caller's per-token layout."""
@@ -169,7 +178,7 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
 
     # ---- values (one device flag)
-    if mask is not None and mask.dtype.is_floating_point:
+    if mask is not None and mask.dtype.is_floating_point and checks.enabled:
         checks.require_not(((mask != 0) & (mask != 1)).any(), "mask must hold only 0 and 1 (a float mask "
                            "is not a weight); got other values")
     valid = torch.ones(lead, dtype=torch.bool, device=dev) if mask_b is None else mask_b
@@ -183,9 +192,12 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     m = rows(valid)
     tok = lambda t: None if t is None else rows(t)  # noqa: E731
     seq = lambda t: t.reshape(N, 1) if t.numel() == N else rows(t)  # noqa: E731
-    old = None if old is None else checks.finite(tok(old), m, "old_logprobs")
-    ref = None if ref is None else checks.finite(tok(ref), m, "ref_logprobs")
-    samp = None if samp is None else torch.where(m, tok(samp), torch.zeros((), dtype=samp.dtype, device=dev))
+    # per-token inputs stay as given at masked positions here (the fused tail selects, never
+    # multiplies, by the mask); LossInputs.zeroed() gives the torch composition exact zeros there
+    finite = lambda t, name: checks.finite(t, m, name) if checks.enabled else t  # noqa: E731
+    old = None if old is None else finite(tok(old), "old_logprobs")
+    ref = None if ref is None else finite(tok(ref), "ref_logprobs")
+    samp = None if samp is None else tok(samp)
     if isr is not None:
         isr = seq(isr)
         isr = checks.finite(isr, m if isr.shape[-1] == T else m.any(-1, keepdim=True), "importance_sampling_ratio")
@@ -196,7 +208,8 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
                             keep_finite=adv.shape[-1] != T)
     if rewards is not None:
         rewards = rewards.detach().reshape(B, G).to(torch.promote_types(rewards.dtype, torch.float32))
-        checks.require_not((~torch.isfinite(rewards)).any(), "rewards must be finite, got NaN/inf")
+        if checks.enabled:
+            checks.require_not(not_finite(rewards).any(), "rewards must be finite, got NaN/inf")
 
     # ---- option combinations
     has_ref = ref is not None or ref_logits is not None or ref_hidden is not None
@@ -227,11 +240,10 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     kw = dict(temperature=opt.temperature, valid=valid, vocab_group=vocab_group)
     extra = dict(inplace_backward=True) if inplace_backward and logits is not None else {}
     logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, checks=checks, **kw, **extra)
-    zero = lambda x: torch.where(m, rows(x), torch.zeros((), dtype=x.dtype, device=x.device))  # noqa: E731
-    logp, ent = zero(logp), zero(ent)
+    logp, ent = rows(logp), rows(ent)
     if ref_logits is not None or ref_hidden is not None:
         with torch.no_grad():
-            ref = zero(_logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None else weight,
+            ref = rows(_logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None else weight,
                                  ref_bias, chunk_size, grad=False, checks=checks, **kw))
     nib = num_items_in_batch
     if nib is not None and not isinstance(nib, Tensor):
