@@ -32,3 +32,24 @@ TOLERANCE = {
     torch.float16: dict(value=dict(atol=2e-6, rtol=1e-5), grad=dict(atol=1e-6, rtol=2.0**-10)),
     torch.bfloat16: dict(value=dict(atol=2e-6, rtol=1e-5), grad=dict(atol=1e-6, rtol=2.0**-7)),
 }
+
+
+# The option variants every TRL loss type is tested under (tests/test_policy_loss.py against
+# TRL itself, tests/test_tail.py the fused tail against the torch composition).
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+POLICY_VARIANTS = {
+    "plain": dict(epsilon=0.15, epsilon_high=0.28),   # asymmetric: a swapped clip side shows
+    "delta": dict(delta=1.3),
+    "kl_bias_corrected": dict(beta=0.07, use_bias_correction_kl=True),
+    "kl_k3": dict(beta=0.07, use_bias_correction_kl=False),
+    "off_policy_mask": dict(off_policy_mask_threshold=0.05),
+    "top_entropy": dict(top_entropy_quantile=0.4, entropy_coef=0.02),
+    "token_truncate": dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=0.5,
+                           vllm_importance_sampling_clip_max=1.2),
+    "token_mask": dict(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.7,
+                       vllm_importance_sampling_clip_max=1.3),
+    "sequence_truncate": dict(vllm_importance_sampling_mode="sequence_truncate",
+                              vllm_importance_sampling_clip_max=1.5),
+    "sequence_mask": dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.3,
+                          vllm_importance_sampling_clip_max=2.0),
+}

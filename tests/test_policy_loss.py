@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gspo_kernels
-from conftest import TOLERANCE
+from conftest import POLICY_VARIANTS as VARIANTS, TOLERANCE, TRL_LOSS_TYPES as LOSS_TYPES
 from reference import naive_token_entropy, naive_token_logprobs
 
 trl_oracle = pytest.importorskip("reference.trl_oracle")
@@ -49,23 +49,6 @@ def _batch(dtype, seed):
     return dict(logits=logits, tokens=tokens, mask=mask, old=old, ref=ref, sampling=sampling, adv=adv)
 
 
-VARIANTS = {
-    "plain": dict(epsilon=0.15, epsilon_high=0.28),   # asymmetric: a swapped clip side shows
-    "delta": dict(delta=1.3),
-    "kl_bias_corrected": dict(beta=0.07, use_bias_correction_kl=True),
-    "kl_k3": dict(beta=0.07, use_bias_correction_kl=False),
-    "off_policy_mask": dict(off_policy_mask_threshold=0.05),
-    "top_entropy": dict(top_entropy_quantile=0.4, entropy_coef=0.02),
-    "token_truncate": dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=0.5,
-                           vllm_importance_sampling_clip_max=1.2),
-    "token_mask": dict(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.7,
-                       vllm_importance_sampling_clip_max=1.3),
-    "sequence_truncate": dict(vllm_importance_sampling_mode="sequence_truncate",
-                              vllm_importance_sampling_clip_max=1.5),
-    "sequence_mask": dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.3,
-                          vllm_importance_sampling_clip_max=2.0),
-}
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 TRL_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
                "clip_ratio/high_max", "kl", "entropy", "cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss")
 

@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gspo_kernels
-from conftest import TOLERANCE
+from conftest import POLICY_VARIANTS as VARIANTS, TOLERANCE, TRL_LOSS_TYPES as LOSS_TYPES
 from gspo_kernels import logprobs
 from gspo_kernels.losses import _tail_fn, core
 from gspo_kernels.losses.inputs import LossInputs
@@ -43,27 +43,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and logprobs.CPU_BACKEND != "triton",
                                 reason="the fused tail runs on the Triton path (interpreter unset)")
 
-# The option matrix of tests/test_policy_loss.py (kept in step with it; not imported, so
-# that these tests do not need TRL installed).
+# The option matrix of tests/test_policy_loss.py (VARIANTS, LOSS_TYPES: tests/conftest.py).
 N, T, V = 6, 7, 19
 TAU = 0.9
-VARIANTS = {
-    "plain": dict(epsilon=0.15, epsilon_high=0.28),
-    "delta": dict(delta=1.3),
-    "kl_bias_corrected": dict(beta=0.07, use_bias_correction_kl=True),
-    "kl_k3": dict(beta=0.07, use_bias_correction_kl=False),
-    "off_policy_mask": dict(off_policy_mask_threshold=0.05),
-    "top_entropy": dict(top_entropy_quantile=0.4, entropy_coef=0.02),
-    "token_truncate": dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=0.5,
-                           vllm_importance_sampling_clip_max=1.2),
-    "token_mask": dict(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.7,
-                       vllm_importance_sampling_clip_max=1.3),
-    "sequence_truncate": dict(vllm_importance_sampling_mode="sequence_truncate",
-                              vllm_importance_sampling_clip_max=1.5),
-    "sequence_mask": dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.3,
-                          vllm_importance_sampling_clip_max=2.0),
-}
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 LEVELS = ("token", "sequence", "sequence_token")
 ALL_AT_ONCE = dict(beta=0.07, kl="k3", off_policy_mask_threshold=0.05, top_entropy_quantile=0.6,
                    entropy_coef=0.02, vllm_importance_sampling_mode="token_mask",
