@@ -12,7 +12,7 @@ break; eager calls run the same functions directly.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -126,14 +126,18 @@ class LazyMessage:
 
 
 def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Tensor] = None,
-                      name: str = "tokens", checks: "Optional[ValueChecks]" = None) -> None:
+                      name: str = "tokens", checks: "Optional[ValueChecks]" = None,
+                      kind: Optional[str] = "ids") -> None:
     """Token ids must lie in [0, V) (only where ``valid`` is true, if given). With ``checks``
-    the test is queued on its device flag instead of read here."""
+    the test is queued on its device flag instead of read here (as ``kind``: a fused loss
+    tail computes an "ids" check over the loss's own mask and V, see ValueChecks.take)."""
     if tokens.numel() == 0 or (checks is not None and not checks.enabled):
         return
-    bad = (tokens < 0) | (tokens >= vocab)
-    if valid is not None:
-        bad &= valid
+
+    def bad():
+        out = (tokens < 0) | (tokens >= vocab)
+        return (out & valid if valid is not None else out).any()
+
     where = "" if valid is None else " (at unmasked positions)"
 
     def details():
@@ -142,8 +146,8 @@ def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Te
 
     msg = LazyMessage(f"{name} must lie in [0, V) = [0, {vocab}){where}", details)
     if checks is not None:
-        checks.require_not(bad.any(), msg)
-    elif bool(bad.any()):  # one device sync on the fast path; details only on failure
+        checks.require_not(bad, msg, kind=kind)
+    elif bool(bad()):  # one device sync on the fast path; details only on failure
         raise ValueError(msg())
 
 
@@ -179,8 +183,8 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
                 return f", got values in [{int(lo)}, {int(hi)}]"
 
             if lengths.numel() and checks.enabled:
-                checks.require_not(((lengths < 0) | (lengths > T)).any(),
-                                   LazyMessage(f"lengths must lie in [0, T] = [0, {T}]", details))
+                checks.require_not(lambda: ((lengths < 0) | (lengths > T)).any(),
+                                   LazyMessage(f"lengths must lie in [0, T] = [0, {T}]", details), kind="lengths")
             return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
         if torch.compiler.is_compiling():
             return torch.ops.gspo_kernels.lengths_mask(lengths, T)
@@ -240,7 +244,7 @@ _SEP = "\x1f"  # joins the messages passed to the custom op
 
 def _raise_flagged(code: int, messages: List[str]) -> None:
     for i, msg in enumerate(messages):
-        if code >> i & 1:
+        if code >> i & 1 and msg:
             raise ValueError(msg() if callable(msg) else msg)
 
 
@@ -269,52 +273,79 @@ class ValueChecks:
 
     Shape, dtype and device checks raise at once (they need no data). A check that
     reads values (ids in ``[0, V)`` at valid positions, lengths in ``[0, T]``, finite
-    inputs at valid positions, a 0/1 float mask) is queued as a 0-d bool "bad" flag;
-    :meth:`finish` packs the flags into one integer on the device and reads it in a
-    single host sync, then raises the first failed check's message (built only then,
-    so the details it reads cost nothing on the fast path). The kernels never read
-    out of bounds whatever the values, so the read can come after them. Under
-    ``torch.compile`` the read is an opaque custom op joined to the result. With
-    ``enabled=False`` (``check_inputs=False``) nothing is queued and nothing syncs.
+    inputs at valid positions, a 0/1 float mask) is queued as a 0-d bool "bad" flag,
+    or as a function giving one, evaluated only in :meth:`finish`. A queued check may
+    carry a ``kind``: a fused kernel that computes that check itself (the loss tail,
+    beside its own reads of those values) :meth:`take` s it and hands back one integer
+    flag (:meth:`from_kernel`), so the check costs no launch of its own. :meth:`finish`
+    packs every flag into one integer on the device and reads it in a single host sync,
+    then raises the first failed check's message (built only then, so the details it
+    reads cost nothing on the fast path). The kernels never read out of bounds whatever
+    the values, so the read can come after them. Under ``torch.compile`` the read is an
+    opaque custom op joined to the result. With ``enabled=False`` (``check_inputs=False``)
+    nothing is queued and nothing syncs.
     """
 
     def __init__(self, enabled: bool = True):
         self.enabled = bool(enabled)
-        self._flags: List[torch.Tensor] = []
-        self._messages: List[Union[str, Callable[[], str]]] = []
+        self._checks: List[tuple] = []  # (kind or None, bad tensor or function, message)
+        self._kernel: Optional[tuple] = None  # (int flag tensor, {bit: message})
 
-    def require_not(self, bad: torch.Tensor, message: Union[str, Callable[[], str]]) -> None:
+    def require_not(self, bad: Union[torch.Tensor, Callable[[], torch.Tensor]],
+                    message: Union[str, Callable[[], str]], kind: Optional[str] = None) -> None:
         if self.enabled:
-            self._flags.append(bad.reshape(()))
-            self._messages.append(message)
+            self._checks.append((kind, bad, message))
 
-    def finite(self, t: torch.Tensor, valid: torch.Tensor, name: str, keep_finite: bool = False) -> torch.Tensor:
-        """``where(valid, t, 0)`` (``keep_finite``: only non-finite values are zeroed, finite ones
-        kept everywhere); queues "``name`` must be finite at valid positions"."""
-        valid = valid.expand(t.shape)
-        if keep_finite:
-            finite = torch.isfinite(t)
-            self.require_not((~finite & valid).any(),
-                             f"{name} must be finite at valid (unmasked) positions, got NaN/inf there")
-            return torch.where(valid | finite, t, 0.0)
-        out = torch.where(valid, t, 0.0)
-        if self.enabled:
-            self.require_not(not_finite(out).any(),
-                             f"{name} must be finite at valid (unmasked) positions, got NaN/inf there")
-        return out
+    def take(self, kinds) -> Dict[str, Union[str, Callable[[], str]]]:
+        """Remove the queued checks of ``kinds`` (the first of each kind) and return their
+        messages by kind: the caller's kernel computes them and reports to :meth:`from_kernel`."""
+        taken: Dict[str, Union[str, Callable[[], str]]] = {}
+        keep = []
+        for kind, bad, message in self._checks:
+            if kind in kinds and kind not in taken:
+                taken[kind] = message
+            else:
+                keep.append((kind, bad, message))
+        self._checks = keep
+        return taken
+
+    def from_kernel(self, flag: torch.Tensor, messages: Dict[int, Union[str, Callable[[], str]]]) -> None:
+        """A kernel's 0-d integer flag: bit ``b`` set means ``messages[b]`` failed."""
+        assert self._kernel is None, "one kernel flag per call"
+        self._kernel = (flag, messages)
+
+    def finite(self, t: torch.Tensor, valid: Union[torch.Tensor, Callable[[], torch.Tensor]], name: str,
+               kind: Optional[str] = None) -> None:
+        """Queue "``name`` must be finite at valid (unmasked) positions" (``valid``: a bool tensor
+        broadcastable to ``t``, or a function giving one)."""
+        def bad():
+            v = valid() if callable(valid) else valid
+            return not_finite(torch.where(v.expand(t.shape), t, 0.0)).any()
+
+        self.require_not(bad, f"{name} must be finite at valid (unmasked) positions, got NaN/inf there", kind=kind)
 
     def finish(self, result: torch.Tensor) -> torch.Tensor:
         """``result``, after raising the first failed check (one host sync; none when nothing
         was queued)."""
-        if not self._flags:
+        flags = [bad() if callable(bad) else bad for _, bad, _ in self._checks]
+        messages: List[Optional[Union[str, Callable[[], str]]]] = [m for _, _, m in self._checks]
+        kernel, self._checks, self._kernel = self._kernel, [], None
+        if not flags and kernel is None:
             return result
-        assert len(self._flags) < 63, "too many queued checks for one int64 flag"
-        weights = torch.tensor([1 << i for i in range(len(self._flags))], device=self._flags[0].device)
-        code = (torch.stack([f.to(weights.device) for f in self._flags]).to(torch.int64) * weights).sum()
-        messages = self._messages
-        self._flags, self._messages = [], []
+        assert len(flags) < 48, "too many queued checks for one int64 flag"
+        code = None
+        if flags:
+            weights = torch.tensor([1 << i for i in range(len(flags))], device=flags[0].device)
+            code = (torch.stack([f.reshape(()).to(weights.device) for f in flags]).to(torch.int64) * weights).sum()
+        if kernel is not None:
+            flag, by_bit = kernel
+            shift = len(flags)
+            messages += [None] * (max(by_bit) + 1)
+            for b, m in by_bit.items():
+                messages[shift + b] = m
+            code = flag if code is None else code + (flag.to(torch.int64) << shift)
         if torch.compiler.is_compiling():
-            text = _SEP.join(m.static if isinstance(m, LazyMessage) else m for m in messages)
+            text = _SEP.join("" if m is None else m.static if isinstance(m, LazyMessage) else m for m in messages)
             return result + torch.ops.gspo_kernels.raise_flagged(code, text, result.detach())
         _raise_flagged(int(code), messages)  # the one host sync
         return result

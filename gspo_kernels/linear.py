@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import _kernels_linear, logprobs as _logprobs
 from .logprobs import logprob_bwd, logprob_fwd, masked_sequence_mean
-from ._validate import check_temperature, check_token_range, check_tokens, resolve_mask
+from ._validate import ValueChecks, check_temperature, check_token_range, check_tokens, resolve_mask
 
 # Budget for one chunk of logits (chunked path) when the caller gives no chunk_size: at most
 # 1/8 of the free device memory (room for the gradient buffers and the
@@ -113,12 +113,12 @@ def _chunked_fwd(hidden, weight, bias, tokens, valid, opts, C):
     logp = torch.zeros(R, dtype=acc, device=hidden.device)
     lse = torch.zeros(R, dtype=acc, device=hidden.device)
     ent = torch.zeros(R, dtype=acc, device=hidden.device) if opts.entropy else None
+    # Every chunk runs (skipping fully masked ones would cost a host read each); the ids were
+    # checked by the caller (ValueChecks), and the logits kernels clamp them anyway.
     for r in range(0, R, C):
         v = None if valid is None else valid[r:r + C]
-        if v is not None and not bool(v.any()):
-            continue  # fully masked chunk: outputs 0, no matrix product
         lp, l, e = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp,
-                               opts.entropy, check=opts.shard is None)
+                               opts.entropy, check=False)
         logp[r:r + C], lse[r:r + C] = lp, l
         if opts.entropy:
             ent[r:r + C] = e
@@ -136,8 +136,6 @@ def _chunked_bwd(hidden, weight, bias, tokens, lse, ent, g, h_ent, opts, C, need
     for r in range(0, R, C):
         gc = g[r:r + C]
         hc = None if h_ent is None else h_ent[r:r + C]
-        if not bool(gc.any()) and (hc is None or not bool(hc.any())):
-            continue  # no upstream gradient in this chunk (masked rows included): skip its products
         hid = hidden[r:r + C]
         dl = _logits(hid, weight, bias)
         logprob_bwd(dl, tokens[r:r + C], lse[r:r + C], gc, None if hc is None else ent[r:r + C], hc,
@@ -339,7 +337,7 @@ def _rows(hidden: Tensor) -> Tensor:
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                           temperature: float = 1.0, chunk_size: Optional[int] = None,
                           valid: Optional[Tensor] = None, return_entropy: bool = False, vocab_group=None,
-                          vocab_size: Optional[int] = None, grad_filter=False):
+                          vocab_size: Optional[int] = None, grad_filter=False, check_inputs: bool = True):
     """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
     (and, with ``return_entropy=True``, that distribution's entropy, from the same pass).
 
@@ -352,8 +350,9 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         chunk_size: rows per chunk of the chunked path; default :func:`default_chunk_size`
             (from V and free memory). The fused kernels do not chunk rows.
         valid: optional ``(..., T)`` mask: ids are checked only there; elsewhere the
-            outputs are 0 and the gradient is 0 (rows of masked tokens cost no products
-            in backward, nor, in blocks of rows or chunks fully masked, in forward).
+            outputs are 0 and the gradient is 0 (in the fused kernels, rows of masked
+            tokens cost no products in backward, nor, in blocks of rows fully masked, in
+            forward; the chunked path computes every chunk: skipping one would cost a host read).
         return_entropy: also return the per-token entropy (its gradient flows
             to hidden, weight and bias like the log-prob's).
         vocab_group: process group over which the LM head is sharded by rows:
@@ -368,22 +367,42 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             2**-12) and that holds no sampled token; a float: that threshold.
             An approximation (error measured in README, "From hidden states");
             the chunked path ignores it and stays exact.
+        check_inputs: check that ids lie in ``[0, V)`` at valid positions, on the device, read
+            once after the kernels (one host sync). ``False``: no check, no sync; the kernels
+            never read out of bounds, and an out-of-range id's log-prob is meaningless (the
+            fused kernels match it to no column, the chunked path clamps it).
 
     Returns:
         ``(..., T)`` float32 (float64 for float64 input), or ``(logp, entropy)``;
         differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
+    checks = ValueChecks(check_inputs)
+    out = linear_token_logprobs_checked(hidden, weight, tokens, checks, bias=bias, temperature=temperature,
+                                        chunk_size=chunk_size, valid=valid, return_entropy=return_entropy,
+                                        vocab_group=vocab_group, vocab_size=vocab_size, grad_filter=grad_filter)
+    if return_entropy:
+        return checks.finish(out[0]), out[1]
+    return checks.finish(out)
+
+
+def linear_token_logprobs_checked(hidden: Tensor, weight: Tensor, tokens: Tensor, checks: ValueChecks, *,
+                                  bias: Optional[Tensor] = None, temperature: float = 1.0,
+                                  chunk_size: Optional[int] = None, valid: Optional[Tensor] = None,
+                                  return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
+                                  grad_filter=False):
+    """:func:`linear_token_logprobs` with its id check queued on ``checks`` (the caller reads it)."""
     inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size)
     threshold = _threshold(grad_filter, hidden.dtype)
-    v = None if valid is None else resolve_mask(valid, None, tokens, name="valid").reshape(-1).contiguous()
+    vm = None if valid is None else resolve_mask(valid, None, tokens, name="valid")
+    v = None if vm is None else vm.reshape(-1).contiguous()
     shard = None
     if vocab_group is None:
-        check_token_range(tokens.reshape(-1), weight.shape[0], v)  # before the first matrix product
+        check_token_range(tokens, weight.shape[0], vm, checks=checks)
     else:
         from . import vocab_parallel as vp
 
         shard = vp.resolve_shard(vocab_group, weight.shape[0], tokens.numel(), vocab_size, name="weight")
-        check_token_range(tokens.reshape(-1), shard.vocab, v)
+        check_token_range(tokens, shard.vocab, vm, checks=checks, kind=None)  # the global V
     opts = LinearOptions(inv_temp, chunk_size, bool(return_entropy), shard, threshold)
     out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1).contiguous(), v, opts)
     if return_entropy:
@@ -396,12 +415,18 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
                              temperature: float = 1.0, normalize: bool = True,
                              chunk_size: Optional[int] = None, vocab_group=None,
                              vocab_size: Optional[int] = None, grad_filter=False,
-                             cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+                             cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                             check_inputs: bool = True) -> Tensor:
     """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
     over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients.
     ``cu_seqlens``: packed sequences, ``hidden`` ``(total, H)`` or ``(1, total, H)``, tokens/mask
-    ``(total,)`` or ``(1, total)``, ``-> (N,)`` (see :func:`gspo_kernels.sequence_logprobs`)."""
+    ``(total,)`` or ``(1, total)``, ``-> (N,)`` (see :func:`gspo_kernels.sequence_logprobs`).
+    ``check_inputs``: ids and lengths (and cu_seqlens) checked on one device flag read once;
+    ``False``: none, no host sync (with ``max_seqlen`` given when packed)."""
     _check(hidden, weight, tokens, bias, temperature, chunk_size)
+    checks = ValueChecks(check_inputs)
+    kw = dict(bias=bias, temperature=temperature, chunk_size=chunk_size, vocab_group=vocab_group,
+              vocab_size=vocab_size, grad_filter=grad_filter)
     if cu_seqlens is not None:
         from .sequences import resolve_packed
 
@@ -410,15 +435,12 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
         lead = tuple(hidden.shape[:-1])
         if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
             raise ValueError(f"packed hidden must be (total, H) or (1, total, H), got shape {tuple(hidden.shape)}")
-        packed = resolve_packed(cu_seqlens, lead[-1], max_seqlen)
+        packed = resolve_packed(cu_seqlens, lead[-1], max_seqlen, checks=checks)
         valid = None if mask is None else resolve_mask(mask, None, tokens)
-        logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature,
-                                     chunk_size=chunk_size, valid=valid, vocab_group=vocab_group,
-                                     vocab_size=vocab_size, grad_filter=grad_filter)
-        return packed.sequence_mean(logp, valid, normalize)
-    valid = resolve_mask(mask, lengths, tokens)
+        logp = linear_token_logprobs_checked(hidden, weight, tokens, checks, valid=valid, **kw)
+        return checks.finish(packed.sequence_mean(logp, valid, normalize))
+    valid = resolve_mask(mask, lengths, tokens, checks=checks)
     if valid is None:
         valid = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
-    logp = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature, chunk_size=chunk_size,
-                                 valid=valid, vocab_group=vocab_group, vocab_size=vocab_size, grad_filter=grad_filter)
-    return masked_sequence_mean(logp, valid, normalize)
+    logp = linear_token_logprobs_checked(hidden, weight, tokens, checks, valid=valid, **kw)
+    return checks.finish(masked_sequence_mean(logp, valid, normalize))

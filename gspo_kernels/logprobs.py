@@ -307,17 +307,18 @@ def token_logprobs_checked(logits: Tensor, tokens: Tensor, checks: ValueChecks, 
         valid = resolve_mask(valid, None, tokens, name="valid")
     opts = LogprobOptions(inv_temp, True, bool(inplace_backward), bool(return_entropy))
     if vocab_group is not None:
-        return _vocab_parallel(logits, tokens, opts, valid, vocab_group, vocab_size)
+        return _vocab_parallel(logits, tokens, opts, valid, vocab_group, vocab_size, checks)
     check_token_range(tokens, logits.shape[-1], valid, checks=checks)
     return TokenLogprobs.apply(logits, tokens, opts, valid)
 
 
-def _vocab_parallel(logits, tokens, opts, valid, group, vocab_size):
-    """Layout checked across ranks (one metadata all-gather), ids checked, then the sharded op."""
+def _vocab_parallel(logits, tokens, opts, valid, group, vocab_size, checks: ValueChecks):
+    """Layout checked across ranks (one metadata all-gather), ids queued on ``checks`` (global
+    ids, the same tensor on every rank: every rank raises alike), then the sharded op."""
     from . import vocab_parallel as vp
 
     shard = vp.resolve_shard(group, logits.shape[-1], tokens.numel(), vocab_size)
-    check_token_range(tokens, shard.vocab, valid)  # global ids, the same tensor on every rank
+    check_token_range(tokens, shard.vocab, valid, checks=checks, kind=None)  # V is the global one
     return vp.VocabParallelTokenLogprobs.apply(logits, tokens, opts, shard, valid)
 
 
@@ -361,7 +362,8 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     if vocab_group is not None:  # per-token results from the sharded op, then the O(N*T) masked mean
         v = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if valid is None else valid
         opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
-        out = masked_sequence_mean(_vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size), v, normalize)
+        out = masked_sequence_mean(_vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size, checks), v,
+                                   normalize)
         return checks.finish(out)
     check_token_range(tokens, logits.shape[-1], valid, checks=checks)
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
@@ -381,8 +383,8 @@ def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seq
     if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
         raise ValueError(f"packed logits must be (total, V) or (1, total, V), got shape {tuple(logits.shape)}")
     total = lead[-1]
-    packed = resolve_packed(cu_seqlens, total, max_seqlen, check_inputs=check_inputs)
     checks = ValueChecks(check_inputs)
+    packed = resolve_packed(cu_seqlens, total, max_seqlen, checks=checks)
     valid = resolve_mask(mask, None, tokens, checks=checks) if mask is not None else None
     logp = token_logprobs_checked(logits, tokens, checks, valid=valid, **kw)
     return checks.finish(packed.sequence_mean(logp, valid, normalize))

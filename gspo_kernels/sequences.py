@@ -75,14 +75,19 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
 
 
 def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, group_size: Optional[int] = None,
-                   check_inputs: bool = True) -> Packed:
+                   check_inputs: bool = True, checks=None) -> Packed:
     """Check ``cu_seqlens`` against ``total`` tokens and lay out the packed batch.
 
     Shape, dtype and ``group_size`` errors raise at once; the value checks (starts at 0,
-    non-decreasing, ends at ``total``) and ``T_max`` (when ``max_seqlen`` is not given) are
-    read together in one host sync, before any kernel runs. ``check_inputs=False`` with
-    ``max_seqlen`` given: no sync.
+    non-decreasing, ends at ``total``, no sequence longer than ``max_seqlen``) and ``T_max``
+    (when ``max_seqlen`` is not given) are read together in one host sync, before any
+    kernel runs. With ``max_seqlen`` given and a call's :class:`ValueChecks` (``checks``),
+    the value checks are queued on it instead (read once with the call's other checks,
+    after the kernels: every index derived here is clamped into range, so bad offsets never
+    address out of bounds). ``check_inputs=False`` with ``max_seqlen`` given: no sync.
     """
+    if checks is not None:
+        check_inputs = checks.enabled
     if not isinstance(cu_seqlens, Tensor):
         raise ValueError(f"cu_seqlens must be an int32/int64 tensor of shape (N+1,), got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -100,7 +105,9 @@ def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, gro
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
     reads = []
-    if check_inputs:
+    if check_inputs and checks is not None and max_seqlen is not None:
+        _queue_checks(checks, cu, lengths, total, max_seqlen)
+    elif check_inputs:
         reads += [cu[0] != 0, (lengths < 0).any(), cu[-1] != total]
         if max_seqlen is not None:
             reads.append((lengths > max_seqlen).any())
@@ -122,7 +129,20 @@ def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, gro
     else:
         t_max = max_seqlen
     t_max = max(int(t_max), 0)
-    tok = torch.arange(total, device=cu.device)
+    tok = torch.arange(total, device=cu.device)  # indices clamped into range, whatever cu holds
     seq_id = torch.searchsorted(cu[1:], tok, right=True).clamp(max=n - 1)
     pos = (tok - cu[seq_id]).clamp(0, max(t_max - 1, 0))  # clamped: a too-small max_seqlen never writes out of rows
     return Packed(cu_seqlens=cu, seq_id=seq_id, pos=pos, n=n, t_max=t_max, total=total)
+
+
+def _queue_checks(checks, cu: Tensor, lengths: Tensor, total: int, max_seqlen: int) -> None:
+    """resolve_packed's value checks as flags on ``checks``, with the same messages."""
+    from ._validate import LazyMessage
+
+    checks.require_not(lambda: cu[0] != 0, LazyMessage("cu_seqlens must start at 0", lambda: f", got {int(cu[0])}"))
+    checks.require_not(lambda: (lengths < 0).any(),
+                       "cu_seqlens must be non-decreasing (each sequence's length >= 0)")
+    checks.require_not(lambda: cu[-1] != total, LazyMessage(f"cu_seqlens must end at the token count {total}",
+                                                            lambda: f", got {int(cu[-1])}"))
+    checks.require_not(lambda: (lengths > max_seqlen).any(),
+                       f"max_seqlen={max_seqlen} is shorter than the longest sequence of cu_seqlens")

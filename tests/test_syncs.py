@@ -65,7 +65,22 @@ CALLS = {
         x, y, "group_norm", m.float(), rewards=r, old_logprobs=o, ref_logprobs=ref, beta=0.04,
         sampling_logprobs=o, off_policy_mask_threshold=0.1, top_entropy_quantile=0.5, entropy_coef=0.02,
         vllm_importance_sampling_mode="sequence_mask", loss_type="dapo", check_inputs=ck)[0],
+    # the hidden-state path (fused kernels on the Triton backend, chunks on the torch one)
+    "policy_loss/hidden": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.policy_loss(
+        hidden=HID, weight=W, tokens=y, advantages="group_norm", mask=m, rewards=r, old_logprobs=o,
+        check_inputs=ck)[0],
+    "linear_sequence_logprobs": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.linear_sequence_logprobs(
+        HID, W, y, lengths=L, check_inputs=ck).sum(),
+    # packed sequences, max_seqlen given (else T_max itself is one read before the kernels)
+    "sequence_logprobs/packed": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.sequence_logprobs(
+        x.reshape(-1, V), y.reshape(-1), m.reshape(-1), cu_seqlens=CU, max_seqlen=T, check_inputs=ck).sum(),
+    "gspo_loss/packed": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.gspo_loss(
+        x.reshape(-1, V), y.reshape(-1), r.reshape(-1), m.reshape(-1), group_size=G, cu_seqlens=CU, max_seqlen=T,
+        old_logprobs=o.reshape(-1), ref_logprobs=ref.reshape(-1), beta=0.04, check_inputs=ck)[0],
 }
+HID = torch.randn(B, G, T, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+W = torch.randn(V, 16, generator=torch.Generator().manual_seed(2)) / 4
+CU = torch.arange(B * G + 1) * T
 
 
 @pytest.fixture(params=["triton", "torch"])

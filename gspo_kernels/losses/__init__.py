@@ -95,8 +95,11 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
             from rewards are computed over the whole group).
         inplace_backward: write the logits' gradient into their storage (logits source only; see
             :func:`token_logprobs`): the loss then needs no logits-sized gradient buffer.
-        check_inputs: check values (finite old/ref/advantages at valid positions, 0/1 float
-            mask, finite rewards) on one device flag read once. Shapes are always checked.
+        check_inputs: check values (ids in ``[0, V)`` and finite old/ref/advantages/correction
+            ratio at valid positions, lengths in ``[0, T]``, a 0/1 float mask, finite rewards) on
+            one device flag read once after the kernels (on the Triton path computed inside the
+            fused tail's forward kernel: no launch of their own). ``False``: nothing checked,
+            no host sync. Shapes are always checked.
         **options: :class:`LossOptions` fields (TRL's names and defaults: ``loss_type="dapo"``,
             ``importance_sampling_level="token"``, ``epsilon=0.2``, ``beta=0.0``, ...).
 
@@ -119,7 +122,7 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
                   importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
                   group_size=group_size, ignore_index=ignore_index, chunk_size=chunk_size, vocab_group=vocab_group,
                   inplace_backward=inplace_backward, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, checks=checks)
-    loss, metrics = compose(inp, opt, mode, process_group)
+    loss, metrics = compose(inp, opt, mode, process_group, checks=checks)
     return checks.finish(loss), metrics
 
 

@@ -35,8 +35,8 @@ import torch
 
 from .._kernels import HAS_TRITON, Launch
 from ._tail_math import (K, M_CISPO, M_ENT, M_HIGH, M_HIGHMAX, M_KL, M_LOW, M_LOWMIN, M_PHI, M_REGION, M_RMAX,
-                         M_RMEAN, M_RMIN, P_A, P_C0, P_C1, P_C2, P_COND, P_H, P_HE, P_ISR, P_KL, P_L, P_LOSS, P_LW,
-                         P_NE, P_RMAX, P_RMIN, P_RS, P_VW, R_COEF, R_EPSH, R_HI, R_LO, R_LOGLO, R_OFFTHR)
+                         M_RMEAN, M_RMIN, P_A, P_C0, P_C1, P_C2, P_COND, P_FLAG, P_H, P_HE, P_ISR, P_KL, P_L, P_LOSS,
+                         P_LW, P_NE, P_RMAX, P_RMIN, P_RS, P_VW, R_COEF, R_EPSH, R_HI, R_LO, R_LOGLO, R_OFFTHR)
 
 if HAS_TRITON:
     import triton
@@ -44,6 +44,7 @@ if HAS_TRITON:
 
     from ._tail_math import (_clamp, _correction, _entropy_threshold, _group_advantage, _load_token, _prm,
                              _row_sums, _terms, _vespo_phi)
+    from ._tail_checks import _not_finite, _or, _row_checks, _row_count
 
 # Tokens per loop step: a program holds ~20 live per-token arrays (log-probs, weights,
 # advantage, masks, KL, ratios); 256 tokens over 4 warps is 2 values per thread per array,
@@ -55,9 +56,9 @@ BLOCK_N = 256
 NUM_WARPS = 4
 
 if HAS_TRITON:
-    @triton.jit(do_not_specialize=["T", "G", "NT", "n_iter"])
+    @triton.jit(do_not_specialize=["T", "G", "NT", "n_iter", "V"])
     def _tail_fwd_kernel(LP, H, M, OLD, REF, SAMP, ISR, ADV, REW, SORTED, PRM, PART, SEQM, RATIO, SCAL,
-                         T, G, NT, n_iter, LEVEL: tl.constexpr, DEN: tl.constexpr, ADV_MODE: tl.constexpr,
+                         TOK, FMASK, LENS, T, G, NT, n_iter, V, CHECK: tl.constexpr, LEVEL: tl.constexpr, DEN: tl.constexpr, ADV_MODE: tl.constexpr,
                          OBJ: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CLIPC: tl.constexpr, KL: tl.constexpr,
                          BIAS_KL: tl.constexpr, ADD_KL: tl.constexpr, OFFPOL: tl.constexpr, ENTMASK: tl.constexpr,
                          ISR_MODE: tl.constexpr, ISR_MASK: tl.constexpr, HAS_CMIN: tl.constexpr,
@@ -72,7 +73,10 @@ if HAS_TRITON:
         correction ratio's sum/min/max, and what the backward reads: advantage, log-weight,
         off-policy flag, VESPO's log-weight, sequence correction ratio), ``SEQM[:, row]`` =
         (advantage, seq_logprobs, ratio) and, unless the weight is per sequence, the
-        per-token ratio ``RATIO[row]``; program 0 writes the entropy threshold to ``SCAL[2]``."""
+        per-token ratio ``RATIO[row]``; program 0 writes the entropy threshold to ``SCAL[2]``.
+        ``CHECK``: the value checks computed here (:mod:`._tail_checks`; their bits in
+        ``PART[row, P_FLAG]``). A given per-sequence advantage of an empty sequence counts as
+        0 unless finite (and T > 1), a per-sequence correction ratio as 0 (LossInputs.zeroed)."""
         row = tl.program_id(0).to(tl.int64)
         base = row * T
         ar = tl.arange(0, BLOCK)
@@ -82,8 +86,11 @@ if HAS_TRITON:
         zero = (row * 0).to(ACC)  # a scalar 0 (a sum of a zero block would be a real reduction)
         # ---- the advantage first (group_norm's fp64 divisions are subroutine calls: made while
         # little is live)
+        if ADV_MODE == 0 or ISR_MODE == 2:
+            some = _row_count(M, row, T, BLOCK) > 0
         if ADV_MODE == 0:
             A_seq = tl.load(ADV + row).to(ACC)
+            A_seq = tl.where(some | (~_not_finite(A_seq) & (T != 1)), A_seq, 0.0)
         elif ADV_MODE == 1:
             A_seq = zero  # per token; its masked mean (the metric) comes from pass 2
         else:
@@ -105,7 +112,7 @@ if HAS_TRITON:
             cond = s_off / tl.maximum(s_n, 1.0) <= _prm(PRM, R_OFFTHR, PS)
         r_seq = zero.to(RD) + 1.0
         if ISR_MODE == 2:
-            r_seq = tl.load(ISR + row).to(RD)
+            r_seq = tl.where(some, tl.load(ISR + row).to(RD), 0.0)
         if ISR_MODE == 4:
             r_seq = _correction(tl.exp(s_rd), PRM, ISR_MASK, HAS_CMIN, HAS_CMAX, PR).to(RD)
         vw = zero.to(VD)
@@ -205,6 +212,9 @@ if HAS_TRITON:
         tl.store(p + P_COND, tl.where(cond, 1.0, 0.0))
         tl.store(p + P_VW, vw)
         tl.store(p + P_ISR, r_seq)
+        if CHECK != 0:
+            tl.store(p + P_FLAG, _row_checks(M, TOK, FMASK, LENS, OLD, REF, ISR, ADV, REW, row, T, V, CHECK, ISR_MODE,
+                                             ADV_MODE, BLOCK).to(LD))
         if ADV_MODE == 1:
             A_seq = tl.sum(a2, 0) / Lc
         N = tl.num_programs(0)
@@ -213,7 +223,8 @@ if HAS_TRITON:
         tl.store(SEQM + 2 * N + row, tl.exp(seq_lw))
 
     @triton.jit(do_not_specialize=["N", "div"])
-    def _tail_reduce_kernel(PART, PRM, NIB, LOSS, PL, MET, SCAL, N, div, AGG: tl.constexpr, HAS_NIB: tl.constexpr,
+    def _tail_reduce_kernel(PART, PRM, NIB, LOSS, PL, MET, SCAL, FLAG, N, div, CHECK: tl.constexpr,
+                            AGG: tl.constexpr, HAS_NIB: tl.constexpr,
                             ENT_BONUS: tl.constexpr, HAS_KL: tl.constexpr, OBJ: tl.constexpr,
                             CLIP_TOK: tl.constexpr, ISR_MODE: tl.constexpr, ACC: tl.constexpr, LD: tl.constexpr,
                             BLOCK: tl.constexpr, NCOL: tl.constexpr):
@@ -224,7 +235,8 @@ if HAS_TRITON:
             loss        = policy_loss - coef * (sum H m') / max(sum m', 1)
 
         and every scalar metric (MET), with ``SCAL`` = (the aggregation's divisor D, ``max(sum
-        m', 1)``) for the backward. Bytes: reads N * NCOL floats."""
+        m', 1)``) for the backward, and (``CHECK``) the OR of the sequences' check bits in
+        ``FLAG``. Bytes: reads N * NCOL floats."""
         ar = tl.arange(0, BLOCK)
         z = tl.zeros([BLOCK], LD)
         s_loss = z
@@ -241,10 +253,13 @@ if HAS_TRITON:
         c1_max = tl.full([BLOCK], float("-inf"), LD)
         r_min = tl.full([BLOCK], float("inf"), LD)
         r_max = tl.full([BLOCK], float("-inf"), LD)
+        flags = tl.zeros([BLOCK], tl.int32)
         for start in range(0, N, BLOCK):
             i = start + ar
             ok = i < N
             p = PART + i.to(tl.int64) * NCOL
+            if CHECK != 0:
+                flags = flags | tl.load(p + P_FLAG, mask=ok, other=0.0).to(tl.int32)
             L = tl.load(p + P_L, mask=ok, other=0.0)
             S = tl.load(p + P_LOSS, mask=ok, other=0.0)
             if AGG == 0:
@@ -302,6 +317,8 @@ if HAS_TRITON:
             loss = pol - _prm(PRM, R_COEF, ACC) * tl.sum(s_he, 0).to(ACC) / ne
         tl.store(LOSS, loss)
         tl.store(PL, pol)
+        if CHECK != 0:
+            tl.store(FLAG, tl.reduce(flags, 0, _or))
         tl.store(SCAL, D.to(tl.float64))
         tl.store(SCAL + 1, ne.to(tl.float64))
         ntf = tl.maximum(nf, 1.0).to(ACC)
@@ -434,11 +451,13 @@ def fwd_launches(spec, t: dict, out: dict, N: int, T: int, G: int, div: int):
     NT = N * T
     fwd = Launch(_tail_fwd_kernel, (N,),
                  (x, t["ent"], t["mask"], g("old"), g("ref"), g("samp"), g("isr"), g("adv"), g("rew"), g("sorted"),
-                  t["prm"], out["part"], out["seqm"], out["ratio"], out["scal"], T, G, NT, NT.bit_length() + 1),
-                 dict(_common(spec), CLIP_TOK=spec.clip_tok, PASS1=spec.pass1, PS=_tl(spec.ps)))
+                  t["prm"], out["part"], out["seqm"], out["ratio"], out["scal"], g("tok"), g("fmask"), g("lens"),
+                  T, G, NT, NT.bit_length() + 1, t.get("vocab", 0)),
+                 dict(_common(spec), CHECK=spec.check, CLIP_TOK=spec.clip_tok, PASS1=spec.pass1, PS=_tl(spec.ps)))
     red = Launch(_tail_reduce_kernel, (1,),
-                 (out["part"], t["prm"], g("nib"), out["loss"], out["pl"], out["met"], out["scal"], N, div),
-                 dict(AGG=spec.agg, HAS_NIB=spec.has_nib, ENT_BONUS=spec.ent_bonus, HAS_KL=spec.kl != 0,
+                 (out["part"], t["prm"], g("nib"), out["loss"], out["pl"], out["met"], out["scal"], out["flag"], N,
+                  div),
+                 dict(CHECK=spec.check, AGG=spec.agg, HAS_NIB=spec.has_nib, ENT_BONUS=spec.ent_bonus, HAS_KL=spec.kl != 0,
                       OBJ=spec.obj, CLIP_TOK=spec.clip_tok, ISR_MODE=spec.isr_mode, ACC=_tl(spec.acc),
                       LD=_tl(spec.ld), BLOCK=BLOCK_N, NCOL=K, num_warps=NUM_WARPS))
     return fwd, red

@@ -44,6 +44,7 @@ serves there. Otherwise :mod:`.core`'s torch composition runs (it is also the re
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -53,6 +54,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _tail as k
+from . import _tail_checks as tc
 from . import _tail_math as tm
 from .advantages import GROUP_NORM_EPS
 from .inputs import LossInputs
@@ -98,6 +100,7 @@ class TailSpec:
     rd: torch.dtype
     vd: torch.dtype
     ld: torch.dtype
+    check: int = 0  # the value checks the forward kernel computes (_tail_checks.BITS)
 
 
 def _spec(inp: LossInputs, opt: LossOptions, mode: str) -> TailSpec:
@@ -186,15 +189,16 @@ class FusedTail(torch.autograd.Function):
                    ratio=torch.empty(N, T, dtype=spec.acc, device=dev) if spec.level != 1 else lp.new_empty(0),
                    scal=torch.empty(4, dtype=torch.float64, device=dev),
                    loss=torch.empty((), dtype=spec.ld, device=dev), pl=torch.empty((), dtype=spec.ld, device=dev),
-                   met=torch.empty(tm.N_MET, dtype=spec.acc, device=dev))
+                   met=torch.empty(tm.N_MET, dtype=spec.acc, device=dev),
+                   flag=torch.empty((), dtype=torch.int32, device=dev))
         for launch in k.fwd_launches(spec, t, out, N, T, G, div):
             launch()
         names = ("mask", "old", "ref", "samp", "isr", "adv", "prm")
         ctx.save_for_backward(lp, ent, out["part"], out["scal"], *(t.get(n) for n in names))
         ctx.names, ctx.spec = names, spec
-        ctx.mark_non_differentiable(out["pl"], out["met"], out["seqm"], out["ratio"])
+        ctx.mark_non_differentiable(out["pl"], out["met"], out["seqm"], out["ratio"], out["flag"])
         ctx.set_materialize_grads(False)
-        return out["loss"], out["pl"], out["met"], out["seqm"], out["ratio"]
+        return out["loss"], out["pl"], out["met"], out["seqm"], out["ratio"], out["flag"]
 
     @staticmethod
     @once_differentiable
@@ -211,8 +215,29 @@ class FusedTail(torch.autograd.Function):
         return dlp, dh, None, None, None, None
 
 
-def fused_compose(inp: LossInputs, opt: LossOptions, mode: str) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """:func:`.core.compose` for the TRL family, in three kernels (see the module docstring)."""
+def _take_checks(inp: LossInputs, checks, tensors: dict) -> Tuple[int, Dict[int, object]]:
+    """Hand the queued value checks this kernel can compute (:mod:`._tail_checks`) to it: their
+    ``CHECK`` bits, the tensors they read (added to ``tensors``) and their messages by bit."""
+    if checks is None or not checks.enabled:
+        return 0, {}
+    have = {"lengths": inp.lengths is not None, "binary_mask": inp.float_mask is not None,
+            "old": inp.old is not None, "ref": inp.ref is not None, "isr": inp.is_ratio is not None,
+            "adv": inp.advantages is not None, "rewards": inp.rewards is not None,
+            "ids": inp.tokens is not None and inp.vocab > 0}
+    taken = checks.take({kind for kind, ok in have.items() if ok})
+    if "ids" in taken:
+        tensors["tok"], tensors["vocab"] = inp.rows(inp.tokens).contiguous(), inp.vocab
+    if "binary_mask" in taken:
+        tensors["fmask"] = inp.rows(inp.float_mask).contiguous()
+    if "lengths" in taken:
+        tensors["lens"] = inp.lengths.contiguous()
+    bits = {tc.KINDS.index(kind): message for kind, message in taken.items()}
+    return sum(1 << b for b in bits), bits
+
+
+def fused_compose(inp: LossInputs, opt: LossOptions, mode: str, checks=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`.core.compose` for the TRL family, in three kernels (see the module docstring);
+    the value checks queued on ``checks`` that the forward kernel can compute move into it."""
     spec = _spec(inp, opt, mode)
     m = inp.mask
     N, T = m.shape
@@ -220,11 +245,15 @@ def fused_compose(inp: LossInputs, opt: LossOptions, mode: str) -> Tuple[Tensor,
                    samp=_contig(inp.sampling), isr=_contig(inp.is_ratio), adv=_contig(inp.advantages),
                    rew=None if inp.rewards is None else inp.rewards.contiguous().reshape(-1),
                    nib=inp.num_items_in_batch, prm=_params(opt, m.device))
+    check, messages = _take_checks(inp, checks, tensors)
+    spec = dataclasses.replace(spec, check=check)
     if spec.entmask:  # the threshold's sort (masks.quantile_of_valid); the kernels take the rest
         tensors["sorted"] = torch.where(m, inp.entropy.detach().float(), float("inf")).reshape(-1).sort().values
     div = N * (opt.max_completion_length or T)
-    loss, pl, met, seqm, ratio = FusedTail.apply(inp.logp.contiguous(), inp.entropy.contiguous(), spec, div,
-                                                 inp.group_size, tensors)
+    loss, pl, met, seqm, ratio, flag = FusedTail.apply(inp.logp.contiguous(), inp.entropy.contiguous(), spec, div,
+                                                       inp.group_size, tensors)
+    if check:
+        checks.from_kernel(flag, messages)
     seq = lambda x: inp.per_sequence(x.reshape(N, 1))  # noqa: E731
     if spec.level == tm.LEVELS["sequence"]:
         ratio = seqm[2].reshape(N, 1)

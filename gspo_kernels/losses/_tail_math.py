@@ -21,9 +21,9 @@ if HAS_TRITON:
 # takes int() of them).
 _slot = tl.constexpr if HAS_TRITON else int
 # PART columns (one row per sequence, the loss dtype).
-P_LOSS, P_L, P_KL, P_H, P_HE, P_NE, P_C0, P_C1, P_C2, P_RS, P_RMIN, P_RMAX, P_A, P_LW, P_COND, P_VW, P_ISR = map(
-    _slot, range(17))
-K = 17
+(P_LOSS, P_L, P_KL, P_H, P_HE, P_NE, P_C0, P_C1, P_C2, P_RS, P_RMIN, P_RMAX, P_A, P_LW, P_COND, P_VW, P_ISR,
+ P_FLAG) = map(_slot, range(18))
+K = 18
 # MET slots (the scalar metrics, the log-probs' dtype).
 M_KL, M_ENT, M_LOW, M_HIGH, M_REGION, M_LOWMIN, M_HIGHMAX, M_CISPO, M_PHI, M_RMIN, M_RMEAN, M_RMAX = map(
     _slot, range(12))

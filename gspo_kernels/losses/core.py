@@ -110,10 +110,13 @@ def common_metrics(inp: LossInputs, A: Tensor, ratio: Tensor, policy_loss: Tenso
     return metrics
 
 
-def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None,
+            checks=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The loss and its metrics. ``checks``: the call's queued value checks; the fused tail
+    computes those it can in its forward kernel (the rest run in ``checks.finish``)."""
     if _tail_fn.applies(inp, opt, process_group):  # the TRL family on the Triton path: the fused tail
         _warn_contrast(inp, mode, stacklevel=4)
-        return _tail_fn.fused_compose(inp, opt, mode)
+        return _tail_fn.fused_compose(inp, opt, mode, checks)
     inp = inp.zeroed()
     lp, m = inp.logp, inp.mask
     den = {"old": inp.old, "ref": inp.ref}.get(inp.denominator)

@@ -44,14 +44,34 @@ class LossInputs:
     num_items_in_batch: Optional[Tensor]
     lead: Tuple[int, ...]             # per-token metrics' shape ((total,) for packed input)
     packed: Optional[Packed] = None   # packed input: how its tokens map to the (N, T) rows
+    # what only the value checks read (a fused tail computes them beside its own reads):
+    tokens: Optional[Tensor] = None   # the caller's ids (caller's layout) and V
+    vocab: int = 0
+    lengths: Optional[Tensor] = None  # (N,) given lengths
+    float_mask: Optional[Tensor] = None  # a float mask as given (caller's layout)
+
+    def rows(self, t: Tensor) -> Tensor:
+        """A per-token tensor in the caller's layout -> ``(N, T)`` rows (packed: padded)."""
+        if self.packed is not None:
+            return self.packed.pad(t.reshape(-1))
+        return t.reshape(self.mask.shape)
 
     def zeroed(self) -> "LossInputs":
         """The same inputs with exact zeros at masked positions in every per-token tensor (what sits
-        there, NaN included, then never reaches a value or a gradient of the torch composition)."""
+        there, NaN included, then never reaches a value or a gradient of the torch composition), and
+        in a per-sequence correction ratio of an empty sequence; an empty sequence's per-sequence
+        advantage is kept when finite (TRL's metrics count it), else 0."""
         m = self.mask
         z = lambda t: None if t is None else torch.where(m, t, 0.0)  # noqa: E731
+        some = lambda t: m if t.shape[-1] == m.shape[-1] else m.any(-1, keepdim=True)  # noqa: E731
+        isr, adv = self.is_ratio, self.advantages
+        if isr is not None:
+            isr = torch.where(some(isr), isr, 0.0)
+        if adv is not None:
+            adv = (torch.where(m, adv, 0.0) if adv.shape[-1] == m.shape[-1]
+                   else torch.where(some(adv) | torch.isfinite(adv), adv, 0.0))
         return dataclasses.replace(self, logp=z(self.logp), entropy=z(self.entropy), old=z(self.old),
-                                   ref=z(self.ref), sampling=z(self.sampling))
+                                   ref=z(self.ref), sampling=z(self.sampling), is_ratio=isr, advantages=adv)
 
     def per_token(self, x: Tensor) -> Tensor:
         """(N, T) rows -> the caller's per-token layout."""
@@ -136,7 +156,7 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     if cu_seqlens is not None:
         if lengths is not None:
             raise ValueError("with cu_seqlens, give a mask (total,) or none, not lengths")
-        packed = resolve_packed(cu_seqlens, src.shape[-2], max_seqlen, group_size, checks.enabled)
+        packed = resolve_packed(cu_seqlens, src.shape[-2], max_seqlen, group_size, checks=checks)
     B, G, T, lead = _layout(src, src_name, tokens, group_size, None if packed is None else packed.n)
     N, dev = B * G, src.device
     flat = len(lead) <= 2
@@ -177,10 +197,12 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, type(None))):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
 
-    # ---- values (one device flag)
-    if mask is not None and mask.dtype.is_floating_point and checks.enabled:
-        checks.require_not(((mask != 0) & (mask != 1)).any(), "mask must hold only 0 and 1 (a float mask "
-                           "is not a weight); got other values")
+    # ---- values (one device flag; queued here, computed by the fused tail or in checks.finish)
+    float_mask = mask if mask is not None and mask.dtype.is_floating_point else None
+    if float_mask is not None:
+        checks.require_not(lambda: ((float_mask != 0) & (float_mask != 1)).any(),
+                           "mask must hold only 0 and 1 (a float mask is not a weight); got other values",
+                           kind="binary_mask")
     valid = torch.ones(lead, dtype=torch.bool, device=dev) if mask_b is None else mask_b
     if ignore_index is not None:
         valid = valid & (tokens != ignore_index)
@@ -194,22 +216,19 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     seq = lambda t: t.reshape(N, 1) if t.numel() == N else rows(t)  # noqa: E731
     # per-token inputs stay as given at masked positions here (the fused tail selects, never
     # multiplies, by the mask); LossInputs.zeroed() gives the torch composition exact zeros there
-    finite = lambda t, name: checks.finite(t, m, name) if checks.enabled else t  # noqa: E731
-    old = None if old is None else finite(tok(old), "old_logprobs")
-    ref = None if ref is None else finite(tok(ref), "ref_logprobs")
-    samp = None if samp is None else tok(samp)
-    if isr is not None:
-        isr = seq(isr)
-        isr = checks.finite(isr, m if isr.shape[-1] == T else m.any(-1, keepdim=True), "importance_sampling_ratio")
-    if adv is not None:
-        adv = seq(adv)
-        # an empty sequence's advantage is kept (it enters no loss term, but TRL's metrics count it)
-        adv = checks.finite(adv, m if adv.shape[-1] == T else m.any(-1, keepdim=True), "advantages",
-                            keep_finite=adv.shape[-1] != T)
+    old, ref, samp = tok(old), tok(ref), tok(samp)
+    isr = None if isr is None else seq(isr)
+    adv = None if adv is None else seq(adv)
+    if checks.enabled:
+        some = lambda t: m if t.shape[-1] == T else m.any(-1, keepdim=True)  # noqa: E731
+        for t, name, kind in ((old, "old_logprobs", "old"), (ref, "ref_logprobs", "ref"),
+                              (isr, "importance_sampling_ratio", "isr"), (adv, "advantages", "adv")):
+            if t is not None:
+                checks.finite(t, (lambda t: lambda: some(t))(t), name, kind=kind)
     if rewards is not None:
         rewards = rewards.detach().reshape(B, G).to(torch.promote_types(rewards.dtype, torch.float32))
-        if checks.enabled:
-            checks.require_not(not_finite(rewards).any(), "rewards must be finite, got NaN/inf")
+        checks.require_not((lambda r: lambda: not_finite(r).any())(rewards), "rewards must be finite, got NaN/inf",
+                           kind="rewards")
 
     # ---- option combinations
     has_ref = ref is not None or ref_logits is not None or ref_hidden is not None
@@ -242,15 +261,17 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, checks=checks, **kw, **extra)
     logp, ent = rows(logp), rows(ent)
     if ref_logits is not None or ref_hidden is not None:
-        with torch.no_grad():
+        with torch.no_grad():  # the same ids and mask: checked once, above
             ref = rows(_logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None else weight,
-                                 ref_bias, chunk_size, grad=False, checks=checks, **kw))
+                                 ref_bias, chunk_size, grad=False, checks=ValueChecks(False), **kw))
     nib = num_items_in_batch
     if nib is not None and not isinstance(nib, Tensor):
         nib = torch.tensor(float(nib), device=dev)
     return LossInputs(logp=logp, entropy=ent, mask=m, old=old, ref=ref, sampling=samp, is_ratio=isr,
                       advantages=adv, rewards=rewards, group_size=G, denominator=denominator,
-                      num_items_in_batch=nib, lead=lead if packed is None else (packed.total,), packed=packed)
+                      num_items_in_batch=nib, lead=lead if packed is None else (packed.total,), packed=packed,
+                      tokens=tokens, vocab=src.shape[-1] if logits is not None else weight.shape[0],
+                      lengths=None if lengths is None else lengths.reshape(N), float_mask=float_mask)
 
 
 def _resolve_denominator(opt: LossOptions, has_old: bool, has_ref: bool) -> str:
@@ -272,6 +293,7 @@ def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, checks, **
 
     if logits is not None:
         return token_logprobs_checked(logits, tokens, checks, return_entropy=grad, **kw)
-    from ..linear import linear_token_logprobs  # local: the linear path is optional
+    from ..linear import linear_token_logprobs_checked  # local: the linear path is optional
 
-    return linear_token_logprobs(hidden, weight, tokens, bias=bias, chunk_size=chunk_size, return_entropy=grad, **kw)
+    return linear_token_logprobs_checked(hidden, weight, tokens, checks, bias=bias, chunk_size=chunk_size,
+                                         return_entropy=grad, **kw)
