@@ -1,6 +1,7 @@
 """Test set-up: without a CUDA GPU, the Triton kernels run in Triton's CPU
 interpreter. TRITON_INTERPRET must be set before triton is first imported,
 hence here, before any test module imports gspo_kernels."""
+import contextlib
 import os
 
 import torch
@@ -53,3 +54,16 @@ POLICY_VARIANTS = {
     "sequence_mask": dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.3,
                           vllm_importance_sampling_clip_max=2.0),
 }
+
+
+@contextlib.contextmanager
+def torch_composition():
+    """Run core.compose's torch composition (same log-prob kernels) instead of the fused tail."""
+    from gspo_kernels.losses import _tail_fn
+
+    saved = _tail_fn.applies
+    _tail_fn.applies = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        _tail_fn.applies = saved

@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gspo_kernels
-from conftest import POLICY_VARIANTS as VARIANTS, TOLERANCE, TRL_LOSS_TYPES as LOSS_TYPES
+from conftest import POLICY_VARIANTS as VARIANTS, TOLERANCE, TRL_LOSS_TYPES as LOSS_TYPES, torch_composition
 from gspo_kernels import logprobs
 from gspo_kernels.losses import _tail_fn, core
 from gspo_kernels.losses.inputs import LossInputs
@@ -57,17 +57,6 @@ def _valid(loss_type, variant):
     if loss_type == "vespo" and variant.startswith("sequence_"):
         return False  # refused (a token-level correction only)
     return not (variant == "delta" and loss_type in ("cispo", "sapo", "vespo"))
-
-
-@contextlib.contextmanager
-def torch_composition():
-    """Run core.compose's torch composition (same log-prob kernels) instead of the fused tail."""
-    saved = _tail_fn.applies
-    _tail_fn.applies = lambda *a, **k: False
-    try:
-        yield
-    finally:
-        _tail_fn.applies = saved
 
 
 def _batch(dtype, seed, n=N, t=T):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gspo_kernels
-from conftest import TOLERANCE
+from conftest import TOLERANCE, torch_composition
 from gspo_kernels import logprobs
 from gspo_kernels.losses import _tail_checks, _tail_fn
 
@@ -28,16 +28,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Two groups of three; sequence 1 is empty (length 0), sequence 5 one token long.
 B, G, T, V = 2, 3, 8, 33
 LENGTHS = [[8, 0, 3], [5, 8, 1]]
-
-
-@contextlib.contextmanager
-def torch_composition():
-    saved = _tail_fn.applies
-    _tail_fn.applies = lambda *a, **k: False
-    try:
-        yield
-    finally:
-        _tail_fn.applies = saved
 
 
 @contextlib.contextmanager
