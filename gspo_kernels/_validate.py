@@ -288,31 +288,27 @@ class ValueChecks:
 
     def __init__(self, enabled: bool = True):
         self.enabled = bool(enabled)
-        self._checks: List[tuple] = []  # (kind or None, bad tensor or function, message)
-        self._kernel: Optional[tuple] = None  # (int flag tensor, {bit: message})
+        self._checks: List[tuple] = []  # (kind or None, bad tensor or function, message), in queue order
+        self._taken: Dict[str, int] = {}  # kind -> queue index of the check a kernel computes
+        self._kernel: Optional[tuple] = None  # (int flag tensor, {kind: bit})
 
     def require_not(self, bad: Union[torch.Tensor, Callable[[], torch.Tensor]],
                     message: Union[str, Callable[[], str]], kind: Optional[str] = None) -> None:
         if self.enabled:
             self._checks.append((kind, bad, message))
 
-    def take(self, kinds) -> Dict[str, Union[str, Callable[[], str]]]:
-        """Remove the queued checks of ``kinds`` (the first of each kind) and return their
-        messages by kind: the caller's kernel computes them and reports to :meth:`from_kernel`."""
-        taken: Dict[str, Union[str, Callable[[], str]]] = {}
-        keep = []
-        for kind, bad, message in self._checks:
-            if kind in kinds and kind not in taken:
-                taken[kind] = message
-            else:
-                keep.append((kind, bad, message))
-        self._checks = keep
-        return taken
+    def take(self, kinds) -> List[str]:
+        """Mark the first queued check of each of ``kinds`` as computed by the caller's kernel
+        (which reports them to :meth:`from_kernel`); returns the kinds taken."""
+        for i, (kind, _, _) in enumerate(self._checks):
+            if kind in kinds and kind not in self._taken:
+                self._taken[kind] = i
+        return [k for k in self._taken if k in kinds]
 
-    def from_kernel(self, flag: torch.Tensor, messages: Dict[int, Union[str, Callable[[], str]]]) -> None:
-        """A kernel's 0-d integer flag: bit ``b`` set means ``messages[b]`` failed."""
+    def from_kernel(self, flag: torch.Tensor, bits: Dict[str, int]) -> None:
+        """A kernel's 0-d integer flag: bit ``bits[kind]`` set means the taken check ``kind`` failed."""
         assert self._kernel is None, "one kernel flag per call"
-        self._kernel = (flag, messages)
+        self._kernel = (flag, bits)
 
     def finite(self, t: torch.Tensor, valid: Union[torch.Tensor, Callable[[], torch.Tensor]], name: str,
                kind: Optional[str] = None) -> None:
@@ -325,27 +321,31 @@ class ValueChecks:
         self.require_not(bad, f"{name} must be finite at valid (unmasked) positions, got NaN/inf there", kind=kind)
 
     def finish(self, result: torch.Tensor) -> torch.Tensor:
-        """``result``, after raising the first failed check (one host sync; none when nothing
-        was queued)."""
-        flags = [bad() if callable(bad) else bad for _, bad, _ in self._checks]
-        messages: List[Optional[Union[str, Callable[[], str]]]] = [m for _, _, m in self._checks]
-        kernel, self._checks, self._kernel = self._kernel, [], None
-        if not flags and kernel is None:
+        """``result``, after raising the first failed check in queue order (one host sync; none
+        when nothing was queued)."""
+        checks, taken, kernel = self._checks, self._taken, self._kernel
+        self._checks, self._taken, self._kernel = [], {}, None
+        by_kernel = set(taken.values()) if kernel is not None else set()
+        own = [i for i in range(len(checks)) if i not in by_kernel]  # evaluated here; bit j <- check own[j]
+        if not own and kernel is None:
             return result
-        assert len(flags) < 48, "too many queued checks for one int64 flag"
+        assert len(own) < 48, "too many queued checks for one int64 flag"
         code = None
-        if flags:
-            weights = torch.tensor([1 << i for i in range(len(flags))], device=flags[0].device)
+        if own:
+            flags = [checks[i][1]() if callable(checks[i][1]) else checks[i][1] for i in own]
+            weights = torch.tensor([1 << j for j in range(len(own))], device=flags[0].device)
             code = (torch.stack([f.reshape(()).to(weights.device) for f in flags]).to(torch.int64) * weights).sum()
+        at = dict(enumerate(own))  # bit of code -> queue index
         if kernel is not None:
-            flag, by_bit = kernel
-            shift = len(flags)
-            messages += [None] * (max(by_bit) + 1)
-            for b, m in by_bit.items():
-                messages[shift + b] = m
-            code = flag if code is None else code + (flag.to(torch.int64) << shift)
-        if torch.compiler.is_compiling():
-            text = _SEP.join("" if m is None else m.static if isinstance(m, LazyMessage) else m for m in messages)
+            flag, bits = kernel
+            at.update((len(own) + bits[kind], i) for kind, i in taken.items())
+            code = flag if code is None else code + (flag.to(torch.int64) << len(own))
+        if torch.compiler.is_compiling():  # no fused kernel under compile: the bits are own's, in order
+            text = _SEP.join(m.static if isinstance(m, LazyMessage) else m for _, _, m in (checks[i] for i in own))
             return result + torch.ops.gspo_kernels.raise_flagged(code, text, result.detach())
-        _raise_flagged(int(code), messages)  # the one host sync
+        value = int(code)  # the one host sync
+        failed = [i for bit, i in at.items() if value >> bit & 1]
+        if failed:
+            msg = checks[min(failed)][2]
+            raise ValueError(msg() if callable(msg) else msg)
         return result

@@ -7,7 +7,8 @@
   and the loss, its gradient and every metric equal the torch composition's, which zeroes
   them (LossInputs.zeroed): an empty sequence's per-sequence advantage counts when finite
   (TRL's advantage metric keeps it), as 0 otherwise; its per-sequence correction ratio as 0.
-- Several failures at once raise the first in the documented order.
+- Several failures at once raise the first in queue order, whether the kernel or torch ops
+  computed it; a reference head over another vocabulary checks the ids again.
 The launch counts (checks add no kernel) are asserted in tests/test_tail.py.
 """
 from __future__ import annotations
@@ -37,9 +38,9 @@ def kernel_checks():
     saved = _tail_fn._take_checks
 
     def spy(*args):
-        check, messages = saved(*args)
+        check, bits = saved(*args)
         seen.append(check)
-        return check, messages
+        return check, bits
     _tail_fn._take_checks = spy
     try:
         yield seen
@@ -178,3 +179,36 @@ def test_checks_off_take_nothing():
     with kernel_checks() as seen:
         _call(b, check_inputs=False, old_logprobs=_set(b["old"], VALID, float("nan")))
     assert seen == [0]
+
+
+def _hidden_call(b, ref_vocab, **over):
+    """policy_loss from hidden states (H = 12, V = 33) with a reference head of ``ref_vocab`` rows."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(B, G, T, 12, generator=g).to(DEVICE)
+    weight = (torch.randn(V, 12, generator=g) / 3).to(DEVICE)
+    ref_weight = (torch.randn(ref_vocab, 12, generator=g) / 3).to(DEVICE)
+    kw = dict(old_logprobs=b["old"], beta=0.04, rewards=b["rewards"])
+    kw.update(over)
+    return gspo_kernels.policy_loss(hidden=hidden, weight=weight, tokens=kw.pop("tokens", b["y"]),
+                                    advantages="group_norm", mask=b["mask"], ref_hidden=hidden,
+                                    ref_weight=ref_weight, **kw)
+
+
+def test_reference_head_of_another_vocabulary_checks_the_ids_again():
+    """An id valid for the policy's head but past the reference's is refused, on both paths."""
+    b = _batch()
+    y = _set(b["y"], VALID, 12)
+    for ctx in (contextlib.nullcontext(), torch_composition()):
+        with ctx, pytest.raises(ValueError, match=r"tokens must lie in \[0, V\) = \[0, 8\)"):
+            _hidden_call(b, 8, tokens=y)
+        _hidden_call(b, V, tokens=y)  # the same vocabulary: one check, passed
+
+
+def test_queue_order_across_kernel_and_torch_checks():
+    """A failed check the kernel computes (old, queued first) is raised before a later one
+    evaluated with torch ops (the reference's ids), as on the torch composition."""
+    b = _batch()
+    kw = dict(tokens=_set(b["y"], VALID, 12), old_logprobs=_set(b["old"], VALID, float("nan")))
+    for ctx in (contextlib.nullcontext(), torch_composition()):
+        with ctx, pytest.raises(ValueError, match="old_logprobs must be finite"):
+            _hidden_call(b, 8, **kw)

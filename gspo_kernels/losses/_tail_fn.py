@@ -215,9 +215,9 @@ class FusedTail(torch.autograd.Function):
         return dlp, dh, None, None, None, None
 
 
-def _take_checks(inp: LossInputs, checks, tensors: dict) -> Tuple[int, Dict[int, object]]:
+def _take_checks(inp: LossInputs, checks, tensors: dict) -> Tuple[int, Dict[str, int]]:
     """Hand the queued value checks this kernel can compute (:mod:`._tail_checks`) to it: their
-    ``CHECK`` bits, the tensors they read (added to ``tensors``) and their messages by bit."""
+    ``CHECK`` bits, the tensors they read (added to ``tensors``) and their bits by kind."""
     if checks is None or not checks.enabled:
         return 0, {}
     have = {"lengths": inp.lengths is not None, "binary_mask": inp.float_mask is not None,
@@ -231,8 +231,8 @@ def _take_checks(inp: LossInputs, checks, tensors: dict) -> Tuple[int, Dict[int,
         tensors["fmask"] = inp.rows(inp.float_mask).contiguous()
     if "lengths" in taken:
         tensors["lens"] = inp.lengths.contiguous()
-    bits = {tc.KINDS.index(kind): message for kind, message in taken.items()}
-    return sum(1 << b for b in bits), bits
+    bits = {kind: tc.KINDS.index(kind) for kind in taken}
+    return sum(1 << b for b in bits.values()), bits
 
 
 def fused_compose(inp: LossInputs, opt: LossOptions, mode: str, checks=None) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -245,7 +245,7 @@ def fused_compose(inp: LossInputs, opt: LossOptions, mode: str, checks=None) -> 
                    samp=_contig(inp.sampling), isr=_contig(inp.is_ratio), adv=_contig(inp.advantages),
                    rew=None if inp.rewards is None else inp.rewards.contiguous().reshape(-1),
                    nib=inp.num_items_in_batch, prm=_params(opt, m.device))
-    check, messages = _take_checks(inp, checks, tensors)
+    check, bits = _take_checks(inp, checks, tensors)
     spec = dataclasses.replace(spec, check=check)
     if spec.entmask:  # the threshold's sort (masks.quantile_of_valid); the kernels take the rest
         tensors["sorted"] = torch.where(m, inp.entropy.detach().float(), float("inf")).reshape(-1).sort().values
@@ -253,7 +253,7 @@ def fused_compose(inp: LossInputs, opt: LossOptions, mode: str, checks=None) -> 
     loss, pl, met, seqm, ratio, flag = FusedTail.apply(inp.logp.contiguous(), inp.entropy.contiguous(), spec, div,
                                                        inp.group_size, tensors)
     if check:
-        checks.from_kernel(flag, messages)
+        checks.from_kernel(flag, bits)
     seq = lambda x: inp.per_sequence(x.reshape(N, 1))  # noqa: E731
     if spec.level == tm.LEVELS["sequence"]:
         ratio = seqm[2].reshape(N, 1)

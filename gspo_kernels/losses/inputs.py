@@ -260,17 +260,23 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     extra = dict(inplace_backward=True) if inplace_backward and logits is not None else {}
     logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, checks=checks, **kw, **extra)
     logp, ent = rows(logp), rows(ent)
+    vocab = src.shape[-1] if logits is not None else weight.shape[0]
     if ref_logits is not None or ref_hidden is not None:
-        with torch.no_grad():  # the same ids and mask: checked once, above
-            ref = rows(_logprobs(ref_logits, tokens, ref_hidden, ref_weight if ref_weight is not None else weight,
-                                 ref_bias, chunk_size, grad=False, checks=ValueChecks(False), **kw))
+        rw = ref_weight if ref_weight is not None else weight
+        ref_vocab = ref_logits.shape[-1] if ref_logits is not None else (
+            rw.shape[0] if isinstance(rw, Tensor) and rw.dim() == 2 else None)
+        # the same ids and mask over the same vocabulary: checked once, above (else checked again)
+        ref_checks = ValueChecks(False) if ref_vocab == vocab else checks
+        with torch.no_grad():
+            ref = rows(_logprobs(ref_logits, tokens, ref_hidden, rw, ref_bias, chunk_size, grad=False,
+                                 checks=ref_checks, **kw))
     nib = num_items_in_batch
     if nib is not None and not isinstance(nib, Tensor):
         nib = torch.tensor(float(nib), device=dev)
     return LossInputs(logp=logp, entropy=ent, mask=m, old=old, ref=ref, sampling=samp, is_ratio=isr,
                       advantages=adv, rewards=rewards, group_size=G, denominator=denominator,
                       num_items_in_batch=nib, lead=lead if packed is None else (packed.total,), packed=packed,
-                      tokens=tokens, vocab=src.shape[-1] if logits is not None else weight.shape[0],
+                      tokens=tokens, vocab=vocab,
                       lengths=None if lengths is None else lengths.reshape(N), float_mask=float_mask)
 
 
