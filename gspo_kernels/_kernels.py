@@ -332,11 +332,20 @@ if HAS_TRITON:
                 d = tl.where(offs == y, gs, 0.0) - p * gs
             tl.store(dst + offs, d.to(DX.dtype.element_ty), mask=live[:, None] & inb)
 
-    @triton.jit(do_not_specialize=["T"])
-    def _seq_reduce_kernel(LOGP, MASK, OUT, LEN, T, shrink, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit
+    def _or(a, b):
+        return a | b
+
+    @triton.jit(do_not_specialize=["T", "V"])
+    def _seq_reduce_kernel(LOGP, MASK, OUT, LEN, TOK, LENS, FLAG, T, V, shrink, NORMALIZE: tl.constexpr,
+                           CHECK: tl.constexpr, BLOCK: tl.constexpr):
         """One program per sequence n (deterministic, no atomics):
 
             L_n = sum_t mask[n, t];   out_n = sum_t mask[n, t] * logp[n, t]  (/ L_n if NORMALIZE; 0 if L_n = 0)
+
+        ``CHECK`` (the caller's value checks, computed here instead of by ops of their own):
+        bit 1, ``0 <= LENS[n] <= T``; bit 2, ``0 <= TOK[n, t] < V`` where the mask is set;
+        ``FLAG[n]`` gets the failed bits (read once by the caller, after the kernels).
 
         The sum runs on ``logp * shrink`` (``shrink = 2^-ceil(log2 T)``, exact),
         so no partial sum can overflow: a mean of finite log-probs (each down
@@ -347,12 +356,22 @@ if HAS_TRITON:
         n = tl.program_id(0).to(tl.int64)
         acc = tl.zeros((BLOCK,), LOGP.dtype.element_ty)
         cnt = tl.zeros((BLOCK,), LOGP.dtype.element_ty)
+        f = tl.zeros((BLOCK,), tl.int32)
         for start in range(0, T, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             m = tl.load(MASK + n * T + offs, mask=offs < T, other=0.0)
             lp = tl.load(LOGP + n * T + offs, mask=offs < T, other=0.0)
             acc += tl.where(m != 0, lp * shrink, 0.0)
             cnt += m
+            if CHECK & 2:
+                y = tl.load(TOK + n * T + offs, mask=(offs < T) & (m != 0), other=0)
+                f = f | tl.where((m != 0) & ((y < 0) | (y >= V)), 2, 0)
+        if CHECK != 0:
+            flag = tl.reduce(f, 0, _or)
+            if CHECK & 1:
+                Ln = tl.load(LENS + n)
+                flag = flag | tl.where((Ln < 0) | (Ln > T), 1, 0)
+            tl.store(FLAG + n, flag)
         total = tl.sum(acc, 0)
         length = tl.sum(cnt, 0)
         if NORMALIZE:
@@ -436,20 +455,39 @@ def triton_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out: t
     return out
 
 
-def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool):
-    """Per-sequence masked sum (or mean) of ``logp`` (..., T). Returns (values, lengths), each (...)."""
+@dataclass(frozen=True)
+class SeqChecks:
+    """Value checks the per-sequence reduction computes (``_seq_reduce_kernel``'s ``CHECK``):
+    ``lengths`` (...) in ``[0, T]`` (bit 1) and ``tokens`` (..., T) in ``[0, vocab)`` where the
+    mask is set (bit 2); either may be None."""
+
+    tokens: Any = None
+    vocab: int = 0
+    lengths: Any = None
+
+    @property
+    def bits(self) -> dict:
+        """Kind -> bit index in the flags (``CHECK`` holds ``1 << index``)."""
+        return {k: b for k, b, t in (("lengths", 0, self.lengths), ("ids", 1, self.tokens)) if t is not None}
+
+
+def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool, checks: SeqChecks = None):
+    """Per-sequence masked sum (or mean) of ``logp`` (..., T). Returns (values, lengths), each (...),
+    and with ``checks`` their per-sequence flags (int32 (N,), failed ``checks.bits``)."""
     T = logp.shape[-1]
+    flags = torch.empty(0 if checks is None else logp.numel() // max(T, 1), dtype=torch.int32, device=logp.device)
     if T == 0 or logp.numel() == 0:  # no tokens: every sequence is empty (0, L = 0)
         z = logp.new_zeros(logp.shape[:-1])
-        return z, torch.zeros_like(z)
+        return (z, torch.zeros_like(z)) if checks is None else (z, torch.zeros_like(z), flags.zero_())
     lp = logp.reshape(-1, T)
     mk = maskf.reshape(-1, T)
     out = torch.empty(lp.shape[0], dtype=logp.dtype, device=logp.device)
     length = torch.empty_like(out)
-    if out.numel() and T:
-        _seq_reduce_kernel[(out.numel(),)](lp, mk, out, length, T, seq_shrink(T), NORMALIZE=normalize,
-                                           BLOCK=BLOCK_T, num_warps=4)
-    elif out.numel():
-        out.zero_()
-        length.zero_()
-    return out.reshape(logp.shape[:-1]), length.reshape(logp.shape[:-1])
+    bits = 0 if checks is None else sum(1 << b for b in checks.bits.values())
+    tok = lp if not bits & 2 else checks.tokens.reshape(-1, T).contiguous()
+    lens = lp if not bits & 1 else checks.lengths.reshape(-1).contiguous()
+    _seq_reduce_kernel[(out.numel(),)](lp, mk, out, length, tok, lens, flags if bits else out, T, checks.vocab if bits
+                                       else 0, seq_shrink(T), NORMALIZE=normalize, CHECK=bits, BLOCK=BLOCK_T,
+                                       num_warps=4)
+    res = (out.reshape(logp.shape[:-1]), length.reshape(logp.shape[:-1]))
+    return res if checks is None else (*res, flags)

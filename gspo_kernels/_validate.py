@@ -11,7 +11,9 @@ break; eager calls run the same functions directly.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
@@ -306,7 +308,8 @@ class ValueChecks:
         return [k for k in self._taken if k in kinds]
 
     def from_kernel(self, flag: torch.Tensor, bits: Dict[str, int]) -> None:
-        """A kernel's 0-d integer flag: bit ``bits[kind]`` set means the taken check ``kind`` failed."""
+        """A kernel's integer flag (0-d, or one per sequence, ORed): bit ``bits[kind]`` set means the
+        taken check ``kind`` failed."""
         assert self._kernel is None, "one kernel flag per call"
         self._kernel = (flag, bits)
 
@@ -338,12 +341,16 @@ class ValueChecks:
         at = dict(enumerate(own))  # bit of code -> queue index
         if kernel is not None:
             flag, bits = kernel
+            if flag.dim() and code is not None:  # per-sequence flags beside own ones: OR them here
+                w = torch.tensor(sorted(1 << b for b in bits.values()), dtype=flag.dtype, device=flag.device)
+                flag = (((flag.unsqueeze(-1) & w) != 0).any(0).to(torch.int64) * w).sum()
             at.update((len(own) + bits[kind], i) for kind, i in taken.items())
             code = flag if code is None else code + (flag.to(torch.int64) << len(own))
         if torch.compiler.is_compiling():  # no fused kernel under compile: the bits are own's, in order
             text = _SEP.join(m.static if isinstance(m, LazyMessage) else m for _, _, m in (checks[i] for i in own))
             return result + torch.ops.gspo_kernels.raise_flagged(code, text, result.detach())
-        value = int(code)  # the one host sync
+        # the one host sync (per-sequence flags: one copy, ORed here)
+        value = int(code) if code.dim() == 0 else functools.reduce(operator.or_, code.tolist(), 0)
         failed = [i for bit, i in at.items() if value >> bit & 1]
         if failed:
             msg = checks[min(failed)][2]

@@ -209,23 +209,33 @@ class TokenLogprobs(torch.autograd.Function):
 
 class SequenceLogprobs(torch.autograd.Function):
     """``(logits (..., T, V), tokens (..., T), maskf (..., T) float, options) -> (...)``:
-    masked mean (or sum) of per-token log-probs per sequence."""
+    masked mean (or sum) of per-token log-probs per sequence. With ``checks``
+    (:class:`~gspo_kernels._kernels.SeqChecks`, Triton path, eager) the reduction kernel also
+    computes those value checks: ``-> (values, flags)``, flags int32 per sequence."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, maskf: Tensor, opts: LogprobOptions) -> Tensor:
-        logp, lse, _ = logprob_fwd(logits, tokens, maskf != 0, opts.inv_temp, False, opts.check_ids)
-        seq, length = seq_reduce(logp, maskf, opts.normalize)
+    def forward(ctx, logits: Tensor, tokens: Tensor, maskf: Tensor, opts: LogprobOptions, checks=None):
+        valid = maskf != 0 if opts.check_ids else None  # only the eager id check reads it
+        logp, lse, _ = logprob_fwd(logits, tokens, valid, opts.inv_temp, False, opts.check_ids)
+        if checks is not None:
+            seq, length, flags = _kernels.triton_seq_reduce(logp, maskf, opts.normalize, checks)
+            ctx.mark_non_differentiable(flags)
+        else:
+            seq, length = seq_reduce(logp, maskf, opts.normalize)
         ctx.opts = opts
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, tokens, maskf, lse, length)
-        return seq
+        return seq if checks is None else (seq, flags)
 
     @staticmethod
-    def backward(ctx, grad_seq: Tensor):
+    def backward(ctx, grad_seq: Optional[Tensor], *_):
+        if grad_seq is None:
+            return None, None, None, None, None
         logits, tokens, maskf, lse, length = ctx.saved_tensors
         if ctx.opts.normalize:
             grad_seq = torch.where(length > 0, grad_seq / length.clamp(min=1), torch.zeros_like(grad_seq))
         grad_tok = grad_seq.unsqueeze(-1) * maskf
-        return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None
+        return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None
 
 
 # ---------------------------------------------------------------- public API
@@ -368,7 +378,17 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     check_token_range(tokens, logits.shape[-1], valid, checks=checks)
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
-    return checks.finish(SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts))
+    seq_checks = None
+    if _use_triton(logits) and not torch.compiler.is_compiling():  # the reduction kernel computes them
+        taken = checks.take({"lengths", "ids"} if lengths is not None else {"ids"})
+        if taken:
+            seq_checks = _kernels.SeqChecks(tokens=tokens if "ids" in taken else None, vocab=logits.shape[-1],
+                                            lengths=lengths if "lengths" in taken else None)
+    if seq_checks is None:
+        return checks.finish(SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts))
+    seq, flags = SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts, seq_checks)
+    checks.from_kernel(flags, seq_checks.bits)
+    return checks.finish(seq)
 
 
 def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize, check_inputs, **kw):

@@ -412,6 +412,22 @@ def test_launch_count(case, check_inputs, monkeypatch):
         assert phases == _count(case, False, monkeypatch), "the value checks launched kernels of their own"
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="counted on the CPU (interpreter) path")
+def test_sequence_logprobs_checks_launch_nothing(monkeypatch):
+    """sequence_logprobs' checks (ids, lengths) are bits of its reduction kernel: its forward is
+    the mask from lengths (arange, lt), its float copy, the log-prob and reduction kernels."""
+    b = _count_batch()
+
+    def launches(check_inputs):
+        gspo_kernels.sequence_logprobs(b["x"], b["y"], lengths=b["lengths"], check_inputs=check_inputs)
+        with monkeypatch.context() as mp, counting(mp) as counter:
+            gspo_kernels.sequence_logprobs(b["x"], b["y"], lengths=b["lengths"], check_inputs=check_inputs)
+        return [name for _, name in counter.seen]
+
+    checked = launches(True)
+    assert checked == launches(False) and len(checked) <= 5, checked
+
+
 # ---------------------------------------------------------------- generated code
 ARCHS = (80, 90, 100)
 # Compiled specs: GSPO with every mask; token-level with delta, dual clip and a token

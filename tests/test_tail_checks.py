@@ -212,3 +212,28 @@ def test_queue_order_across_kernel_and_torch_checks():
     for ctx in (contextlib.nullcontext(), torch_composition()):
         with ctx, pytest.raises(ValueError, match="old_logprobs must be finite"):
             _hidden_call(b, 8, **kw)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+@pytest.mark.parametrize("own_fails", [False, True])
+def test_value_checks_merge_kernel_and_torch_flags(own_fails, per_sequence):
+    """ValueChecks itself: checks evaluated with torch ops and checks a kernel took (a 0-d flag,
+    or per-sequence flags ORed) raise the first failure in queue order, or nothing."""
+    from gspo_kernels._validate import ValueChecks
+
+    for kernel_fails in (False, True):
+        c = ValueChecks()
+        c.require_not(torch.tensor(own_fails), "first")
+        c.require_not(lambda: torch.tensor(False), "second", kind="a")
+        c.require_not(torch.tensor(False), "third", kind="b")
+        c.require_not(torch.tensor(False), "fourth")
+        assert sorted(c.take({"a", "b", "c"})) == ["a", "b"]
+        bit = 2 if kernel_fails else 0  # bit 1: kind "b"
+        flag = torch.tensor([0, bit, 0], dtype=torch.int32) if per_sequence else torch.tensor(bit, dtype=torch.int32)
+        c.from_kernel(flag, {"a": 0, "b": 1})
+        want = "first" if own_fails else "third" if kernel_fails else None
+        if want is None:
+            assert c.finish(torch.ones(())) == 1
+        else:
+            with pytest.raises(ValueError, match=want):
+                c.finish(torch.ones(()))

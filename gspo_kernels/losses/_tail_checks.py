@@ -35,9 +35,7 @@ _bit = tl.constexpr if HAS_TRITON else int
 C_LEN, C_BIN, C_OLD, C_REF, C_ISR, C_ADV, C_REW, C_IDS = (_bit(BITS[k]) for k in KINDS)
 
 if HAS_TRITON:
-    @triton.jit
-    def _or(a, b):
-        return a | b
+    from .._kernels import _or
 
     @triton.jit
     def _not_finite(x):
