@@ -338,7 +338,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["T", "V"])
     def _seq_reduce_kernel(LOGP, MASK, OUT, LEN, TOK, LENS, FLAG, T, V, shrink, NORMALIZE: tl.constexpr,
-                           CHECK: tl.constexpr, BLOCK: tl.constexpr):
+                           CHECK: tl.constexpr, GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
         """One program per sequence n (deterministic, no atomics):
 
             L_n = sum_t mask[n, t];   out_n = sum_t mask[n, t] * logp[n, t]  (/ L_n if NORMALIZE; 0 if L_n = 0)
@@ -346,6 +346,8 @@ if HAS_TRITON:
         ``CHECK`` (the caller's value checks, computed here instead of by ops of their own):
         bit 1, ``0 <= LENS[n] <= T``; bit 2, ``0 <= TOK[n, t] < V`` where the mask is set;
         ``FLAG[n]`` gets the failed bits (read once by the caller, after the kernels).
+        ``GRAD_SCALE``: ``LEN[n]`` gets ``d out_n / d (mask * logp)``, ``1 / L_n`` (0 if L_n = 0)
+        when NORMALIZE, else 1, instead of ``L_n``: what the backward multiplies by.
 
         The sum runs on ``logp * shrink`` (``shrink = 2^-ceil(log2 T)``, exact),
         so no partial sum can overflow: a mean of finite log-probs (each down
@@ -377,6 +379,11 @@ if HAS_TRITON:
         if NORMALIZE:
             total = tl.where(length > 0, total / tl.maximum(length, 1.0), 0.0)
         tl.store(OUT + n, total / shrink)
+        if GRAD_SCALE:
+            if NORMALIZE:
+                length = tl.where(length > 0, 1.0 / tl.maximum(length, 1.0), 0.0)
+            else:
+                length = length * 0.0 + 1.0
         tl.store(LEN + n, length)
 
 
@@ -471,9 +478,11 @@ class SeqChecks:
         return {k: b for k, b, t in (("lengths", 0, self.lengths), ("ids", 1, self.tokens)) if t is not None}
 
 
-def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool, checks: SeqChecks = None):
-    """Per-sequence masked sum (or mean) of ``logp`` (..., T). Returns (values, lengths), each (...),
-    and with ``checks`` their per-sequence flags (int32 (N,), failed ``checks.bits``)."""
+def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool, checks: SeqChecks = None,
+                      grad_scale: bool = False):
+    """Per-sequence masked sum (or mean) of ``logp`` (..., T). Returns (values, lengths), each (...)
+    (``grad_scale``: the backward's per-sequence factor instead of lengths, see the kernel), and
+    with ``checks`` their per-sequence flags (int32 (N,), failed ``checks.bits``)."""
     T = logp.shape[-1]
     flags = torch.empty(0 if checks is None else logp.numel() // max(T, 1), dtype=torch.int32, device=logp.device)
     if T == 0 or logp.numel() == 0:  # no tokens: every sequence is empty (0, L = 0)
@@ -487,7 +496,7 @@ def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool, 
     tok = lp if not bits & 2 else checks.tokens.reshape(-1, T).contiguous()
     lens = lp if not bits & 1 else checks.lengths.reshape(-1).contiguous()
     _seq_reduce_kernel[(out.numel(),)](lp, mk, out, length, tok, lens, flags if bits else out, T, checks.vocab if bits
-                                       else 0, seq_shrink(T), NORMALIZE=normalize, CHECK=bits, BLOCK=BLOCK_T,
-                                       num_warps=4)
+                                       else 0, seq_shrink(T), NORMALIZE=normalize, CHECK=bits,
+                                       GRAD_SCALE=grad_scale, BLOCK=BLOCK_T, num_warps=4)
     res = (out.reshape(logp.shape[:-1]), length.reshape(logp.shape[:-1]))
     return res if checks is None else (*res, flags)

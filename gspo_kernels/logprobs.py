@@ -217,22 +217,29 @@ class SequenceLogprobs(torch.autograd.Function):
     def forward(ctx, logits: Tensor, tokens: Tensor, maskf: Tensor, opts: LogprobOptions, checks=None):
         valid = maskf != 0 if opts.check_ids else None  # only the eager id check reads it
         logp, lse, _ = logprob_fwd(logits, tokens, valid, opts.inv_temp, False, opts.check_ids)
-        if checks is not None:
-            seq, length, flags = _kernels.triton_seq_reduce(logp, maskf, opts.normalize, checks)
-            ctx.mark_non_differentiable(flags)
+        # eager Triton: the reduction kernel also gives the backward's per-sequence factor
+        ctx.direct = _use_triton(logp) and not torch.compiler.is_compiling()
+        flags = None
+        if ctx.direct:
+            seq, length, *flags = _kernels.triton_seq_reduce(logp, maskf, opts.normalize, checks, grad_scale=True)
         else:
             seq, length = seq_reduce(logp, maskf, opts.normalize)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, tokens, maskf, lse, length)
-        return seq if checks is None else (seq, flags)
+        if checks is None:
+            return seq
+        ctx.mark_non_differentiable(flags[0])
+        return seq, flags[0]
 
     @staticmethod
     def backward(ctx, grad_seq: Optional[Tensor], *_):
         if grad_seq is None:
             return None, None, None, None, None
         logits, tokens, maskf, lse, length = ctx.saved_tensors
-        if ctx.opts.normalize:
+        if ctx.direct:  # length holds d seq / d (mask * logp) per sequence
+            grad_seq = grad_seq * length
+        elif ctx.opts.normalize:
             grad_seq = torch.where(length > 0, grad_seq / length.clamp(min=1), torch.zeros_like(grad_seq))
         grad_tok = grad_seq.unsqueeze(-1) * maskf
         return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None

@@ -414,18 +414,23 @@ def test_launch_count(case, check_inputs, monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counted on the CPU (interpreter) path")
 def test_sequence_logprobs_checks_launch_nothing(monkeypatch):
-    """sequence_logprobs' checks (ids, lengths) are bits of its reduction kernel: its forward is
-    the mask from lengths (arange, lt), its float copy, the log-prob and reduction kernels."""
+    """sequence_logprobs' checks (ids, lengths) are bits of its reduction kernel, which also gives
+    the backward its per-sequence factor: forward + backward is the mask from lengths (arange,
+    lt), its float copy, the log-prob and reduction kernels, the harness's sum and seed, two
+    multiplications to per-token gradients, the backward kernel."""
     b = _count_batch()
+    x = b["x"].requires_grad_(True)
 
     def launches(check_inputs):
-        gspo_kernels.sequence_logprobs(b["x"], b["y"], lengths=b["lengths"], check_inputs=check_inputs)
+        call = lambda: gspo_kernels.sequence_logprobs(x, b["y"], lengths=b["lengths"],  # noqa: E731
+                                                      check_inputs=check_inputs).sum()
+        torch.autograd.grad(call(), x)
         with monkeypatch.context() as mp, counting(mp) as counter:
-            gspo_kernels.sequence_logprobs(b["x"], b["y"], lengths=b["lengths"], check_inputs=check_inputs)
+            torch.autograd.grad(call(), x)
         return [name for _, name in counter.seen]
 
     checked = launches(True)
-    assert checked == launches(False) and len(checked) <= 5, checked
+    assert checked == launches(False) and len(checked) <= 10, checked
 
 
 # ---------------------------------------------------------------- generated code
