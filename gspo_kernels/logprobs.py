@@ -219,7 +219,8 @@ class SequenceLogprobs(torch.autograd.Function):
         logp, lse, _ = logprob_fwd(logits, tokens, valid, opts.inv_temp, False, opts.check_ids)
         # eager Triton: the reduction kernel also gives the backward's per-sequence factor
         ctx.direct = _use_triton(logp) and not torch.compiler.is_compiling()
-        flags = None
+        if checks is not None and not ctx.direct:
+            raise ValueError("SequenceLogprobs computes value checks only on the eager Triton path")
         if ctx.direct:
             seq, length, *flags = _kernels.triton_seq_reduce(logp, maskf, opts.normalize, checks, grad_scale=True)
         else:
