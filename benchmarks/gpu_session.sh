@@ -18,7 +18,7 @@ fi
   | tee "$OUT/env.txt"
 timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_logprobs.py tests/test_entropy.py \
   tests/test_codegen.py::test_compiled_kernel_cache_is_bounded_on_gpu tests/test_linear.py tests/test_losses.py \
-  tests/test_cuda_graphs.py tests/test_syncs.py \
+  tests/test_cuda_graphs.py tests/test_syncs.py tests/test_tail_checks.py \
   > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?"; tail -4 "$OUT/pytest.txt"
 timeout 130 python3 -m benchmarks.tune --vs 151936,32000,262144 --out "$OUT/tune.csv" 2>&1 \
   | grep -E "copy|best|BLOCK_V=(4096|8192)"
