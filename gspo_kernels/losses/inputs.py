@@ -4,9 +4,11 @@ the logits (or hidden states) that gives the policy's log-probs and entropies.
 
 Checks run in the order a user needs: shapes, dtypes and devices of every
 argument first (raised at once), then values (finite inputs at valid positions,
-a 0/1 float mask: queued on one device flag, see :mod:`.checks`), then option
-combinations (a reference for ``beta > 0``, rewards for a named advantage, ...).
-Whatever sits at a masked position is replaced by exact zeros here.
+a 0/1 float mask, ids, lengths: queued on one device flag, see :mod:`.checks`;
+the fused tail computes them in its forward kernel, :mod:`._tail_checks`), then
+option combinations (a reference for ``beta > 0``, rewards for a named advantage,
+...). What sits at a masked position is left as given: the fused tail selects by
+the mask, and :meth:`LossInputs.zeroed` gives the torch composition exact zeros.
 """
 from __future__ import annotations
 
