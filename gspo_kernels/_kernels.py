@@ -381,7 +381,11 @@ if HAS_TRITON:
         tl.store(OUT + n, total / shrink)
         if GRAD_SCALE:
             if NORMALIZE:
-                length = tl.where(length > 0, 1.0 / tl.maximum(length, 1.0), 0.0)
+                if LOGP.dtype.element_ty == tl.float64:
+                    inv = 1.0 / tl.maximum(length, 1.0)
+                else:  # correctly rounded (a GPU's fp32 "/" is approximate): 1/L as the CPU computes it
+                    inv = tl.div_rn(length * 0.0 + 1.0, tl.maximum(length, 1.0))
+                length = tl.where(length > 0, inv, 0.0)
             else:
                 length = length * 0.0 + 1.0
         tl.store(LEN + n, length)

@@ -238,9 +238,10 @@ class SequenceLogprobs(torch.autograd.Function):
         if grad_seq is None:
             return None, None, None, None, None
         logits, tokens, maskf, lse, length = ctx.saved_tensors
-        if ctx.direct:  # length holds d seq / d (mask * logp) per sequence
-            grad_seq = grad_seq * length
-        elif ctx.opts.normalize:
+        if ctx.direct:  # length holds d seq / d (mask * logp) per sequence; masked tokens get exact 0
+            grad_tok = torch.where(maskf != 0, (grad_seq * length).unsqueeze(-1), 0.0)
+            return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None
+        if ctx.opts.normalize:
             grad_seq = torch.where(length > 0, grad_seq / length.clamp(min=1), torch.zeros_like(grad_seq))
         grad_tok = grad_seq.unsqueeze(-1) * maskf
         return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None
@@ -387,7 +388,8 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
     seq_checks = None
-    if _use_triton(logits) and not torch.compiler.is_compiling():  # the reduction kernel computes them
+    # eager Triton: the reduction kernel computes the checks (no token, no kernel: finish does)
+    if _use_triton(logits) and not torch.compiler.is_compiling() and tokens.numel():
         taken = checks.take({"lengths", "ids"} if lengths is not None else {"ids"})
         if taken:
             seq_checks = _kernels.SeqChecks(tokens=tokens if "ids" in taken else None, vocab=logits.shape[-1],

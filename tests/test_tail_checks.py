@@ -237,3 +237,17 @@ def test_value_checks_merge_kernel_and_torch_flags(own_fails, per_sequence):
         else:
             with pytest.raises(ValueError, match=want):
                 c.finish(torch.ones(()))
+
+
+def test_sequence_logprobs_edges_of_the_in_kernel_checks():
+    """T = 0 still checks lengths; an empty sequence's gradient is 0 whatever its upstream
+    gradient (inf, NaN), and a masked token's too."""
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\] = \[0, 0\]"):
+        gspo_kernels.sequence_logprobs(torch.randn(2, 0, 5, device=DEVICE), torch.zeros(2, 0, dtype=torch.long,
+                                       device=DEVICE), lengths=torch.tensor([3, 0], device=DEVICE))
+    x = torch.randn(3, 4, 5, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 5, (3, 4), device=DEVICE)
+    out = gspo_kernels.sequence_logprobs(x, y, lengths=torch.tensor([3, 0, 4], device=DEVICE))
+    (gx,) = torch.autograd.grad(out, x, torch.tensor([float("nan"), float("inf"), 1.0], device=DEVICE))
+    assert torch.equal(gx[1], torch.zeros_like(gx[1])) and torch.equal(gx[0, 3], torch.zeros_like(gx[0, 3]))
+    assert torch.isfinite(gx[2]).all()
