@@ -67,3 +67,18 @@ def torch_composition():
         yield
     finally:
         _tail_fn.applies = saved
+
+
+def rl_batch(seed: int = 0, B: int = 2, G: int = 3, T: int = 8, V: int = 33) -> dict:
+    """A small rollout batch: logits ``x`` (B, G, T, V), ids ``y``, ``lengths`` with an empty and a
+    one-token completion (and their ``mask``), ``rewards``, old / reference / sampling log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, G, T, V, generator=g)
+    y = torch.randint(0, V, (B, G, T), generator=g)
+    lengths = torch.tensor([[T, 0, 3], [5, T, 1]])[:B, :G]
+    mask = torch.arange(T) < lengths.unsqueeze(-1)
+    rewards = torch.randn(B, G, generator=g)
+    old = -torch.rand(B, G, T, generator=g) * 4
+    ref = old + 0.1 * torch.randn(B, G, T, generator=g)
+    samp = old + 0.1 * torch.randn(B, G, T, generator=g)
+    return dict(x=x, y=y, mask=mask, lengths=lengths, rewards=rewards, old=old, ref=ref, samp=samp)

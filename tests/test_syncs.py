@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gspo_kernels
+from conftest import rl_batch
 from gspo_kernels import logprobs
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
@@ -41,15 +42,8 @@ B, G, T, V = 2, 3, 8, 33
 
 
 def _batch():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, G, T, V, generator=g)
-    y = torch.randint(0, V, (B, G, T), generator=g)
-    lengths = torch.tensor([[8, 0, 3], [5, 8, 1]])
-    mask = torch.arange(T) < lengths.unsqueeze(-1)
-    rewards = torch.randn(B, G, generator=g)
-    old = -torch.rand(B, G, T, generator=g) * 4
-    ref = old + 0.1 * torch.randn(B, G, T, generator=g)
-    return x, y, mask, lengths, rewards, old, ref
+    b = rl_batch(0, B, G, T, V)
+    return tuple(b[k] for k in ("x", "y", "mask", "lengths", "rewards", "old", "ref"))
 
 
 CALLS = {

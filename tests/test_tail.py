@@ -34,7 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gspo_kernels
-from conftest import POLICY_VARIANTS as VARIANTS, TOLERANCE, TRL_LOSS_TYPES as LOSS_TYPES, torch_composition
+from conftest import (POLICY_VARIANTS as VARIANTS, TOLERANCE, TRL_LOSS_TYPES as LOSS_TYPES, rl_batch,
+                      torch_composition)
 from gspo_kernels import logprobs
 from gspo_kernels.losses import _tail_fn, core
 from gspo_kernels.losses.inputs import LossInputs
@@ -339,18 +340,7 @@ def counting(monkeypatch):
 
 
 def _count_batch():
-    g = torch.Generator().manual_seed(0)
-    B, G, Tc, Vc = 2, 3, 8, 33
-    x = torch.randn(B, G, Tc, Vc, generator=g)
-    y = torch.randint(0, Vc, (B, G, Tc), generator=g)
-    lengths = torch.tensor([[8, 0, 3], [5, 8, 1]])
-    mask = torch.arange(Tc) < lengths.unsqueeze(-1)
-    rewards = torch.randn(B, G, generator=g)
-    old = -torch.rand(B, G, Tc, generator=g) * 4
-    ref = old + 0.1 * torch.randn(B, G, Tc, generator=g)
-    samp = old + 0.1 * torch.randn(B, G, Tc, generator=g)
-    return {k: v.to(DEVICE) for k, v in dict(x=x, y=y, mask=mask, lengths=lengths, rewards=rewards, old=old,
-                                              ref=ref, samp=samp).items()}
+    return {k: v.to(DEVICE) for k, v in rl_batch(0).items()}
 
 
 # One option set per objective, with a KL, the entropy bonus and masks.
