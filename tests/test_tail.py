@@ -467,31 +467,21 @@ def _codegen_launches(name):
 
 
 def _compile(case):
-    """Compile one (spec, kernel, arch) as Triton's launcher would specialise it."""
+    """Compile one (spec, kernel, arch) as Triton's launcher would specialise it (codegen_probe's
+    specialisation and resource reader)."""
     import re
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import ASTSource
+
+    from codegen_probe import _resource_usage, specialise
 
     name, kind, arch = case
     launch = _codegen_launches(name)[kind]
-    fn = launch.kernel
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    kwargs = dict(launch.kwargs)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=backend.target, options=options.__dict__)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    path = f"/tmp/gspo_tail_probe_{os.getpid()}.cubin"
-    with open(path, "wb") as fh:
-        fh.write(k.asm["cubin"])
-    res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    os.unlink(path)
-    num = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", res)) else None  # noqa: E731
-    return dict(spec=name, kernel=kind, arch=arch, regs=num("REG"), local=num("LOCAL"), stack=num("STACK"),
+    backend, signature, constexprs, attrs, options, _ = specialise(launch, arch)
+    k = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=backend.target,
+                       options=options.__dict__)
+    return dict(spec=name, kernel=kind, arch=arch, **_resource_usage(k.asm["cubin"]),
                 local_ptx=len(re.findall(r"\b(?:ld|st)\.local", k.asm["ptx"])))
 
 

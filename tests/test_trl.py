@@ -87,6 +87,13 @@ def _inputs(trainer, seed):
     return inputs
 
 
+def _assert_same_step(loss, grads, loss_ref, grads_ref, tol):
+    """The loss and every parameter's gradient within ``tol`` (a TOLERANCE row) of TRL's."""
+    torch.testing.assert_close(loss, loss_ref, **tol["loss"])
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], **tol["grad"], msg=lambda m: f"{name}: {m}")
+
+
 def _step(trainer, inputs):
     trainer.model.zero_grad(set_to_none=True)
     loss = trainer._compute_loss(trainer.model, inputs)
@@ -119,10 +126,8 @@ def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, level, loss_type, b
     loss_ref, grads_ref, ent_ref = _step(theirs, inputs)
     loss, grads, ent = _step(ours, inputs)
     tol = TOLERANCE["fp32"]
-    torch.testing.assert_close(loss, loss_ref, **tol["loss"])
     assert grads.keys() == grads_ref.keys() and len(grads) > 0
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], **tol["grad"], msg=lambda m: f"{name}: {m}")
+    _assert_same_step(loss, grads, loss_ref, grads_ref, tol)
     assert abs(ent - ent_ref) <= tol["metric"]["atol"] + tol["metric"]["rtol"] * abs(ent_ref)
     assert grads_ref["lm_head.weight"].abs().max() > 1e-4  # the comparison is not between zeros
 
@@ -200,9 +205,7 @@ def test_entropy_options_match_trl(model_dir, tmp_path, source, opts):
     loss_ref, grads_ref, ent_ref = _step(theirs, inputs)
     loss, grads, ent = _step(ours, inputs)
     tol = TOLERANCE["fp32"]
-    torch.testing.assert_close(loss, loss_ref, **tol["loss"])
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], **tol["grad"], msg=lambda m: f"{name}: {m}")
+    _assert_same_step(loss, grads, loss_ref, grads_ref, tol)
     assert abs(ent - ent_ref) <= tol["metric"]["atol"] + tol["metric"]["rtol"] * abs(ent_ref)
     if "entropy_coef" in opts:  # the bonus really moved the gradient
         plain = _trainer(GRPOTrainer, model_dir, tmp_path / "plain",
@@ -258,9 +261,7 @@ def test_every_loss_type_through_policy_loss(model_dir, tmp_path, loss_type, lev
     loss_ref, grads_ref, ent_ref = _step(theirs, inputs)
     loss, grads, ent = _step(ours, inputs)
     tol = TOLERANCE["fp32"]
-    torch.testing.assert_close(loss, loss_ref, **tol["loss"])
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], **tol["grad"], msg=lambda m: f"{name}: {m}")
+    _assert_same_step(loss, grads, loss_ref, grads_ref, tol)
     for name, values in theirs._metrics["train"].items():   # TRL's logged metrics, same names and values
         assert name in ours._metrics["train"], name
         got, want = ours._metrics["train"][name][-1], values[-1]
