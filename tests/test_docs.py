@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 # pages whose session runs in a few seconds on a 2-core CPU (interpreter kernels), imports aside: the
 # quick tier. Any other page (a new one included) is slow until measured and listed here.
-QUICK = {"README.md", "edges.md", "losses.md", "layouts.md"}
+QUICK = {"README.md", "edges.md", "losses.md", "layouts.md", "verl.md"}
 MARKERS = {"requires": {"cuda"}, "distributed": None}   # None: any value (a description of the job)
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
