@@ -20,6 +20,8 @@ and loss takes ``vocab_group=`` for a vocabulary sharded over a
 """
 from .losses import (ARTICLE_GSPO, GRPOLoss, GSPOLoss, LossOptions, PolicyLoss, contrast_advantage,
                      group_norm_advantage, grpo_loss, gspo_loss, policy_loss, rollout_correction)
+from .errors import (DeviceError, DTypeError, GSPOKernelsError, InputValueError, OptionError, ShapeError,
+                     UnknownOptionError)
 from .linear import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import LogprobOptions, SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
 from .sequences import cu_seqlens_from_position_ids
@@ -44,5 +46,12 @@ __all__ = [
     "TokenLogprobs",
     "sequence_logprobs",
     "token_logprobs",
+    "GSPOKernelsError",
+    "ShapeError",
+    "DTypeError",
+    "DeviceError",
+    "InputValueError",
+    "OptionError",
+    "UnknownOptionError",
 ]
 __version__ = "0.1.0"

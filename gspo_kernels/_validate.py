@@ -1,7 +1,8 @@
 """Input checks shared by every public op.
 
-Every check runs before any kernel launches and raises a ``ValueError`` or
-``TypeError`` that names the argument, what was expected and what came.
+Every check runs before any kernel launches and raises one of :mod:`gspo_kernels.errors`'
+classes (``ShapeError``, ``DTypeError``, ``DeviceError``, ``OptionError``: subclasses of
+``ValueError`` / ``TypeError``) naming the argument, what was expected and what came.
 
 Checks that read tensor values (token ids in range, lengths in ``[0, T]``,
 finite advantages and reference log-probs at valid positions) live inside
@@ -19,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from ._kernels import collapse_rows
+from .errors import DeviceError, DTypeError, InputValueError, OptionError, ShapeError, reshape_hint
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # One rule for ids and lengths, on every backend: int32 or int64 (what tokenizers,
@@ -31,19 +33,19 @@ TEMPERATURE_RANGE = (1e-30, 1e30)
 
 def check_logits(logits, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise DTypeError(
             f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}"
         )
     if logits.dim() < 2:
-        raise ValueError(
+        raise ShapeError(
             f"{name} must have shape (..., T, V) with at least 2 dims, got shape {tuple(logits.shape)}"
         )
     if logits.shape[-1] < 1:
-        raise ValueError(f"{name} must have V >= 1 (last dim), got shape {tuple(logits.shape)}")
+        raise ShapeError(f"{name} must have V >= 1 (last dim), got shape {tuple(logits.shape)}")
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
-        raise ValueError(
+        raise ShapeError(
             f"{name} must have stride 1 on the vocabulary (last) dim, got strides {tuple(logits.stride())}; "
             "slice the leading dims freely, but keep V contiguous"
         )
@@ -53,41 +55,54 @@ def check_logits(logits, name: str = "logits") -> None:
 def check_temperature(temperature) -> float:
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
+            raise OptionError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
         if temperature.device.type == "meta":
-            raise ValueError("temperature must be a number or a tensor holding a value, got a meta tensor")
+            raise OptionError("temperature must be a number or a tensor holding a value, got a meta tensor")
         temperature = temperature.item()
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        raise DTypeError(f"temperature must be a float, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0.0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        raise OptionError(f"temperature must be finite and > 0, got {temperature}")
     lo, hi = TEMPERATURE_RANGE
     if not lo <= temperature <= hi:
-        raise ValueError(f"temperature must lie in [{lo:g}, {hi:g}] (1/temperature is taken in fp32), "
+        raise OptionError(f"temperature must lie in [{lo:g}, {hi:g}] (1/temperature is taken in fp32), "
                          f"got {temperature:g}")
     return temperature
 
 
 def _same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
+        raise DeviceError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
 
 
 def check_index_dtype(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+        raise DTypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+
+
+def tokens_shape_message(name: str, got, lead, src_name: str = "logits") -> str:
+    """Why ``name`` of shape ``got`` does not fit ``src_name`` whose leading shape is ``lead``
+    (``src.shape[:-1]``), with the fix: logits left unsliced (more positions than tokens, e.g.
+    prompt + completion) get the slice that keeps the completion's positions; anything else of
+    the right size, the reshape."""
+    got, lead = tuple(got), tuple(lead)
+    msg = f"{name} must have shape {lead} ({src_name}.shape[:-1]), got {got}"
+    if len(got) == len(lead) and got[:-1] == lead[:-1] and lead[-1] > got[-1]:
+        T, P = got[-1], lead[-1] - got[-1]
+        return (f"{msg}: {src_name} have {lead[-1]} positions for T = {T} tokens, so they look unsliced "
+                f"(prompt + completion). Keep the {T} positions that predict the completion tokens "
+                f"(position t predicts token t + 1): {src_name}[..., -{T + 1}:-1, :], i.e. "
+                f"{src_name}[..., P-1:-1, :] for a prompt of P = {P} tokens")
+    return msg + reshape_hint(name, got, [lead])
 
 
 def check_tokens(tokens, logits: torch.Tensor, name: str = "tokens", logits_name: str = "logits") -> None:
     check_index_dtype(tokens, name)
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"{name} must have shape {tuple(logits.shape[:-1])} ({logits_name}.shape[:-1]), "
-            f"got {tuple(tokens.shape)}"
-        )
+        raise ShapeError(tokens_shape_message(name, tokens.shape, logits.shape[:-1], logits_name))
     _same_device(tokens, logits, name, logits_name)
 
 
@@ -109,7 +124,7 @@ def _may_overlap(t: torch.Tensor) -> bool:
 def check_no_overlap(t: torch.Tensor, name: str = "logits") -> None:
     """In-place writes need every element at its own address (not ``expand`` or an overlapping ``as_strided``)."""
     if _may_overlap(t):
-        raise ValueError(
+        raise ShapeError(
             f"inplace_backward=True needs {name} whose elements do not share memory, got strides "
             f"{tuple(t.stride())} for shape {tuple(t.shape)} (an expanded or overlapping view); "
             "pass inplace_backward=False"
@@ -150,7 +165,7 @@ def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Te
     if checks is not None:
         checks.require_not(bad, msg, kind=kind)
     elif bool(bad()):  # one device sync on the fast path; details only on failure
-        raise ValueError(msg())
+        raise InputValueError(msg())
 
 
 def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
@@ -161,23 +176,24 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
     custom op under torch.compile).
     """
     if mask is not None and lengths is not None:
-        raise ValueError("give either mask or lengths, not both")
+        raise OptionError("give either mask or lengths, not both")
     T = tokens.shape[-1]
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+            raise DTypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(tokens.shape):
-            raise ValueError(f"{name} must have shape {tuple(tokens.shape)} (tokens' shape), got {tuple(mask.shape)}")
+            raise ShapeError(f"{name} must have shape {tuple(tokens.shape)} (tokens' shape), got {tuple(mask.shape)}"
+                             + reshape_hint(name, mask.shape, [tokens.shape]))
         _same_device(mask, tokens, name, "tokens")
         if mask.dtype.is_complex:
-            raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
+            raise DTypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
         return mask if mask.dtype == torch.bool else mask != 0
     if lengths is not None:
         check_index_dtype(lengths, "lengths")
         if tuple(lengths.shape) != tuple(tokens.shape[:-1]):
-            raise ValueError(
+            raise ShapeError(
                 f"lengths must have shape {tuple(tokens.shape[:-1])} (tokens.shape[:-1]), got {tuple(lengths.shape)}"
-            )
+                + reshape_hint("lengths", lengths.shape, [tokens.shape[:-1]]))
         _same_device(lengths, tokens, "lengths", "tokens")
         if checks is not None:
             def details():
@@ -199,7 +215,7 @@ def _lengths_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
         lo, hi = torch.aminmax(lengths)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi > T:
-            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{lo}, {hi}]")
+            raise InputValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{lo}, {hi}]")
     return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
 
 
@@ -216,7 +232,7 @@ def _(lengths, T):
 def _finite_where(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tensor:
     bad = ~torch.isfinite(t) & valid
     if bool(bad.any()):
-        raise ValueError(f"{name} must be finite at valid (unmasked) positions, got {int(bad.sum())} "
+        raise InputValueError(f"{name} must be finite at valid (unmasked) positions, got {int(bad.sum())} "
                          f"NaN/inf value(s) there")
     return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
@@ -247,7 +263,7 @@ _SEP = "\x1f"  # joins the messages passed to the custom op
 def _raise_flagged(code: int, messages: List[str]) -> None:
     for i, msg in enumerate(messages):
         if code >> i & 1 and msg:
-            raise ValueError(msg() if callable(msg) else msg)
+            raise InputValueError(msg() if callable(msg) else msg)
 
 
 @torch.library.custom_op("gspo_kernels::raise_flagged", mutates_args=())
@@ -354,5 +370,5 @@ class ValueChecks:
         failed = [i for bit, i in at.items() if value >> bit & 1]
         if failed:
             msg = checks[min(failed)][2]
-            raise ValueError(msg() if callable(msg) else msg)
+            raise InputValueError(msg() if callable(msg) else msg)
         return result

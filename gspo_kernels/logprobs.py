@@ -28,11 +28,14 @@ from torch import Tensor
 
 from . import _torch_path
 from ._kernels import HAS_TRITON, seq_shrink
-from ._validate import (ValueChecks, check_logits, check_no_overlap, check_temperature, check_token_range,
-                        check_tokens, resolve_mask)
+from ._validate import (ValueChecks, check_index_dtype, check_logits, check_no_overlap, check_temperature,
+                        check_token_range, check_tokens, resolve_mask)
+from .errors import DTypeError, OptionError, ShapeError
 
 if HAS_TRITON:
     from . import _kernels
+
+IGNORE_INDEX = -100  # Hugging Face's label padding: such positions count as masked (as in the losses)
 
 # Which implementation CPU tensors use: the Triton kernels through the
 # interpreter (TRITON_INTERPRET=1 must be set before triton is imported) or
@@ -262,6 +265,16 @@ def masked_sequence_mean(logp: Tensor, valid: Tensor, normalize: bool = True) ->
 
 
 
+def _kept(tokens, ignore_index) -> Optional[Tensor]:
+    """``tokens != ignore_index`` (bool, tokens' shape), or None for ``ignore_index=None``."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise DTypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    check_index_dtype(tokens, "tokens")
+    return tokens != ignore_index
+
+
 def _check_common(logits, tokens, temperature, inplace_backward=False) -> float:
     check_logits(logits)
     check_tokens(tokens, logits)
@@ -273,7 +286,7 @@ def _check_common(logits, tokens, temperature, inplace_backward=False) -> float:
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                    inplace_backward: bool = False, valid: Optional[Tensor] = None,
                    return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
-                   check_inputs: bool = True):
+                   ignore_index: Optional[int] = IGNORE_INDEX, check_inputs: bool = True):
     """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``,
     and (``return_entropy=True``) the entropy of ``softmax(logits / temperature)``
     from the same single read of the logits.
@@ -287,8 +300,11 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
             one logits-sized buffer). The logits are then overwritten; any
             later autograd use of them raises autograd's in-place error.
         valid: optional ``(..., T)`` mask; token ids are then range-checked
-            only where it is nonzero, and ids elsewhere (e.g. ``-100`` padding)
-            are never read. Their log-probs are meaningless: mask them out.
+            only where it is nonzero, and ids elsewhere are never read. Their
+            log-probs are meaningless: mask them out.
+        ignore_index: ids equal to it (default -100, Hugging Face's label padding; None: none)
+            are masked, as in the losses: their log-prob (and entropy) is 0 and their
+            gradient exactly 0; they are never range-checked nor read.
         return_entropy: also return ``H_t = logsumexp(x_t/tau) - sum_v p_v x_t[v]/tau``.
         vocab_group: a ``torch.distributed`` process group over which the vocabulary
             is sharded: ``logits`` are then this rank's contiguous shard
@@ -309,9 +325,16 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         ``dx = (g (1[v = y] - p) - h p (log p + H)) / tau``).
     """
     checks = ValueChecks(check_inputs)
+    kept = _kept(tokens, ignore_index)
+    if kept is not None:
+        check_logits(logits)
+        check_tokens(tokens, logits)
+        valid = kept if valid is None else resolve_mask(valid, None, tokens, name="valid") & kept
     out = token_logprobs_checked(logits, tokens, checks, temperature=temperature, inplace_backward=inplace_backward,
                                  valid=valid, return_entropy=return_entropy, vocab_group=vocab_group,
                                  vocab_size=vocab_size)
+    if kept is not None:  # masked: 0, and a zero gradient (where's backward) into the kernel's backward
+        out = tuple(torch.where(kept, o, 0.0) for o in out) if return_entropy else torch.where(kept, out, 0.0)
     if return_entropy:
         return checks.finish(out[0]), out[1]
     return checks.finish(out)
@@ -345,13 +368,15 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
                       lengths: Optional[Tensor] = None, temperature: float = 1.0, normalize: bool = True,
                       inplace_backward: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
                       cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                      check_inputs: bool = True) -> Tensor:
+                      ignore_index: Optional[int] = IGNORE_INDEX, check_inputs: bool = True) -> Tensor:
     """Per-sequence log-probability: the masked mean over T of the per-token
     log-probs (GSPO's ``1/L`` geometric normalisation), or the masked sum.
 
     Args:
         logits: ``(..., T, V)``, e.g. ``(B, G, T, V)`` or ``(N, T, V)``; see :func:`token_logprobs`.
-        tokens: ``(..., T)`` integer ids; ids at masked positions may be anything.
+        tokens: ``(..., T)`` integer ids; ids at masked positions may be anything; ids equal to
+            ``ignore_index`` (default -100, Hugging Face's label padding; None: none) count as
+            masked, as in the losses (not in ``L``, zero gradient).
         mask: ``(..., T)``, nonzero/True for real completion tokens. Or
         lengths: ``(...)`` integers in ``[0, T]``: the first ``L`` tokens are valid.
             With neither, every token counts.
@@ -372,11 +397,15 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     """
     if cu_seqlens is not None:
         return _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize,
-                                         check_inputs, temperature=temperature, inplace_backward=inplace_backward,
-                                         vocab_group=vocab_group, vocab_size=vocab_size)
+                                         check_inputs, ignore_index, temperature=temperature,
+                                         inplace_backward=inplace_backward, vocab_group=vocab_group,
+                                         vocab_size=vocab_size)
     inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
     checks = ValueChecks(check_inputs)
     valid = resolve_mask(mask, lengths, tokens, checks=checks)
+    kept = _kept(tokens, ignore_index)
+    if kept is not None:
+        valid = kept if valid is None else valid & kept
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if vocab_group is not None:  # per-token results from the sharded op, then the O(N*T) masked mean
         v = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if valid is None else valid
@@ -401,20 +430,24 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     return checks.finish(seq)
 
 
-def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize, check_inputs, **kw):
+def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize, check_inputs,
+                              ignore_index=IGNORE_INDEX, **kw):
     """The token op on the packed rows as they are, then the per-sequence masked mean over
     ``cu_seqlens`` (the O(total) log-probs laid out per sequence; see :class:`~gspo_kernels.sequences.Packed`)."""
     from .sequences import resolve_packed
 
     check_logits(logits)
     if lengths is not None:
-        raise ValueError("with cu_seqlens, give a mask (total,) or none, not lengths")
+        raise OptionError("with cu_seqlens, give a mask (total,) or none, not lengths")
     lead = tuple(logits.shape[:-1])
     if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
-        raise ValueError(f"packed logits must be (total, V) or (1, total, V), got shape {tuple(logits.shape)}")
+        raise ShapeError(f"packed logits must be (total, V) or (1, total, V), got shape {tuple(logits.shape)}")
     total = lead[-1]
     checks = ValueChecks(check_inputs)
     packed = resolve_packed(cu_seqlens, total, max_seqlen, checks=checks)
     valid = resolve_mask(mask, None, tokens, checks=checks) if mask is not None else None
+    kept = _kept(tokens, ignore_index)
+    if kept is not None:
+        valid = kept if valid is None else valid & kept
     logp = token_logprobs_checked(logits, tokens, checks, valid=valid, **kw)
     return checks.finish(packed.sequence_mean(logp, valid, normalize))

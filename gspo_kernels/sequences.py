@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .errors import DTypeError, InputValueError, OptionError, ShapeError
+
 __all__ = ["Packed", "cu_seqlens_from_position_ids", "resolve_packed"]
 
 
@@ -61,15 +63,15 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     ``(total,)`` or ``(1, total)`` restart at 0 at each sequence (Hugging Face's
     ``DataCollatorWithFlattening``). One host read (the number of sequences)."""
     if not isinstance(position_ids, Tensor) or position_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError("position_ids must be an int32 or int64 tensor")
+        raise DTypeError("position_ids must be an int32 or int64 tensor")
     if position_ids.dim() == 2 and position_ids.shape[0] == 1:
         position_ids = position_ids[0]
     if position_ids.dim() != 1:
-        raise ValueError(f"position_ids must have shape (total,) or (1, total), got {tuple(position_ids.shape)}")
+        raise ShapeError(f"position_ids must have shape (total,) or (1, total), got {tuple(position_ids.shape)}")
     total = position_ids.numel()
     starts = (position_ids == 0).nonzero().flatten()
     if total and (starts.numel() == 0 or int(starts[0]) != 0):
-        raise ValueError("position_ids must start at 0 (the first token opens a sequence)")
+        raise InputValueError("position_ids must start at 0 (the first token opens a sequence)")
     end = torch.tensor([total], device=position_ids.device, dtype=starts.dtype)
     return torch.cat([starts, end]).to(torch.int32)
 
@@ -89,19 +91,19 @@ def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, gro
     if checks is not None:
         check_inputs = checks.enabled
     if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"cu_seqlens must be an int32/int64 tensor of shape (N+1,), got {type(cu_seqlens).__name__}")
+        raise DTypeError(f"cu_seqlens must be an int32/int64 tensor of shape (N+1,), got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+        raise DTypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D of shape (N+1,), got shape {tuple(cu_seqlens.shape)}")
+        raise ShapeError(f"cu_seqlens must be 1-D of shape (N+1,), got shape {tuple(cu_seqlens.shape)}")
     n = cu_seqlens.numel() - 1
     if n == 0:
-        raise ValueError("cu_seqlens holds no sequence (shape (1,)): the loss is a mean over sequences")
+        raise ShapeError("cu_seqlens holds no sequence (shape (1,)): the loss is a mean over sequences")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                    or group_size < 1 or n % group_size):
-        raise ValueError(f"cu_seqlens holds N = {n} sequences, not a multiple of group_size={group_size!r}")
+        raise OptionError(f"cu_seqlens holds N = {n} sequences, not a multiple of group_size={group_size!r}")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
-        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+        raise OptionError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
     reads = []
@@ -118,13 +120,13 @@ def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, gro
         if check_inputs:
             first, decreasing, end = got[:3]
             if first:
-                raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+                raise InputValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
             if decreasing:
-                raise ValueError("cu_seqlens must be non-decreasing (each sequence's length >= 0)")
+                raise InputValueError("cu_seqlens must be non-decreasing (each sequence's length >= 0)")
             if end:
-                raise ValueError(f"cu_seqlens must end at the token count {total}, got {int(cu[-1])}")
+                raise InputValueError(f"cu_seqlens must end at the token count {total}, got {int(cu[-1])}")
             if max_seqlen is not None and got[3]:
-                raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence of cu_seqlens")
+                raise InputValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence of cu_seqlens")
         t_max = got[-1] if max_seqlen is None else max_seqlen
     else:
         t_max = max_seqlen

@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .errors import OptionError, ShapeError
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -61,7 +63,7 @@ def resolve_shard(group, width: int, rows: int, vocab_size: Optional[int] = None
         raise RuntimeError("vocab_group needs torch.distributed to be initialised (dist.init_process_group)")
     P, r = dist.get_world_size(group), dist.get_rank(group)
     if r < 0:
-        raise ValueError("vocab_group: this process is not a member of the group")
+        raise OptionError("vocab_group: this process is not a member of the group")
     device = "cuda" if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available() else "cpu"
     mine = torch.tensor([width, rows], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(P)]
@@ -69,13 +71,13 @@ def resolve_shard(group, width: int, rows: int, vocab_size: Optional[int] = None
     widths = [int(t[0]) for t in everyone]
     counts = [int(t[1]) for t in everyone]
     if len(set(widths)) != 1:
-        raise ValueError(f"vocab_group: every rank must hold an equal shard of the vocabulary (V/P ids, rank "
+        raise ShapeError(f"vocab_group: every rank must hold an equal shard of the vocabulary (V/P ids, rank "
                          f"order); {name}' last dims per rank are {widths}. Pad the vocabulary to a multiple "
                          f"of P = {P} (Megatron does) so that the shards are equal")
     if len(set(counts)) != 1:
-        raise ValueError(f"vocab_group: every rank must pass the same tokens; token counts per rank are {counts}")
+        raise ShapeError(f"vocab_group: every rank must pass the same tokens; token counts per rank are {counts}")
     if vocab_size is not None and width * P != vocab_size:
-        raise ValueError(f"{name} shard has {width} ids and vocab_group has P = {P} ranks: {width} * {P} = "
+        raise ShapeError(f"{name} shard has {width} ids and vocab_group has P = {P} ranks: {width} * {P} = "
                          f"{width * P}, but vocab_size = {vocab_size}; each rank must hold V/P ids")
     return Shard(group, r * width, width, P * width)
 

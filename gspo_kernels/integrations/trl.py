@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 
 
+from ..errors import OptionError
 from ..linear import linear_token_logprobs
 from ..logprobs import token_logprobs
 from ..losses import policy_loss
@@ -113,12 +114,12 @@ class FusedLogprobsMixin:
         self.gspo_inplace_backward = bool(inplace_backward)
         source = logprob_source
         if source not in SOURCES:
-            raise ValueError(f"logprob_source must be one of {SOURCES}, got {source!r}")
+            raise OptionError(f"logprob_source must be one of {SOURCES}, got {source!r}")
         models = [m for m in (self.model, self.ref_model) if m is not None]
         models = [m.get_base_model() if is_peft_model(m) else m for m in models]   # the objects TRL patched
         plain = all(_plain_head(m) for m in models) and not self.aux_loss_enabled
         if source == "hidden" and not plain:
-            raise ValueError(
+            raise OptionError(
                 "logprob_source='hidden' needs a plain linear LM head (no logit soft-capping or scaling in the "
                 "config, no MoE aux loss, no DeepSpeed-partitioned head); use 'logits' (or 'auto') for this model"
             )

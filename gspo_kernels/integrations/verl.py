@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 import gspo_kernels
+from gspo_kernels.errors import DTypeError, OptionError
 
 try:
     import verl
@@ -90,18 +91,18 @@ def head_logprobs(hidden_states: torch.Tensor, vocab_weights: torch.Tensor, inpu
     """
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"temperature must be one number for the fused head (as in verl's fused kernels), "
+            raise OptionError(f"temperature must be one number for the fused head (as in verl's fused kernels), "
                              f"got a tensor of shape {tuple(temperature.shape)}")
         temperature = float(temperature)
     for name, t in (("hidden_states", hidden_states), ("vocab_weights", vocab_weights)):
         if type(t) is not torch.Tensor and isinstance(t, torch.Tensor) and hasattr(t, "full_tensor"):
-            raise TypeError(f"{name} is a DTensor (a tensor-parallel LM head); impl_backend={BACKEND} takes the full "
+            raise DTypeError(f"{name} is a DTensor (a tensor-parallel LM head); impl_backend={BACKEND} takes the full "
                             f"(V, H) head: use verl's torch backend with tensor parallelism")
     dtype = hidden_states.dtype
     if torch.is_autocast_enabled(hidden_states.device.type):  # what the head's matmul would run in
         dtype = torch.get_autocast_dtype(hidden_states.device.type)
     elif vocab_weights.dtype != dtype:
-        raise TypeError(f"vocab_weights must have hidden_states' dtype {dtype} (outside autocast), "
+        raise DTypeError(f"vocab_weights must have hidden_states' dtype {dtype} (outside autocast), "
                         f"got {vocab_weights.dtype}")
     with torch.autocast(hidden_states.device.type, enabled=False):
         return gspo_kernels.linear_token_logprobs(hidden_states.to(dtype), vocab_weights.to(dtype),
@@ -135,13 +136,13 @@ class FusedLinearForPPO(_VerlFusedLinearForPPO):  # type: ignore[misc, valid-typ
 def _check_model(model) -> None:
     config = model.config
     if config.model_type in _REFUSED_MODEL_TYPES:
-        raise ValueError(f"impl_backend={BACKEND}: verl 0.9.1 has no fused forward for model_type "
+        raise OptionError(f"impl_backend={BACKEND}: verl 0.9.1 has no fused forward for model_type "
                          f"{config.model_type!r}; set use_fused_kernels=False for it")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in _HEAD_TRANSFORMS:
         value = getattr(text, key, None)
         if value not in (None, 1, 1.0):
-            raise ValueError(f"impl_backend={BACKEND}: model_type {config.model_type!r} has {key}={value!r}, a "
+            raise OptionError(f"impl_backend={BACKEND}: model_type {config.model_type!r} has {key}={value!r}, a "
                              f"transform between the LM head and the softmax that verl's fused forward does not "
                              f"apply; set use_fused_kernels=False for this model")
 

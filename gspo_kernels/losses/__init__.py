@@ -18,7 +18,8 @@ from .checks import ValueChecks
 from .core import compose
 from .inputs import IGNORE_INDEX, resolve
 from .masks import rollout_correction
-from .options import AGGREGATIONS, LOSS_TYPES, OPTION_NAMES, LossOptions
+from ..errors import OptionError
+from .options import AGGREGATIONS, LOSS_TYPES, OPTION_NAMES, LossOptions, unknown_option_error
 
 __all__ = ["ARTICLE_GSPO", "GRPOLoss", "GSPOLoss", "LossOptions", "PolicyLoss", "contrast_advantage",
            "group_norm_advantage", "grpo_loss", "gspo_loss", "policy_loss", "rollout_correction",
@@ -38,7 +39,7 @@ GSPO_LEVELS = ("sequence", "sequence_token")
 def _options(options: dict) -> LossOptions:
     unknown = sorted(set(options) - OPTION_NAMES)
     if unknown:
-        raise TypeError(f"unknown loss option(s) {unknown}; the options are {sorted(OPTION_NAMES)}")
+        raise unknown_option_error(unknown)
     return LossOptions(**options)
 
 
@@ -53,7 +54,8 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
                 ref_bias: Optional[Tensor] = None, group_size: Optional[int] = None,
                 ignore_index: Optional[int] = IGNORE_INDEX, chunk_size: Optional[int] = None,
                 vocab_group=None, process_group=None, check_inputs: bool = True, inplace_backward: bool = False,
-                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None, **options):
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                memory_budget: Optional[int] = None, **options):
     """Every policy loss of TRL 1.16's ``GRPOTrainer`` (and verl's), over logits or hidden states.
 
     Per token ``t`` of sequence ``i`` (``lp`` the policy's log-prob, ``m`` the mask, ``L = sum_t m``)::
@@ -93,6 +95,8 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
         vocab_group: the vocabulary is sharded over this process group (tensor parallel).
         process_group: data parallel with a group's completions split across ranks (advantages
             from rewards are computed over the whole group).
+        memory_budget: bytes of the hidden-state path's one self-sized buffer (chunk of logits, dz
+            slice); default 256 MiB on a GPU, 64 MiB elsewhere (see :func:`linear_token_logprobs`).
         inplace_backward: write the logits' gradient into their storage (logits source only; see
             :func:`token_logprobs`): the loss then needs no logits-sized gradient buffer.
         check_inputs: check values (ids in ``[0, V)`` and finite old/ref/advantages/correction
@@ -121,7 +125,8 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
                   ref_bias=ref_bias, sampling_logprobs=sampling_logprobs,
                   importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
                   group_size=group_size, ignore_index=ignore_index, chunk_size=chunk_size, vocab_group=vocab_group,
-                  inplace_backward=inplace_backward, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, checks=checks)
+                  inplace_backward=inplace_backward, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, checks=checks,
+                  memory_budget=memory_budget)
     loss, metrics = compose(inp, opt, mode, process_group, checks=checks)
     return checks.finish(loss), metrics
 
@@ -143,7 +148,7 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     ``sequence_token`` level) tensor. Every other keyword: see :func:`policy_loss`.
     """
     if level not in GSPO_LEVELS:
-        raise ValueError(f"level must be one of {GSPO_LEVELS}, got {level!r}")
+        raise OptionError(f"level must be one of {GSPO_LEVELS}, got {level!r}")
     kwargs = {**GSPO_DEFAULTS, **kwargs, "importance_sampling_level": level}
     return policy_loss(logits, tokens, advantage, mask, rewards=rewards, **kwargs)
 
@@ -156,14 +161,14 @@ def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     "seq-mean-token-sum" (luspo), "dr_grpo" (divide by ``N * T``). :func:`policy_loss` with
     ``importance_sampling_level="token"``, ``epsilon=0.2``, ``beta=0``; same shapes as :func:`gspo_loss`."""
     if loss_agg not in GRPO_AGG_TO_LOSS_TYPE:
-        raise ValueError(f"loss_agg must be one of {tuple(GRPO_AGG_TO_LOSS_TYPE)}, got {loss_agg!r}")
+        raise OptionError(f"loss_agg must be one of {tuple(GRPO_AGG_TO_LOSS_TYPE)}, got {loss_agg!r}")
     kwargs = {**GRPO_DEFAULTS, **kwargs, "loss_type": GRPO_AGG_TO_LOSS_TYPE[loss_agg],
               "importance_sampling_level": "token"}
     return policy_loss(logits, tokens, advantage, mask, rewards=rewards, **kwargs)
 
 
 _CALL_ARGS = ("chunk_size", "group_size", "ignore_index", "check_inputs", "vocab_group", "process_group",
-              "inplace_backward", "max_seqlen")
+              "inplace_backward", "max_seqlen", "memory_budget")
 
 
 class _LossModule(nn.Module):
@@ -176,10 +181,10 @@ class _LossModule(nn.Module):
         super().__init__()
         for k, allowed in self._choices.items():
             if k in options and options[k] not in allowed:
-                raise ValueError(f"{k} must be one of {tuple(allowed)}, got {options[k]!r}")
+                raise OptionError(f"{k} must be one of {tuple(allowed)}, got {options[k]!r}")
         unknown = sorted(set(options) - OPTION_NAMES - set(_CALL_ARGS) - set(self._choices))
         if unknown:
-            raise TypeError(f"unknown loss option(s) {unknown}; the options are {sorted(OPTION_NAMES)}")
+            raise unknown_option_error(unknown)
         _options({**self._defaults, **{k: v for k, v in options.items() if k in OPTION_NAMES}})
         self.options = options
 

@@ -71,6 +71,11 @@ def _seq_fraction(x: Tensor, m: Tensor) -> Tensor:
     return torch.where(m, x, 0).sum(-1) / m.sum(-1)
 
 
+def sequence_correction(opt: LossOptions) -> bool:
+    """Whether ``vllm_importance_sampling_mode`` gives one correction ratio per sequence."""
+    return (opt.vllm_importance_sampling_mode or "").startswith("sequence")
+
+
 def correction_ratio(inp: LossInputs, opt: LossOptions):
     """The rollout-correction ratio: ``importance_sampling_ratio`` as given, or computed from
     ``old`` and ``sampling`` by ``vllm_importance_sampling_mode`` (masks.rollout_correction); None
@@ -82,15 +87,19 @@ def correction_ratio(inp: LossInputs, opt: LossOptions):
 
 
 def common_metrics(inp: LossInputs, A: Tensor, ratio: Tensor, policy_loss: Tensor, kl,
-                   is_ratio) -> Dict[str, Tensor]:
-    """The metrics every loss reports (detached, in ``ratio``'s dtype): ``ratio`` (per sequence or
-    per token, in the caller's layout), ``advantage`` and ``seq_logprobs`` per sequence,
-    ``policy_loss``, ``kl`` and ``entropy`` (means over valid tokens; kl 0 without a reference),
-    and ``sampling/importance_sampling_ratio/{min,mean,max}`` when a correction ratio is used."""
+                   is_ratio, *, seq_ratio: bool, seq_is: bool = False) -> Dict[str, Tensor]:
+    """The metrics every loss reports (detached, in ``ratio``'s dtype): ``ratio`` (per sequence
+    when ``seq_ratio``, else per token, in the caller's layout: ``(B, G)`` / ``(B, G, T)``, T = 1
+    included), ``advantage`` and ``seq_logprobs`` per sequence, ``policy_loss``, ``kl`` and
+    ``entropy`` (means over valid tokens; kl 0 without a reference), and
+    ``sampling/importance_sampling_ratio/{min,mean,max}`` when a correction ratio is used: over
+    every sequence for a per-sequence one (``seq_is``: a ``sequence_*`` mode, as TRL, T = 1
+    included; a given (N, 1) ratio with T > 1), else over the valid tokens."""
     lp, m = inp.logp, inp.mask
     dt = ratio.dtype
-    per = lambda x: inp.per_sequence(x) if x.shape[-1] == 1 else inp.per_token(x)  # noqa: E731
-    metrics: Dict[str, Tensor] = {"ratio": per(ratio.detach())}
+    ratio = ratio.detach()
+    metrics: Dict[str, Tensor] = {
+        "ratio": inp.per_sequence(ratio) if seq_ratio else inp.per_token(ratio.expand(m.shape))}
     A_seq = A if A.shape[-1] == 1 else masked_seq_mean(A, m)
     metrics["advantage"] = inp.per_sequence(A_seq.detach())
     metrics["seq_logprobs"] = inp.per_sequence(masked_seq_mean(lp.detach(), m))
@@ -100,7 +109,7 @@ def common_metrics(inp: LossInputs, A: Tensor, ratio: Tensor, policy_loss: Tenso
     metrics["entropy"] = _global_mean(inp.entropy.detach(), m).to(dt)
     if is_ratio is not None:
         r = is_ratio.detach().to(dt)
-        valid = m if r.shape == m.shape else torch.ones_like(r, dtype=torch.bool)
+        valid = m if r.shape == m.shape and not seq_is else torch.ones_like(r, dtype=torch.bool)
         n = valid.sum()
         metrics["sampling/importance_sampling_ratio/min"] = torch.where(
             n > 0, torch.where(valid, r, float("inf")).min(), 0).to(dt)
@@ -157,7 +166,8 @@ def compose(inp: LossInputs, opt: LossOptions, mode: str, process_group=None,
         loss = loss - opt.entropy_coef * torch.where(eff, inp.entropy, 0).sum() / eff.sum().clamp(min=1)
 
     # ---- metrics (detached), TRL's names where TRL has the quantity
-    metrics = common_metrics(inp, A, w_raw, policy_loss, kl, is_ratio)
+    metrics = common_metrics(inp, A, w_raw, policy_loss, kl, is_ratio,
+                             seq_ratio=opt.importance_sampling_level == "sequence", seq_is=sequence_correction(opt))
     dt = w_raw.dtype
     if "_low" in parts:
         low, high = parts["_low"], parts["_high"]

@@ -19,7 +19,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._validate import check_index_dtype, check_logits, not_finite, resolve_mask
+from .._validate import check_index_dtype, check_logits, not_finite, resolve_mask, tokens_shape_message
+from ..errors import DeviceError, DTypeError, OptionError, ShapeError, reshape_hint
 from ..sequences import Packed, resolve_packed
 from .checks import ValueChecks
 from .options import LossOptions
@@ -90,11 +91,12 @@ def _float_tensor(t, name: str, shapes, dev) -> Optional[Tensor]:
         return None
     if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
         got = t.dtype if isinstance(t, Tensor) else type(t).__name__
-        raise TypeError(f"{name} must be a float tensor of shape {shapes[0]}, got {got}")
+        raise DTypeError(f"{name} must be a float tensor of shape {shapes[0]}, got {got}")
     if tuple(t.shape) not in [tuple(s) for s in shapes]:
-        raise ValueError(f"{name} must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(t.shape)}")
+        raise ShapeError(f"{name} must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(t.shape)}"
+                         + reshape_hint(name, t.shape, shapes))
     if t.device != dev:
-        raise ValueError(f"{name} is on {t.device} but the logits are on {dev}; put them on one device")
+        raise DeviceError(f"{name} is on {t.device} but the logits are on {dev}; put them on one device")
     return t.detach()
 
 
@@ -103,33 +105,33 @@ def _layout(src: Tensor, src_name: str, tokens, group_size, packed_n=None) -> Tu
     last = "V" if src_name == "logits" else "H"
     if packed_n is not None:
         if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
-            raise ValueError(f"with cu_seqlens, {src_name} must be (total, {last}) or (1, total, {last}), "
+            raise ShapeError(f"with cu_seqlens, {src_name} must be (total, {last}) or (1, total, {last}), "
                              f"got shape {tuple(src.shape)}")
         G = group_size or 1
         B, T = packed_n // G, lead[-1]
     elif len(lead) == 3:
         B, G, T = lead
         if group_size is not None and group_size != G:
-            raise ValueError(f"group_size={group_size!r} does not match G = {G} of {src_name} of shape "
+            raise OptionError(f"group_size={group_size!r} does not match G = {G} of {src_name} of shape "
                              f"{tuple(src.shape)}; omit group_size for 4-D input")
     elif len(lead) == 2:
         N, T = lead
         if group_size is None:
             group_size = 1 if N else 0
         elif isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or N % group_size:
-            raise ValueError(f"group_size must be a positive divisor of N = {N}, got {group_size!r}")
+            raise OptionError(f"group_size must be a positive divisor of N = {N}, got {group_size!r}")
         G = group_size
         B = N // G if G else 0
     else:
-        raise ValueError(f"{src_name} must be (B, G, T, {last}) or (N, T, {last}), got shape {tuple(src.shape)}")
+        raise ShapeError(f"{src_name} must be (B, G, T, {last}) or (N, T, {last}), got shape {tuple(src.shape)}")
     if B * G == 0:
-        raise ValueError(f"{src_name} of shape {tuple(src.shape)} holds no sequence (B * G = 0): "
+        raise ShapeError(f"{src_name} of shape {tuple(src.shape)} holds no sequence (B * G = 0): "
                          "the loss is a mean over sequences")
     check_index_dtype(tokens, "tokens")
     if tuple(tokens.shape) != lead:
-        raise ValueError(f"tokens must have shape {lead} ({src_name}.shape[:-1]), got {tuple(tokens.shape)}")
+        raise ShapeError(tokens_shape_message("tokens", tokens.shape, lead, src_name))
     if tokens.device != src.device:
-        raise ValueError(f"tokens is on {tokens.device} but {src_name} is on {src.device}; put them on one device")
+        raise DeviceError(f"tokens is on {tokens.device} but {src_name} is on {src.device}; put them on one device")
     return B, G, T, lead
 
 
@@ -138,26 +140,26 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
             ref_hidden=None, ref_weight=None, ref_bias=None, sampling_logprobs=None,
             importance_sampling_ratio=None, num_items_in_batch=None, group_size=None, ignore_index=IGNORE_INDEX,
             chunk_size=None, vocab_group=None, inplace_backward=False, cu_seqlens=None, max_seqlen=None,
-            checks: ValueChecks) -> LossInputs:
+            checks: ValueChecks, memory_budget=None) -> LossInputs:
     """Check everything, run the one pass over the logits, return :class:`LossInputs`."""
     # ---- shapes, dtypes, devices
     if (logits is None) == (hidden is None):
-        raise ValueError("give exactly one of logits (..., T, V) or hidden (..., T, H) with weight (V, H)")
+        raise OptionError("give exactly one of logits (..., T, V) or hidden (..., T, H) with weight (V, H)")
     if logits is not None:
         check_logits(logits)
         src_name, src = "logits", logits
     else:
         if not isinstance(hidden, Tensor):
-            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+            raise DTypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
         if weight is None:
-            raise ValueError("hidden needs weight, the (V, H) LM head")
+            raise OptionError("hidden needs weight, the (V, H) LM head")
         src_name, src = "hidden", hidden
     if tokens is None:
-        raise ValueError("tokens (B, G, T) are required")
+        raise OptionError("tokens (B, G, T) are required")
     packed = None
     if cu_seqlens is not None:
         if lengths is not None:
-            raise ValueError("with cu_seqlens, give a mask (total,) or none, not lengths")
+            raise OptionError("with cu_seqlens, give a mask (total,) or none, not lengths")
         packed = resolve_packed(cu_seqlens, src.shape[-2], max_seqlen, group_size, checks=checks)
     B, G, T, lead = _layout(src, src_name, tokens, group_size, None if packed is None else packed.n)
     N, dev = B * G, src.device
@@ -174,30 +176,31 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     if isinstance(advantages, Tensor):
         adv = _float_tensor(advantages, "advantages", seq_shapes + tok_shapes, dev)
     elif advantages is not None and not isinstance(advantages, str):
-        raise TypeError(f"advantages must be a float tensor of shape {seq_shapes[0]} or {lead}, or one of "
+        raise DTypeError(f"advantages must be a float tensor of shape {seq_shapes[0]} or {lead}, or one of "
                         f"('group_norm', 'contrast'), got {type(advantages).__name__}")
     if rewards is not None:
         if not isinstance(rewards, Tensor) or not (rewards.dtype.is_floating_point
                                                    or rewards.dtype in (torch.int32, torch.int64)):
             got = rewards.dtype if isinstance(rewards, Tensor) else type(rewards).__name__
-            raise TypeError(f"rewards must be a float tensor of shape {seq_shapes[0]}, got {got}")
+            raise DTypeError(f"rewards must be a float tensor of shape {seq_shapes[0]}, got {got}")
         if tuple(rewards.shape) not in [(B, G), (N,)] or (not flat and tuple(rewards.shape) == (N,) and G > 1):
-            raise ValueError(f"rewards must have shape {seq_shapes[0]}, got {tuple(rewards.shape)}")
+            raise ShapeError(f"rewards must have shape {seq_shapes[0]}, got {tuple(rewards.shape)}"
+                             + reshape_hint("rewards", rewards.shape, seq_shapes))
         if rewards.device != dev:
-            raise ValueError(f"rewards is on {rewards.device} but the logits are on {dev}; put them on one device")
+            raise DeviceError(f"rewards is on {rewards.device} but the logits are on {dev}; put them on one device")
     if ref_logprobs is not None and ref_logits is not None:
-        raise ValueError("give ref_logprobs or ref_logits, not both")
+        raise OptionError("give ref_logprobs or ref_logits, not both")
     if ref_logits is not None and ref_hidden is not None:
-        raise ValueError("give ref_logits or ref_hidden, not both")
+        raise OptionError("give ref_logits or ref_hidden, not both")
     if ref_logits is not None:
         check_logits(ref_logits, name="ref_logits")
         if logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
-            raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
+            raise ShapeError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
                              f"got {tuple(ref_logits.shape)}")
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, Tensor)):
-        raise TypeError(f"num_items_in_batch must be a number or a 0-d tensor, got {type(num_items_in_batch).__name__}")
+        raise DTypeError(f"num_items_in_batch must be a number or a 0-d tensor, got {type(num_items_in_batch).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, type(None))):
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        raise DTypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
 
     # ---- values (one device flag; queued here, computed by the fused tail or in checks.finish)
     float_mask = mask if mask is not None and mask.dtype.is_floating_point else None
@@ -235,31 +238,32 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     # ---- option combinations
     has_ref = ref is not None or ref_logits is not None or ref_hidden is not None
     if opt.beta > 0 and not has_ref:
-        raise ValueError("beta > 0 needs a reference: ref_logprobs, ref_logits or ref_hidden (or set beta=0)")
+        raise OptionError("beta > 0 needs a reference: ref_logprobs, ref_logits or ref_hidden (or set beta=0)")
     mode = advantages if isinstance(advantages, str) else opt.advantage
     if adv is None:
         if mode not in ("group_norm", "contrast"):
-            raise ValueError(f"advantages must be a tensor or one of ('group_norm', 'contrast'), got {mode!r}")
+            raise OptionError(f"advantages must be a tensor or one of ('group_norm', 'contrast'), got {mode!r}")
         if rewards is None:
-            raise ValueError(f"advantages={mode!r} computes the advantage from rewards: pass rewards {(B, G)} "
+            raise OptionError(f"advantages={mode!r} computes the advantage from rewards: pass rewards {(B, G)} "
                              "(or an advantages tensor)")
         if flat and group_size is None and N > 1:
-            raise ValueError(f"(N, T, V) input of shape {tuple(src.shape)} needs group_size=G to compute "
+            raise OptionError(f"(N, T, V) input of shape {tuple(src.shape)} needs group_size=G to compute "
                              f"advantages={mode!r} from rewards per group")
     denominator = _resolve_denominator(opt, old is not None, has_ref)
     if opt.loss_type == "vespo" and opt.vllm_importance_sampling_mode in ("sequence_truncate", "sequence_mask"):
-        raise ValueError("loss_type='vespo' needs a token-level vllm_importance_sampling_mode "
+        raise OptionError("loss_type='vespo' needs a token-level vllm_importance_sampling_mode "
                          f"('token_truncate' or 'token_mask'), got {opt.vllm_importance_sampling_mode!r}")
     if opt.vllm_importance_sampling_mode is not None and (samp is None or old is None):
-        raise ValueError(f"vllm_importance_sampling_mode={opt.vllm_importance_sampling_mode!r} needs "
+        raise OptionError(f"vllm_importance_sampling_mode={opt.vllm_importance_sampling_mode!r} needs "
                          "old_logprobs and sampling_logprobs (the rollout engine's), or pass "
                          "importance_sampling_ratio instead")
     if opt.vllm_importance_sampling_mode is not None and isr is not None:
-        raise ValueError("give importance_sampling_ratio or vllm_importance_sampling_mode, not both")
+        raise OptionError("give importance_sampling_ratio or vllm_importance_sampling_mode, not both")
 
     # ---- the one pass over the logits
     kw = dict(temperature=opt.temperature, valid=valid, vocab_group=vocab_group)
     extra = dict(inplace_backward=True) if inplace_backward and logits is not None else {}
+    kw["memory_budget"] = memory_budget
     logp, ent = _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad=True, checks=checks, **kw, **extra)
     logp, ent = rows(logp), rows(ent)
     vocab = src.shape[-1] if logits is not None else weight.shape[0]
@@ -289,14 +293,15 @@ def _resolve_denominator(opt: LossOptions, has_old: bool, has_ref: bool) -> str:
     if d is None:
         return "old" if has_old else "detached"
     if d == "old" and not has_old:
-        raise ValueError("denominator='old' needs old_logprobs (B, G, T)")
+        raise OptionError("denominator='old' needs old_logprobs (B, G, T)")
     if d == "ref" and not has_ref:
-        raise ValueError("denominator='ref' needs a reference: ref_logprobs, ref_logits or ref_hidden")
+        raise OptionError("denominator='ref' needs a reference: ref_logprobs, ref_logits or ref_hidden")
     return d
 
 
-def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, checks, **kw):
-    """The policy's (``grad``: log-probs and entropies) or the reference's log-probs, one pass."""
+def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, checks, memory_budget=None, **kw):
+    """The policy's (``grad``: log-probs and entropies) or the reference's log-probs, one pass
+    (``chunk_size``, ``memory_budget``: the hidden-state path's)."""
     from ..logprobs import token_logprobs_checked
 
     if logits is not None:
@@ -304,4 +309,4 @@ def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, checks, **
     from ..linear import linear_token_logprobs_checked  # local: the linear path is optional
 
     return linear_token_logprobs_checked(hidden, weight, tokens, checks, bias=bias, chunk_size=chunk_size,
-                                         return_entropy=grad, **kw)
+                                         return_entropy=grad, memory_budget=memory_budget, **kw)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
+
+from ..errors import DTypeError, OptionError, UnknownOptionError, nearest
 
 # loss_type -> (objective, default aggregation). TRL 1.16's eight first, then verl 0.9.1's
 # (policy_loss.loss_mode; the three whose verl form differs from TRL's same-named loss carry a
@@ -59,18 +61,37 @@ def _number(name: str, v, *, lo=None, lo_open=False, hi=None, optional=False) ->
     if v is None and optional:
         return
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite float{' or None' if optional else ''}, got {v!r}")
+        raise OptionError(f"{name} must be a finite float{' or None' if optional else ''}, got {v!r}")
     if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+        raise OptionError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {v}")
+        raise OptionError(f"{name} must be <= {hi}, got {v}")
+
+
+# Names a user may reach for that are not loss types: how to say what they mean.
+LOSS_TYPE_HINTS = {
+    "gspo": "GSPO is loss_type='grpo' with importance_sampling_level='sequence' (TRL's form, what gspo_loss "
+            "calls; 'sequence_token' for GSPO-token), or verl's form loss_type='verl_gspo'",
+    "ppo": "PPO's clipped loss is loss_type='bnpo' (TRL, token-mean) or 'vanilla' (verl's loss_mode='vanilla')",
+}
+
+
+def _loss_type_hint(v) -> str:
+    key = str(v).lower().replace("-", "_")
+    for name in ("gspo", "ppo"):
+        if key in (name, f"{name}_token", f"{name}_seq", f"{name}_sequence"):
+            return f"; {LOSS_TYPE_HINTS[name]}"
+    near = nearest(key, LOSS_TYPES)
+    return f"; did you mean {near!r}?" if near else ""
 
 
 def _choice(name: str, v, choices, optional=False) -> None:
     if v is None and optional:
         return
     if v not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}{' or None' if optional else ''}, got {v!r}")
+        hint = _loss_type_hint(v) if name == "loss_type" else (
+            f"; did you mean {nearest(str(v), choices)!r}?" if nearest(str(v), choices) else "")
+        raise OptionError(f"{name} must be one of {tuple(choices)}{' or None' if optional else ''}, got {v!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -154,23 +175,23 @@ class LossOptions:
         if self.loss_type == "bypass_mode":
             from .verl import BYPASS_MODE_MESSAGE
 
-            raise ValueError(BYPASS_MODE_MESSAGE)
+            raise OptionError(BYPASS_MODE_MESSAGE)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("importance_sampling_level", self.importance_sampling_level, LEVELS)
         _number("epsilon", self.epsilon)
         if not 0.0 < self.epsilon < 1.0:
-            raise ValueError(f"epsilon must lie in (0, 1), got {self.epsilon}")
+            raise OptionError(f"epsilon must lie in (0, 1), got {self.epsilon}")
         _number("epsilon_high", self.epsilon_high, lo=0.0, lo_open=True, optional=True)
         _number("delta", self.delta, lo=1.0, lo_open=True, optional=True)
         _number("clip_ratio_c", self.clip_ratio_c, lo=1.0, lo_open=True, optional=True)
         _number("beta", self.beta, lo=0.0)
         _choice("kl", self.kl, KL_ESTIMATORS)
         if not isinstance(self.use_bias_correction_kl, bool):
-            raise TypeError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
+            raise DTypeError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         if self.max_completion_length is not None and (
                 isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int)
                 or self.max_completion_length < 1):
-            raise ValueError(f"max_completion_length must be a positive int or None, got {self.max_completion_length!r}")
+            raise OptionError(f"max_completion_length must be a positive int or None, got {self.max_completion_length!r}")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             _number(name, getattr(self, name), lo=0.0, lo_open=True)
         for name in ("vespo_k_pos", "vespo_k_neg", "ppo_kl_coef", "clip_cov_lb", "clip_cov_ub"):
@@ -179,7 +200,7 @@ class LossOptions:
             _number(name, getattr(self, name), lo=0.0, hi=1.0)
         _number("dro_beta", self.dro_beta, lo=0.0, lo_open=True, optional=True)
         if self.loss_type == "dro" and self.dro_beta is None:
-            raise ValueError("loss_type='dro' needs dro_beta > 0 (verl's policy_loss.dro_beta)")
+            raise OptionError("loss_type='dro' needs dro_beta > 0 (verl's policy_loss.dro_beta)")
         _number("off_policy_mask_threshold", self.off_policy_mask_threshold, optional=True)
         _number("top_entropy_quantile", self.top_entropy_quantile, lo=0.0, hi=1.0)
         _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, CORRECTION_MODES, optional=True)
@@ -216,3 +237,37 @@ class LossOptions:
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))
+
+# Other libraries' names for what policy_loss takes under another name: verl's actor config keys
+# (options_from_verl converts a whole verl config) and TRL's GRPOConfig fields that are call arguments.
+FOREIGN_NAMES = {
+    "clip_ratio": ("verl", "epsilon (and epsilon_high)"), "clip_ratio_low": ("verl", "epsilon"),
+    "clip_ratio_high": ("verl", "epsilon_high"), "entropy_coeff": ("verl", "entropy_coef"),
+    "kl_loss_coef": ("verl", "beta"), "use_kl_loss": ("verl", "beta > 0"), "kl_loss_type": ("verl", "kl"),
+    "tau_pos": ("verl", "sapo_temperature_pos"), "tau_neg": ("verl", "sapo_temperature_neg"),
+    "loss_scale_factor": ("verl", "max_completion_length"), "loss_mode": ("verl", "loss_type"),
+    "policy_loss": ("verl", "the keywords of options_from_verl(actor_config)"),
+    "rollout_is": ("verl", "vllm_importance_sampling_mode"),
+    "rollout_is_threshold": ("verl", "vllm_importance_sampling_clip_max"),
+    "num_generations": ("TRL", "group_size (a call argument, for flat or packed input)"),
+}
+
+
+def unknown_option_error(unknown: Iterable[str], known: Iterable[str] = OPTION_NAMES) -> UnknownOptionError:
+    """The error for option names the loss does not know: each with verl's or TRL's meaning
+    (pointing at :func:`~gspo_kernels.losses.verl.options_from_verl` for verl's) or the nearest
+    known name."""
+    unknown, known = sorted(unknown), sorted(known)
+    hints = []
+    for name in unknown:
+        if name in FOREIGN_NAMES:
+            lib, ours = FOREIGN_NAMES[name]
+            how = (" (or convert a whole verl actor config: policy_loss(..., **options_from_verl(cfg)), "
+                   "from gspo_kernels.losses.verl)" if lib == "verl" else "")
+            hints.append(f"{name} is {lib}'s name: pass {ours}{how}")
+        else:
+            near = nearest(name, known)
+            if near:
+                hints.append(f"{name}: did you mean {near!r}?")
+    return UnknownOptionError(f"unknown loss option(s) {unknown}; " + ("; ".join(hints) + ". " if hints else "")
+                              + f"The options are {known}")

@@ -40,7 +40,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .core import common_metrics, correction_ratio
+from ..errors import OptionError, UnknownOptionError, nearest
+from .core import common_metrics, correction_ratio, sequence_correction
 from .inputs import LossInputs
 from .objectives import guarded_exp, kl_tokens, log_importance_weight, masked_seq_mean, ppo_clip, sapo
 from .options import LossOptions
@@ -87,23 +88,71 @@ def check_verl_options(opt: LossOptions) -> None:
     for name, is_set in trl_only.items():
         if is_set:
             hint = " (verl's sequence ratio is loss_type='verl_gspo')" if name == "importance_sampling_level" else ""
-            raise ValueError(f"{name} is a TRL option; verl's loss_type={opt.loss_type!r} has none{hint}")
+            raise OptionError(f"{name} is a TRL option; verl's loss_type={opt.loss_type!r} has none{hint}")
     if opt.aggregation not in VERL_AGGREGATIONS:
-        raise ValueError(f"loss_type={opt.loss_type!r} aggregates as verl's agg_loss: loss_agg_mode must be one of "
+        raise OptionError(f"loss_type={opt.loss_type!r} aggregates as verl's agg_loss: loss_agg_mode must be one of "
                          f"{VERL_AGGREGATIONS}, got {opt.aggregation!r}")
     if opt.loss_type == "clip_cov" and opt.clip_cov_ratio <= 0:
-        raise ValueError("loss_type='clip_cov' needs clip_cov_ratio > 0")
+        raise OptionError("loss_type='clip_cov' needs clip_cov_ratio > 0")
     if opt.loss_type == "kl_cov" and opt.kl_cov_ratio <= 0:
-        raise ValueError("loss_type='kl_cov' needs kl_cov_ratio > 0")
+        raise OptionError("loss_type='kl_cov' needs kl_cov_ratio > 0")
+
+
+# verl actor config keys that do not shape the loss (batch sizes, optimizer, checkpointing, parallelism,
+# kernels, profiling): options_from_verl ignores them, with whatever they hold beneath. Any other key is
+# refused, naming the nearest known one.
+VERL_IGNORED_KEYS = frozenset({
+    "_target_", "strategy", "ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_micro_batch_size_per_gpu",
+    "use_dynamic_bsz", "ppo_max_token_len_per_gpu", "ppo_epochs", "shuffle", "data_loader_seed", "checkpoint",
+    "optim", "use_torch_compile", "use_fused_kernels", "fused_kernel_options", "profiler", "engine", "fsdp_config",
+    "megatron", "load_weight", "grad_clip", "ulysses_sequence_parallel_size", "entropy_from_logits_with_chunking",
+    "entropy_checkpointing", "use_remove_padding", "use_prefix_grouper", "freeze_vision_tower", "rollout_n",
+    "calculate_entropy", "router_replay", "qat", "nccl_timeout", "model_config", "use_rollout_log_probs",
+    "calculate_sum_pi_squared", "sum_pi_squared_checkpointing", "policy_loss._target_",
+})
+# A whole verl config (or its dotted overrides) reaches the actor's keys through these prefixes.
+VERL_ACTOR_PREFIXES = ("actor_rollout_ref.actor.", "actor.")
 
 
 def _flatten(cfg, prefix="") -> dict:
+    """Nested mappings (dicts, OmegaConf configs) -> dotted keys, as verl's overrides spell them."""
     out = {}
     for k, v in dict(cfg).items():
-        if k == "policy_loss" and not prefix and hasattr(v, "items"):
-            out.update(_flatten(v, "policy_loss."))
+        key = prefix + str(k)
+        if hasattr(v, "items") and str(k) not in VERL_IGNORED_KEYS:
+            out.update(_flatten(v, key + "."))
         else:
-            out[prefix + k] = v
+            out[key] = v
+    return out
+
+
+def _actor_keys(actor_config) -> dict:
+    """The actor section's keys, dotted (``policy_loss.loss_mode``): nested or dotted forms, with or
+    without the ``actor_rollout_ref.actor.`` / ``actor.`` prefix; unknown keys refused."""
+    known = set(VERL_DEFAULTS) | set(VERL_IGNORED_KEYS)
+    out = {}
+    for key, v in _flatten(actor_config).items():
+        k = key
+        for pre in VERL_ACTOR_PREFIXES:
+            if k.startswith(pre):
+                k = k[len(pre):]
+                break
+        if k in known or k.split(".", 1)[0] in VERL_IGNORED_KEYS:
+            if k in out and out[k] != v:
+                raise OptionError(f"verl key {k!r} is given twice with different values ({out[k]!r}, {v!r})")
+            out[k] = v
+            continue
+        if k.split(".", 1)[0] in ("actor_rollout_ref", "algorithm", "data", "trainer", "critic", "reward_model"):
+            raise OptionError(
+                f"options_from_verl takes verl's actor section, got {key!r}: pass "
+                f"cfg.actor_rollout_ref.actor (keys such as 'clip_ratio_low', 'policy_loss.loss_mode', nested or "
+                f"dotted, optionally prefixed 'actor_rollout_ref.actor.'), and verl's algorithm.rollout_correction "
+                f"as rollout_correction=")
+        near = f"policy_loss.{k}" if f"policy_loss.{k}" in known else nearest(k, known)
+        raise UnknownOptionError(f"unknown verl actor config key {key!r}" + (f"; did you mean {near!r}?" if near
+                                                                              else ".")
+                                 + f" The keys that shape the loss are {sorted(VERL_DEFAULTS)}; ignored (they do not "
+                                 f"shape it): {sorted(VERL_IGNORED_KEYS)}")
     return out
 
 
@@ -116,26 +165,29 @@ def _threshold(spec):
 
 
 def options_from_verl(actor_config, rollout_correction: Optional[dict] = None) -> dict:
-    """Our options from a verl actor config (``actor_rollout_ref.actor`` as a dict; ``policy_loss``
-    nested or as ``"policy_loss.x"`` keys), verl's defaults for missing keys. Keys that do not
-    shape the loss (batch sizes, optimizer, ...) are ignored. ``rollout_correction``: verl's
+    """Our options from a verl actor config (``actor_rollout_ref.actor`` as a dict or OmegaConf
+    config; ``policy_loss`` nested or as ``"policy_loss.x"`` keys; dotted keys may carry the
+    ``"actor_rollout_ref.actor."`` or ``"actor."`` prefix), verl's defaults for missing keys. Keys
+    that do not shape the loss (:data:`VERL_IGNORED_KEYS`: batch sizes, optimizer, ...) are
+    ignored; any other key raises :class:`~gspo_kernels.errors.OptionError` naming the nearest
+    known one. ``rollout_correction``: verl's
     ``rollout_is`` / ``rollout_is_threshold`` ("token" | "sequence"; ``x``: TIS truncation at x,
     ``"lo_hi"``: IcePop masking) -> ``vllm_importance_sampling_mode`` and its bounds (the call then
     needs ``sampling_logprobs``, verl's rollout log-probs). Example::
 
         policy_loss(logits, tokens, A, mask, old_logprobs=old, **options_from_verl(cfg))
     """
-    flat = _flatten(actor_config)
-    given = {k: v for k, v in flat.items() if v is not None}
+    flat = _actor_keys(actor_config)
+    given = {k: v for k, v in flat.items() if v is not None and k in VERL_DEFAULTS}
     cfg = {**VERL_DEFAULTS, **given}
     mode = cfg["policy_loss.loss_mode"]
     if mode == "bypass_mode":
-        raise ValueError(BYPASS_MODE_MESSAGE)
+        raise OptionError(BYPASS_MODE_MESSAGE)
     if mode not in VERL_LOSS_MODES:
-        raise ValueError(f"policy_loss.loss_mode must be one of {tuple(VERL_LOSS_MODES)}, got {mode!r}")
+        raise OptionError(f"policy_loss.loss_mode must be one of {tuple(VERL_LOSS_MODES)}, got {mode!r}")
     kl = cfg["kl_loss_type"]
     if kl not in VERL_KL_TYPES:
-        raise ValueError(f"kl_loss_type must be one of {tuple(VERL_KL_TYPES)} (the straight-through '+' forms "
+        raise OptionError(f"kl_loss_type must be one of {tuple(VERL_KL_TYPES)} (the straight-through '+' forms "
                          f"and 'full' are not supported), got {kl!r}")
     for side in ("clip_ratio_low", "clip_ratio_high"):  # verl: an explicit None falls back to clip_ratio
         if side in flat and flat[side] is None:
@@ -147,15 +199,15 @@ def options_from_verl(actor_config, rollout_correction: Optional[dict] = None) -
     scale = out.pop("max_completion_length")
     if scale is not None:
         if float(scale) != int(scale) or int(scale) < 1:
-            raise ValueError(f"loss_scale_factor must be a positive whole number, got {scale!r}")
+            raise OptionError(f"loss_scale_factor must be a positive whole number, got {scale!r}")
         out["max_completion_length"] = int(scale)
     rc = dict(rollout_correction or {})
     if rc.get("rollout_rs") is not None or rc.get("rollout_is_batch_normalize"):
-        raise ValueError("verl's rejection sampling (rollout_rs) and rollout_is_batch_normalize are not supported")
+        raise OptionError("verl's rejection sampling (rollout_rs) and rollout_is_batch_normalize are not supported")
     level, spec = rc.get("rollout_is"), rc.get("rollout_is_threshold", 2.0)
     if level is not None and spec is not None:
         if level not in ("token", "sequence"):
-            raise ValueError(f"rollout_is must be 'token' or 'sequence', got {level!r}")
+            raise OptionError(f"rollout_is must be 'token' or 'sequence', got {level!r}")
         lo, hi = _threshold(spec)
         out["vllm_importance_sampling_mode"] = f"{level}_{'truncate' if lo is None else 'mask'}"
         out["vllm_importance_sampling_clip_min"], out["vllm_importance_sampling_clip_max"] = lo, hi
@@ -349,7 +401,8 @@ def _dppo(kind: str):
 VERL_OBJECTIVES = {"vanilla": vanilla, "verl_gspo": verl_gspo, "verl_sapo": verl_sapo, "verl_cispo": verl_cispo,
                    "gpg": gpg, "clip_cov": clip_cov, "kl_cov": kl_cov, "geo_mean": geo_mean, "dro": dro,
                    "dppo_tv": _dppo("tv"), "dppo_kl": _dppo("kl")}
-PG_AGGREGATION = {"verl_sapo": "seq-mean-token-mean"}  # verl's sapo ignores loss_agg_mode for its pg term
+PG_AGGREGATION = {"verl_sapo": "seq-mean-token-mean"}
+SEQUENCE_RATIO = ("verl_gspo", "geo_mean")  # the loss types whose "ratio" metric is one per sequence  # verl's sapo ignores loss_agg_mode for its pg term
 
 
 # ---------------------------------------------------------------- the actor's loss
@@ -387,7 +440,8 @@ def compose_verl(inp: LossInputs, opt: LossOptions, A: Tensor, old: Tensor) -> T
     if opt.entropy_coef:
         loss = loss - opt.entropy_coef * entropy_loss
 
-    metrics = common_metrics(inp, A, ratio, policy_loss, kl, is_ratio)
+    metrics = common_metrics(inp, A, ratio, policy_loss, kl, is_ratio, seq_ratio=opt.objective in SEQUENCE_RATIO,
+                             seq_is=sequence_correction(opt))
     dt = ratio.dtype
     metrics.update({name: _masked_mean(x.to(dt), m).to(dt) for name, x in stats.items()})
     metrics["actor/pg_loss"] = pg_loss.detach()
