@@ -18,8 +18,11 @@ mean per sequence, the mean over sequences. Old log-probs are the initial
 policy's own, shifted by a per-sequence offset, so some sequences clip and some
 do not. Providers:
 
-  naive                TRL's materialised route: the model's logits for the completion, per-token log-probs
-                       with ``selective_log_softmax``'s semantics (its PyTorch path), the loss in plain PyTorch
+  naive                the materialised route: the model's logits for the completion, per-token log-probs
+                       with TRL's ``selective_log_softmax`` semantics (its PyTorch path), the loss in plain PyTorch
+  trl                  TRL 1.16's default path in ``GRPOTrainer``: ``add_fused_lm_head`` and
+                       ``fused_lm_head=True`` (its chunked Triton LM head, ``trl/kernels/chunked_logprob.py``;
+                       ``benchmarks/trl_path.py``), the loss in plain PyTorch: what a TRL user compares against
   compile              the same loss (log-probs included) under ``torch.compile``
   liger_logits         Liger-Kernel ``triton_grpo_loss`` on the (N, T+1, V) logits, sequence level, in place
   liger_hidden         Liger-Kernel ``LigerFusedLinearGRPOLoss`` on hidden states + LM head, sequence level
@@ -59,6 +62,8 @@ import torch.nn.functional as F
 
 import gspo_kernels
 from benchmarks.gpu import COLUMNS as OP_COLUMNS
+from benchmarks.gpu import STRICT, names
+from benchmarks.step_plot import plot
 
 COLUMNS = OP_COLUMNS + ["config", "params", "P", "grad_ckpt", "ms_min", "ms_max", "peak_mb", "budget_gb",
                         "loss", "note", "transformers"]
@@ -70,10 +75,9 @@ SHAPES = {  # Qwen2.5-0.5B / -1.5B shapes; tiny for CPU runs and tests
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
 }
-PROVIDERS = ("naive", "compile", "liger_logits", "liger_hidden", "gspo_logits", "gspo_logits_inplace", "gspo_hidden")
+PROVIDERS = ("naive", "trl", "compile", "liger_logits", "liger_hidden", "gspo_logits", "gspo_logits_inplace",
+             "gspo_hidden")
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-COLORS = {"naive": "tab:red", "compile": "tab:orange", "liger_logits": "tab:purple", "liger_hidden": "tab:pink",
-          "gspo_logits": "tab:cyan", "gspo_logits_inplace": "tab:blue", "gspo_hidden": "navy"}
 
 
 # ---------------------------------------------------------------- model and inputs
@@ -181,6 +185,14 @@ def providers(device, eps, eps_high, only=None):
     fns, skipped = {}, {}
     fns["naive"] = lambda m, b: naive_loss(_logits(m, b)[:, :-1], b.tokens, b.old, b.mask, b.adv,
                                            eps, eps_high)
+    try:
+        from benchmarks import trl_path
+        import trl.kernels  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        skipped["trl"] = f"trl not importable ({type(e).__name__}: {e})"
+    else:
+        fns["trl"] = lambda m, b: gspo_from_logps(trl_path.step_logprobs(m, b.ids, b.mask, b.P), b.old, b.mask,
+                                                  b.adv, eps, eps_high)
     compiled = torch.compile(naive_loss)
     fns["compile"] = lambda m, b: compiled(_logits(m, b)[:, :-1], b.tokens, b.old, b.mask, b.adv,
                                            eps, eps_high)
@@ -335,54 +347,27 @@ def frontier(model, state, fn, B, G, P, device, start, step, max_T, on_try):
     return lo, best
 
 
-# ---------------------------------------------------------------- plot
-def plot(rows, out):
-    """Peak memory against completion length: one panel per config, one line per provider and
-    checkpointing setting (solid: checkpointing on, frontier tries included; dashed: off)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = {}
-    for r in rows:
-        if r["peak_mb"] and r["mode"] in ("step", "try"):
-            series = pts.setdefault(r["config"], {}).setdefault((r["provider"], str(r["grad_ckpt"]) == "True"), {})
-            series[int(r["T"])] = float(r["peak_mb"]) / 1024
-    if not pts:
-        print("no peak memory figures: plot skipped")
-        return
-    fig, axes = plt.subplots(len(pts), 1, figsize=(8, 3.4 * len(pts)), squeeze=False)
-    for ax, (cfg, series) in zip(axes[:, 0], sorted(pts.items())):
-        for (prov, ckpt), by_t in sorted(series.items()):
-            ts = sorted(by_t)
-            ax.plot(ts, [by_t[t] for t in ts], "o-" if ckpt else "s--", ms=3, color=COLORS.get(prov),
-                    mfc=None if ckpt else "none", label=f"{prov}{'' if ckpt else ' (no checkpointing)'}")
-        for b in {r["budget_gb"] for r in rows if r["config"] == cfg and r["budget_gb"]}:
-            ax.axhline(float(b) * 1e9 / 2**30, ls=":", color="gray", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"completion length T (B*G = {int(rows[0]['B']) * int(rows[0]['G'])}, prompt {rows[0]['P']})")
-        ax.set_ylabel("peak memory GiB")
-        ax.set_title(f"{cfg}: one step, fwd + loss + bwd + AdamW - {rows[0]['device']}, torch {rows[0]['torch']}",
-                     fontsize=8)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
-
 # ---------------------------------------------------------------- main
 def _cases(spec):
     """"1024:off,8192:on" -> [(1024, False), (8192, True)] (completion length, gradient checkpointing)."""
     return [(int(t), ck == "on") for t, _, ck in (part.partition(":") for part in spec.split(","))]
 
 
-def main(argv=None):
+def _case_list(text):
+    if not all(t.isdigit() and ck in ("on", "off") for t, _, ck in (c.partition(":") for c in text.split(","))):
+        raise argparse.ArgumentTypeError(f"cases must be T:on|off[,T:on|off...], got {text!r}")
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_gpu_session.py parses gpu_session.sh's steps with it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny config and shapes (a CPU smoke run)")
-    p.add_argument("--configs", default=None, help=f"comma-separated, of {', '.join(SHAPES)}")
-    p.add_argument("--cases", default=None, help='completion length:gradient checkpointing, e.g. "1024:off,8192:on"')
+    p.add_argument("--configs", default=None, type=names(tuple(SHAPES)),
+                   help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--cases", default=None, type=_case_list,
+                   help='completion length:gradient checkpointing, e.g. "1024:off,8192:on"')
     p.add_argument("--B", type=int, default=None)
     p.add_argument("--G", type=int, default=None)
     p.add_argument("--prompt", type=int, default=None)
@@ -391,14 +376,18 @@ def main(argv=None):
     p.add_argument("--eps-high", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=None, help="timed steps per provider (default 5; tiny 3)")
-    p.add_argument("--providers", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--providers", default=None, type=names(PROVIDERS), help="comma-separated subset (default: all)")
     p.add_argument("--no-frontier", action="store_true")
     p.add_argument("--budget-gb", type=float, default=80.0, help="frontier memory budget, 1e9 bytes")
     p.add_argument("--frontier-start", type=int, default=1024)
     p.add_argument("--frontier-step", type=int, default=512)
     p.add_argument("--frontier-max", type=int, default=65_536)
     p.add_argument("--out", default=None, help="CSV (default benchmarks/results/step.csv; CPU: step_cpu_smoke.csv)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     dev, tiny = args.device, args.tiny
     configs = (args.configs or ("tiny" if tiny else "qwen2-0.5b,qwen2-1.5b")).split(",")
     cases = _cases(args.cases or ("16:off,32:on" if tiny else "1024:off,8192:on"))
@@ -447,6 +436,8 @@ def main(argv=None):
                 try:
                     r = try_step(model, state, fn, batch, dev, args.warmup, reps)
                 except Exception as e:  # noqa: BLE001 - report and go on with the other providers
+                    if STRICT:
+                        raise
                     print(f"    {name:<21} skipped ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
                     _cleanup(model, dev)
                     continue
@@ -490,6 +481,8 @@ def main(argv=None):
                     T, r = frontier(model, state, fn, B, G, P, dev, args.frontier_start, args.frontier_step,
                                     args.frontier_max, on_try)
                 except Exception as e:  # noqa: BLE001
+                    if STRICT:
+                        raise
                     print(f"    {name:<21} skipped ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
                     continue
                 capped = " (the search's maximum)" if T >= args.frontier_max else ""

@@ -37,14 +37,17 @@ from torch import Tensor
 from . import _kernels_linear, logprobs as _logprobs
 from .logprobs import logprob_bwd, logprob_fwd, masked_sequence_mean
 from ._validate import ValueChecks, check_temperature, check_token_range, check_tokens, resolve_mask
+from .errors import DeviceError, DTypeError, OptionError, ShapeError
 
-# Budget for one chunk of logits (chunked path) when the caller gives no chunk_size: at most
-# 1/8 of the free device memory (room for the gradient buffers and the
-# caller's own tensors) and at most 256 MiB (beyond that, a GEMM of
-# 256 MiB / (V * 2 B) >= 512 rows at V = 151,936 is already large enough to
-# run the tensor cores near peak, so larger chunks buy no speed). On CPU: 64 MiB.
-CHUNK_BYTES_CAP = 256 << 20
-CPU_CHUNK_BYTES = 64 << 20
+# The memory budget (``memory_budget=``, bytes) of the one buffer whose size the op chooses:
+# a chunk of logits (chunked path, when no chunk_size is given) or the fused backward's dz
+# slice. An explicit argument, never derived from free memory at run time: the tiling of a
+# call depends on its shapes and this budget alone, so a CUDA graph captures what every
+# eager call would run. Default (``default_memory_budget``): 256 MiB on a GPU (beyond it, a
+# GEMM of 256 MiB / (V * 2 B) >= 512 rows at V = 151,936 already runs the tensor cores near
+# peak, so larger chunks buy no speed), 64 MiB elsewhere. Pass less where memory is tight.
+MEMORY_BUDGET = 256 << 20
+CPU_MEMORY_BUDGET = 64 << 20
 # The fused kernels where they run; tests switch it off to cover the chunked
 # path with the logits kernels.
 FUSED = True
@@ -56,13 +59,11 @@ FUSED = True
 MIN_SPLIT_BLOCKS = 8
 SPLIT_PROGRAMS = 4
 # Fused backward: the R x Vc dz slice's budget, as the chunked path's logits
-# chunk: min(256 MiB, free GPU memory / 8); 64 MiB on CPU. Each slice costs a
+# chunk (memory_budget, above). Each slice costs a
 # read and a write of the fp32 grad_hidden accumulator (8 R H bytes: 0.54 GB
 # at R = 16,384, H = 4,096), so slices much under 256 MiB (Vc = 8,192 there:
 # 19 slices, 10 GB of accumulator traffic, ~3 ms at an H100's 3.3 TB/s) trade speed for
 # memory. MAX_SLICE_COLS caps Vc (tests lower it to run several slices).
-SLICE_BYTES_CAP = 256 << 20
-CPU_SLICE_BYTES = 64 << 20
 MAX_SLICE_COLS = 1 << 30
 # Gradient filtering's default threshold: finfo(dtype).eps / 32 (bf16: 2**-12,
 # fp16: 2**-15, fp32: 2**-28), Cut Cross-Entropy's choice: a probability
@@ -79,12 +80,16 @@ def default_threshold(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / FILTER_DIVISOR
 
 
-def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk: a power of two whose ``rows * V`` logits fit the budget above."""
-    budget = CPU_CHUNK_BYTES
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(CHUNK_BYTES_CAP, free // 8)
+def default_memory_budget(device: torch.device) -> int:
+    """``MEMORY_BUDGET`` (256 MiB) on a GPU, ``CPU_MEMORY_BUDGET`` (64 MiB) elsewhere: from the
+    device's type alone (no query of the device)."""
+    return MEMORY_BUDGET if device.type == "cuda" else CPU_MEMORY_BUDGET
+
+
+def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device, budget: Optional[int] = None) -> int:
+    """Rows per chunk: a power of two whose ``rows * V`` logits fit ``budget`` bytes (default
+    :func:`default_memory_budget`), at least 1."""
+    budget = default_memory_budget(device) if budget is None else budget
     rows = max(1, budget // (V * torch.empty((), dtype=dtype).element_size()))
     return 1 << (rows.bit_length() - 1)
 
@@ -101,6 +106,7 @@ class LinearOptions:
     entropy: bool = False
     shard: Optional[object] = None  # vocab_parallel.Shard: weight holds rows [start, start + width) of V
     threshold: Optional[float] = None  # gradient filtering (fused path), None: exact
+    budget: Optional[int] = None  # memory_budget in bytes (chunk / dz slice), None: default_memory_budget
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -163,12 +169,11 @@ def split_span(R: int, V: int, tiles: dict, programs: int) -> tuple[int, int]:
     return span, _cdiv(V, span)
 
 
-def slice_cols(R: int, V: int, dtype: torch.dtype, device: torch.device, tiles: dict) -> int:
+def slice_cols(R: int, V: int, dtype: torch.dtype, device: torch.device, tiles: dict,
+               budget: Optional[int] = None) -> int:
     """The fused backward's vocabulary slice ``Vc``: a multiple of the dz tile whose ``R x Vc``
-    buffer fits the budget."""
-    budget = CPU_SLICE_BYTES
-    if device.type == "cuda":
-        budget = min(SLICE_BYTES_CAP, torch.cuda.mem_get_info(device)[0] // 8)
+    buffer fits ``budget`` bytes (default :func:`default_memory_budget`), at least one tile."""
+    budget = default_memory_budget(device) if budget is None else budget
     bn = tiles["dz"].block_n
     cols = budget // (max(R, 1) * torch.empty((), dtype=dtype).element_size()) // bn * bn
     return max(bn, min(cols, MAX_SLICE_COLS // bn * bn, _cdiv(V, bn) * bn))
@@ -196,11 +201,12 @@ def fused_fwd(hidden, weight, bias, tokens, valid, inv_temp: float, entropy: boo
     return logp, lse, ent
 
 
-def fused_bwd(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp: float, need, threshold=None):
+def fused_bwd(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp: float, need, threshold=None, budget=None):
     """Gradients ``(grad_hidden, grad_weight, grad_bias)`` (None where ``need`` says not) from
     the fused kernels, one vocabulary slice at a time, from the saved ``c`` (and ``ent``) for
     upstream ``g`` (and ``gh``, the entropy's), fp32 ``(R,)``; rows with zero upstream gradient
-    contribute nothing. ``threshold``: gradient filtering (None: exact)."""
+    contribute nothing. ``threshold``: gradient filtering (None: exact). ``budget``: the dz
+    slice's bytes (:func:`slice_cols`)."""
     (R, K), V, dev = hidden.shape, weight.shape[0], hidden.device
     grad_h = torch.empty((R, K), dtype=hidden.dtype, device=dev) if need[0] else None
     grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need[1] else None
@@ -209,7 +215,7 @@ def fused_bwd(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp: float, need
         return tuple(None if x is None else x.zero_() for x in (grad_h, grad_w, grad_b))
     active = ((g != 0) if gh is None else (g != 0) | (gh != 0)).to(torch.int8)
     tiles = _kernels_linear.tile_set(hidden.dtype, dev, _kernels_linear.aligned_rows(hidden, weight))
-    vc = slice_cols(R, V, hidden.dtype, dev, tiles)
+    vc = slice_cols(R, V, hidden.dtype, dev, tiles, budget)
     t = tiles["dz"]
     dz = torch.empty((R, vc), dtype=hidden.dtype, device=dev)
     flags = torch.empty((_cdiv(R, t.block_m), _cdiv(vc, t.block_n)), dtype=torch.int8, device=dev)
@@ -245,7 +251,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             logp, lse, ent = fused_fwd(hidden, weight, bias, tokens, valid, opts.inv_temp, opts.entropy)
             ent = ent if opts.entropy else None
         else:
-            C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+            C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device, opts.budget)
             logp, lse, ent = _chunked_fwd(hidden, weight, bias, tokens, valid, opts, C)
         if opts.shard is not None:  # this shard's statistics -> global ones (two all-reduces over R floats)
             logp, lse, ent = combine_local(logp, lse, ent, inside, opts.inv_temp, opts.shard.group)
@@ -272,9 +278,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
         h_ent = None if grad_ent is None else grad_ent.to(lse.dtype).contiguous()
         if ctx.fused:
             grad_h, grad_w, grad_b = fused_bwd(hidden, weight, bias, tokens, lse, g, None if h_ent is None else ent,
-                                               h_ent, opts.inv_temp, need, opts.threshold)
+                                               h_ent, opts.inv_temp, need, opts.threshold, opts.budget)
         else:
-            C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+            C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device, opts.budget)
             grad_h, grad_w, grad_b = _chunked_bwd(hidden, weight, bias, tokens, lse, ent, g, h_ent, opts, C, need)
         if grad_h is not None and opts.shard is not None:
             # hidden feeds every shard (a column-parallel layer's input): sum its gradient over the group
@@ -291,40 +297,43 @@ def _threshold(grad_filter, dtype: torch.dtype) -> Optional[float]:
         return default_threshold(dtype)
     if isinstance(grad_filter, (int, float)) and 0.0 < float(grad_filter) < 1.0:
         return float(grad_filter)
-    raise ValueError(f"grad_filter must be False, True (the dtype's default threshold) or a probability in (0, 1), "
+    raise OptionError(f"grad_filter must be False, True (the dtype's default threshold) or a probability in (0, 1), "
                      f"got {grad_filter!r}")
 
 
-def _check(hidden, weight, tokens, bias, temperature, chunk_size):
+def _check(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget=None):
     if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
-        raise TypeError(f"hidden must be a float tensor (..., T, H), got "
+        raise DTypeError(f"hidden must be a float tensor (..., T, H), got "
                         f"{hidden.dtype if isinstance(hidden, Tensor) else type(hidden).__name__}")
     if hidden.dim() < 2:
-        raise ValueError(f"hidden must have shape (..., T, H), got {tuple(hidden.shape)}")
+        raise ShapeError(f"hidden must have shape (..., T, H), got {tuple(hidden.shape)}")
     if hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have H >= 1 (last dim), got shape {tuple(hidden.shape)}")
+        raise ShapeError(f"hidden must have H >= 1 (last dim), got shape {tuple(hidden.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be the 2-D (V, H) LM head, got "
+        raise ShapeError(f"weight must be the 2-D (V, H) LM head, got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
     if weight.shape[0] < 1:
-        raise ValueError(f"weight must have V >= 1 rows (the (V, H) LM head), got shape {tuple(weight.shape)}")
+        raise ShapeError(f"weight must have V >= 1 rows (the (V, H) LM head), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+        raise ShapeError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+        raise DTypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got "
+        raise ShapeError(f"bias must have shape ({weight.shape[0]},) (V), got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
     if bias is not None and bias.dtype != hidden.dtype:
-        raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        raise DTypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; put them on one device")
+            raise DeviceError(f"{name} is on {t.device} but hidden is on {hidden.device}; put them on one device")
     check_tokens(tokens, hidden[..., :1], logits_name="hidden")
     inv_temp = 1.0 / check_temperature(temperature)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+        raise OptionError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 1):
+        raise OptionError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
     return inv_temp
 
 
@@ -337,7 +346,8 @@ def _rows(hidden: Tensor) -> Tensor:
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                           temperature: float = 1.0, chunk_size: Optional[int] = None,
                           valid: Optional[Tensor] = None, return_entropy: bool = False, vocab_group=None,
-                          vocab_size: Optional[int] = None, grad_filter=False, check_inputs: bool = True):
+                          vocab_size: Optional[int] = None, grad_filter=False, check_inputs: bool = True,
+                          memory_budget: Optional[int] = None):
     """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
     (and, with ``return_entropy=True``, that distribution's entropy, from the same pass).
 
@@ -348,7 +358,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         bias: optional ``(V,)``.
         temperature: tau > 0.
         chunk_size: rows per chunk of the chunked path; default :func:`default_chunk_size`
-            (from V and free memory). The fused kernels do not chunk rows.
+            (from V and ``memory_budget``). The fused kernels do not chunk rows.
         valid: optional ``(..., T)`` mask: ids are checked only there; elsewhere the
             outputs are 0 and the gradient is 0 (in the fused kernels, rows of masked
             tokens cost no products in backward, nor, in blocks of rows fully masked, in
@@ -371,6 +381,10 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             once after the kernels (one host sync). ``False``: no check, no sync; the kernels
             never read out of bounds, and an out-of-range id's log-prob is meaningless (the
             fused kernels match it to no column, the chunked path clamps it).
+        memory_budget: bytes for the one buffer the op sizes itself: the chunked path's chunk of
+            logits (without ``chunk_size``) and the fused backward's ``R x Vc`` dz slice. Default
+            :func:`default_memory_budget`: 256 MiB on a GPU, 64 MiB elsewhere. Never derived from
+            free memory, so a CUDA graph replays what an eager call runs.
 
     Returns:
         ``(..., T)`` float32 (float64 for float64 input), or ``(logp, entropy)``;
@@ -379,7 +393,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     checks = ValueChecks(check_inputs)
     out = linear_token_logprobs_checked(hidden, weight, tokens, checks, bias=bias, temperature=temperature,
                                         chunk_size=chunk_size, valid=valid, return_entropy=return_entropy,
-                                        vocab_group=vocab_group, vocab_size=vocab_size, grad_filter=grad_filter)
+                                        vocab_group=vocab_group, vocab_size=vocab_size, grad_filter=grad_filter,
+                                        memory_budget=memory_budget)
     if return_entropy:
         return checks.finish(out[0]), out[1]
     return checks.finish(out)
@@ -389,9 +404,9 @@ def linear_token_logprobs_checked(hidden: Tensor, weight: Tensor, tokens: Tensor
                                   bias: Optional[Tensor] = None, temperature: float = 1.0,
                                   chunk_size: Optional[int] = None, valid: Optional[Tensor] = None,
                                   return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
-                                  grad_filter=False):
+                                  grad_filter=False, memory_budget: Optional[int] = None):
     """:func:`linear_token_logprobs` with its id check queued on ``checks`` (the caller reads it)."""
-    inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size)
+    inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget)
     threshold = _threshold(grad_filter, hidden.dtype)
     vm = None if valid is None else resolve_mask(valid, None, tokens, name="valid")
     v = None if vm is None else vm.reshape(-1).contiguous()
@@ -403,7 +418,7 @@ def linear_token_logprobs_checked(hidden: Tensor, weight: Tensor, tokens: Tensor
 
         shard = vp.resolve_shard(vocab_group, weight.shape[0], tokens.numel(), vocab_size, name="weight")
         check_token_range(tokens, shard.vocab, vm, checks=checks, kind=None)  # the global V
-    opts = LinearOptions(inv_temp, chunk_size, bool(return_entropy), shard, threshold)
+    opts = LinearOptions(inv_temp, chunk_size, bool(return_entropy), shard, threshold, memory_budget)
     out = LinearTokenLogprobs.apply(_rows(hidden), weight, bias, tokens.reshape(-1).contiguous(), v, opts)
     if return_entropy:
         return out[0].reshape(tokens.shape), out[1].reshape(tokens.shape)
@@ -416,25 +431,26 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
                              chunk_size: Optional[int] = None, vocab_group=None,
                              vocab_size: Optional[int] = None, grad_filter=False,
                              cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                             check_inputs: bool = True) -> Tensor:
+                             check_inputs: bool = True, memory_budget: Optional[int] = None) -> Tensor:
     """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
     over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients.
     ``cu_seqlens``: packed sequences, ``hidden`` ``(total, H)`` or ``(1, total, H)``, tokens/mask
     ``(total,)`` or ``(1, total)``, ``-> (N,)`` (see :func:`gspo_kernels.sequence_logprobs`).
     ``check_inputs``: ids and lengths (and cu_seqlens) checked on one device flag read once;
-    ``False``: none, no host sync (with ``max_seqlen`` given when packed)."""
-    _check(hidden, weight, tokens, bias, temperature, chunk_size)
+    ``False``: none, no host sync (with ``max_seqlen`` given when packed). ``memory_budget``: see
+    :func:`linear_token_logprobs`."""
+    _check(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget)
     checks = ValueChecks(check_inputs)
     kw = dict(bias=bias, temperature=temperature, chunk_size=chunk_size, vocab_group=vocab_group,
-              vocab_size=vocab_size, grad_filter=grad_filter)
+              vocab_size=vocab_size, grad_filter=grad_filter, memory_budget=memory_budget)
     if cu_seqlens is not None:
         from .sequences import resolve_packed
 
         if lengths is not None:
-            raise ValueError("with cu_seqlens, give a mask (total,) or none, not lengths")
+            raise OptionError("with cu_seqlens, give a mask (total,) or none, not lengths")
         lead = tuple(hidden.shape[:-1])
         if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
-            raise ValueError(f"packed hidden must be (total, H) or (1, total, H), got shape {tuple(hidden.shape)}")
+            raise ShapeError(f"packed hidden must be (total, H) or (1, total, H), got shape {tuple(hidden.shape)}")
         packed = resolve_packed(cu_seqlens, lead[-1], max_seqlen, checks=checks)
         valid = None if mask is None else resolve_mask(mask, None, tokens)
         logp = linear_token_logprobs_checked(hidden, weight, tokens, checks, valid=valid, **kw)

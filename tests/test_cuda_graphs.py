@@ -3,8 +3,10 @@ on the host, so a whole ``gspo_loss`` forward + backward can be captured with
 ``torch.cuda.graph`` and replayed with the same result, and a training loop calling
 it runs under ``torch.compile(mode="reduce-overhead")`` (which captures CUDA graphs).
 
-These need a CUDA device (capture is a CUDA feature); on a machine without one they
-are skipped. The host-sync count that makes capture possible is tested on every
+Replays stay right after any number of other option sets between capture and replay,
+and through the hidden-state path. These need a CUDA device (capture is a CUDA feature);
+on a machine without one they are skipped (tests/test_graph_safety.py checks on any
+machine what they rely on). The host-sync count that makes capture possible is tested on every
 machine in tests/test_syncs.py.
 """
 from __future__ import annotations
@@ -59,6 +61,71 @@ def test_gspo_loss_captured_in_a_cuda_graph_replays_the_same_result():
         x.copy_(x2)
     graph.replay()
     fresh = _step(x2.clone().requires_grad_(True), y, mask, r, old)
+    for got, exp in zip(out, fresh):
+        assert torch.equal(got, exp)
+
+
+def _capture(fn):
+    """``fn()`` warmed up on a side stream, then captured; returns (graph, its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def test_replay_after_100_other_option_sets_gives_the_captured_options_result():
+    """The option parameters a captured call read stay alive (and unchanged) however many other
+    option sets run eagerly between capture and replay: a beta / epsilon schedule, a sweep."""
+    x, y, mask, r, old = _batch()
+    x = x.requires_grad_(True)
+    opts = dict(epsilon=0.13, epsilon_high=0.29, entropy_coef=0.01)
+
+    def step(**o):
+        loss, metrics = gspo_kernels.gspo_loss(x, y, r, mask, old_logprobs=old, check_inputs=False, **o)
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss, grad, metrics["clip_fraction"]
+
+    want = step(**opts)
+    graph, out = _capture(lambda: step(**opts))
+    for i in range(100):  # each a new option set, and enough new allocations to reuse a freed block
+        step(epsilon=0.05 + 0.002 * i, epsilon_high=0.1 + 0.003 * i, entropy_coef=1e-4 * i)
+        torch.empty(4096, device="cuda").fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, exp in zip(out, want):
+        assert torch.equal(got, exp)
+
+
+def test_hidden_state_loss_captured_in_a_cuda_graph_replays_the_same_result():
+    """``gspo_loss(hidden=, weight=)`` (the fused hidden-state kernels) forward + backward, weight
+    gradient on, under capture: no host read, no free-memory query, the same result replayed."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    H = 256
+    x, y, mask, r, old = _batch()
+    hidden = torch.randn(B, G, T, H, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H ** 0.5).to(torch.bfloat16).requires_grad_(True)
+
+    def step():
+        loss, _ = gspo_kernels.gspo_loss(hidden=hidden, weight=weight, tokens=y, rewards=r, mask=mask,
+                                         old_logprobs=old, check_inputs=False, memory_budget=1 << 20)
+        return (loss, *torch.autograd.grad(loss, (hidden, weight)))
+
+    want = step()
+    graph, out = _capture(step)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, exp in zip(out, want):
+        assert torch.equal(got, exp)
+    with torch.no_grad():  # new hidden states copied into the captured input give the new result
+        hidden.copy_(torch.randn(B, G, T, H, device="cuda", generator=g).to(torch.bfloat16))
+    graph.replay()
+    fresh = step()
     for got, exp in zip(out, fresh):
         assert torch.equal(got, exp)
 

@@ -1,7 +1,7 @@
 """The whole-step benchmark (``benchmarks/step.py``) on a tiny Qwen2 on the CPU.
 
 Every provider that can run here gives the same loss and the same parameter
-gradients as ``naive`` (TRL's materialised route), from the same fp32 weights
+gradients as ``naive`` (the materialised route), from the same fp32 weights
 and inputs. Tolerance: the loss to rtol 1e-5 (atol 1e-7); each parameter's
 gradient to within 1e-5 of the largest entry of naive's gradient for that
 parameter (``atol = 1e-5 * max|g|``, rtol 1e-5). Seen on a 2-core x86_64 CPU
@@ -20,7 +20,7 @@ import torch
 
 from benchmarks import step
 
-CORE = ("naive", "compile", "gspo_logits", "gspo_logits_inplace", "gspo_hidden")
+CORE = ("naive", "trl", "compile", "gspo_logits", "gspo_logits_inplace", "gspo_hidden")
 EPS, EPS_HIGH = 0.2, 0.28
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -113,8 +114,8 @@ def _spec(inp: LossInputs, opt: LossOptions, mode: str) -> TailSpec:
     else:
         adv_mode = tm.ADV_CONTRAST if mode == "contrast" else tm.ADV_GROUP_NORM
     cmode = opt.vllm_importance_sampling_mode
-    if cmode is not None:  # at T = 1 a sequence ratio is a token ratio (and torch's metrics see it so)
-        isr_mode = tm.ISR_MODE_SEQ if cmode.startswith("sequence") and T != 1 else tm.ISR_MODE_TOK
+    if cmode is not None:  # a sequence ratio stays one per sequence at T = 1 (its metrics count every sequence)
+        isr_mode = tm.ISR_MODE_SEQ if cmode.startswith("sequence") else tm.ISR_MODE_TOK
         pr = torch.promote_types(inp.old.dtype, inp.sampling.dtype)
         rd = pr
     elif inp.is_ratio is not None:
@@ -143,30 +144,74 @@ def _spec(inp: LossInputs, opt: LossOptions, mode: str) -> TailSpec:
         ent_bonus=bool(opt.entropy_coef), acc=acc, ps=ps, pr=pr, rd=rd, vd=vd, ld=vd if vespo else acc)
 
 
-_PRM_CACHE: Dict[tuple, Tensor] = {}
+# The option parameters the kernels read, one fp64 device tensor per (options, device).
+#
+# Lifetime (CUDA graphs): a graph captured around a loss call holds the address of the
+# tensor that call read and reads it again at every replay, long after the call returned.
+# So a tensor a capture has read is never freed: it moves to _PRM_PINNED, which is never
+# evicted. Its bound: one tensor of N_PRM float64 (160 bytes; one 512-byte block of the
+# caching allocator) per distinct option set ever captured in this process, far below what
+# each capture's own graph and memory pool hold. Eager calls use _PRM_CACHE, a
+# least-recently-used map of at most PRM_CACHE_SIZE entries: evicting one there is safe,
+# because an eager call's kernels are ordered on its stream before any reuse of the freed
+# block and its autograd node keeps its own reference (save_for_backward) until backward.
+PRM_CACHE_SIZE = 64
+_PRM_CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_PRM_PINNED: Dict[tuple, Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether this call is being captured into a CUDA graph (on the current stream)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _param_values(opt: LossOptions) -> list:
+    v = [0.0] * tm.N_PRM
+    for slot, x in {
+        tm.R_LO: 1.0 - opt.epsilon, tm.R_HI: 1.0 + opt.eps_high, tm.R_DELTA: opt.delta,
+        tm.R_CLIPC: opt.clip_ratio_c, tm.R_EPSH: opt.eps_high, tm.R_BETA: opt.beta,
+        tm.R_TPOS: opt.sapo_temperature_pos, tm.R_TNEG: opt.sapo_temperature_neg,
+        tm.R_KPOS: opt.vespo_k_pos, tm.R_LPOS: opt.vespo_lambda_pos, tm.R_KNEG: opt.vespo_k_neg,
+        tm.R_LNEG: opt.vespo_lambda_neg, tm.R_LAMMIN: 1e-4, tm.R_LOGLO: math.log(1e-8),
+        tm.R_GNEPS: GROUP_NORM_EPS, tm.R_OFFTHR: opt.off_policy_mask_threshold,
+        tm.R_CMIN: opt.vllm_importance_sampling_clip_min, tm.R_CMAX: opt.vllm_importance_sampling_clip_max,
+        tm.R_Q: 1.0 - opt.top_entropy_quantile, tm.R_COEF: opt.entropy_coef,
+    }.items():
+        v[int(slot)] = float(x or 0.0)
+    return v
+
+
+def _build_params(v: list, device: torch.device, capturing: bool) -> Tensor:
+    if not capturing:  # one host-to-device copy, once per option set
+        return torch.tensor(v, dtype=torch.float64, device=device)
+    # Under capture a pageable host-to-device copy is not allowed: fill on the device instead, each
+    # value a kernel argument recorded in the graph (the tensor is pinned, so these run at replay
+    # too and rewrite the same values).
+    t = torch.zeros(len(v), dtype=torch.float64, device=device)
+    for i, x in enumerate(v):
+        if x != 0.0:
+            t[i].fill_(x)
+    return t
 
 
 def _params(opt: LossOptions, device: torch.device) -> Tensor:
-    """The float options as an fp64 device tensor, built once per (options, device): no
-    host-to-device copy in a steady training loop (nor in a captured CUDA graph)."""
+    """The float options as an fp64 ``(N_PRM,)`` device tensor, built once per (options, device):
+    no host-to-device copy in a steady training loop nor in a captured CUDA graph, and alive as long
+    as a captured graph can replay (see ``_PRM_PINNED`` above)."""
     key = (opt, device)
-    t = _PRM_CACHE.get(key)
+    capturing = _capturing(device)
+    t = _PRM_PINNED.get(key)
+    if t is not None:
+        return t
+    t = _PRM_CACHE.pop(key, None)
     if t is None:
-        v = [0.0] * tm.N_PRM
-        for slot, x in {
-            tm.R_LO: 1.0 - opt.epsilon, tm.R_HI: 1.0 + opt.eps_high, tm.R_DELTA: opt.delta,
-            tm.R_CLIPC: opt.clip_ratio_c, tm.R_EPSH: opt.eps_high, tm.R_BETA: opt.beta,
-            tm.R_TPOS: opt.sapo_temperature_pos, tm.R_TNEG: opt.sapo_temperature_neg,
-            tm.R_KPOS: opt.vespo_k_pos, tm.R_LPOS: opt.vespo_lambda_pos, tm.R_KNEG: opt.vespo_k_neg,
-            tm.R_LNEG: opt.vespo_lambda_neg, tm.R_LAMMIN: 1e-4, tm.R_LOGLO: math.log(1e-8),
-            tm.R_GNEPS: GROUP_NORM_EPS, tm.R_OFFTHR: opt.off_policy_mask_threshold,
-            tm.R_CMIN: opt.vllm_importance_sampling_clip_min, tm.R_CMAX: opt.vllm_importance_sampling_clip_max,
-            tm.R_Q: 1.0 - opt.top_entropy_quantile, tm.R_COEF: opt.entropy_coef,
-        }.items():
-            v[int(slot)] = float(x or 0.0)
-        if len(_PRM_CACHE) >= 64:
-            _PRM_CACHE.clear()
-        t = _PRM_CACHE[key] = torch.tensor(v, dtype=torch.float64, device=device)
+        t = _build_params(_param_values(opt), device, capturing)
+    if capturing:
+        _PRM_PINNED[key] = t
+        return t
+    _PRM_CACHE[key] = t  # most recently used last
+    while len(_PRM_CACHE) > PRM_CACHE_SIZE:
+        _PRM_CACHE.popitem(last=False)
     return t
 
 
@@ -257,7 +302,7 @@ def fused_compose(inp: LossInputs, opt: LossOptions, mode: str, checks=None) -> 
     seq = lambda x: inp.per_sequence(x.reshape(N, 1))  # noqa: E731
     if spec.level == tm.LEVELS["sequence"]:
         ratio = seqm[2].reshape(N, 1)
-    metrics = {"ratio": inp.per_sequence(ratio) if ratio.shape[-1] == 1 else inp.per_token(ratio),
+    metrics = {"ratio": inp.per_sequence(ratio) if spec.level == tm.LEVELS["sequence"] else inp.per_token(ratio),
                "advantage": seq(seqm[0]), "seq_logprobs": seq(seqm[1]), "policy_loss": pl}
     names = _COMMON + (_CORRECTION if spec.isr_mode else ()) + _BY_OBJECTIVE.get(spec.obj, ())
     metrics.update((name, met[int(slot)]) for name, slot in names)
