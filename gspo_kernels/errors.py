@@ -80,10 +80,18 @@ def nearest(name: str, known: Iterable[str]) -> str | None:
 
 def reshape_hint(name: str, got: Sequence[int], want: Sequence[Sequence[int]]) -> str:
     """``"; name.reshape(B, G, T) fits"`` when ``got`` holds as many elements as one of the wanted
-    shapes (the first such), else ``""``: the fix for a tensor laid out flat or grouped otherwise."""
+    shapes (the first such), else ``""``: the fix for a tensor laid out flat or grouped otherwise;
+    ``"; name.permute(...) fits if ..."`` when ``got`` is the same sizes in another order."""
+    got = tuple(int(s) for s in got)
     n = math.prod(got)
-    for shape in want:
-        shape: tuple[int, ...] = tuple(int(s) for s in shape)
-        if tuple(got) != shape and math.prod(shape) == n:
-            return f"; {name}.reshape{shape if len(shape) != 1 else f'({shape[0]})'} fits"
+    for wanted in want:
+        shape = tuple(int(s) for s in wanted)
+        if got == shape or math.prod(shape) != n:
+            continue
+        if len(got) == len(shape) and sorted(got) == sorted(shape):
+            # the same sizes in another order: transposed axes, which a reshape would scramble
+            free = list(range(len(got)))
+            perm = tuple(free.pop(next(j for j, i in enumerate(free) if got[i] == size)) for size in shape)
+            return f"; {name}.permute{perm} fits if its axes are in another order (a reshape would scramble them)"
+        return f"; {name}.reshape{shape if len(shape) != 1 else f'({shape[0]})'} fits"
     return ""

@@ -1,4 +1,4 @@
-"""Plain PyTorch reference implementations, written from the math in README.md.
+"""Plain PyTorch reference implementations, written from the math in docs/losses.md.
 
 They materialise everything (the full log-softmax) on purpose: they are the
 ground truth for tests and the ``naive`` provider of the benchmarks.

@@ -260,6 +260,13 @@ def test_shape_errors_show_the_reshape_that_fits():
     for call, match in cases:
         with pytest.raises(ShapeError, match=match):
             call()
+    # the same sizes in another order (a (G, B, T) mask): a reshape would scramble it, so the hint
+    # is the permute that gives (B, G, T), and the suggested permute really restores the mask
+    mask = torch.rand(2, 3, 7) > 0.3
+    with pytest.raises(ShapeError, match=r"mask\.permute\(1, 0, 2\) fits if its axes are in another order") as info:
+        gspo_kernels.grpo_loss(x, y, r, mask.transpose(0, 1))
+    assert ".reshape(" not in str(info.value)
+    assert torch.equal(mask.transpose(0, 1).permute(1, 0, 2), mask)
     with pytest.raises(ShapeError) as info:  # no reshape fits: none suggested
         gspo_kernels.grpo_loss(x, y, r, old_logprobs=old[..., :5])
     assert "reshape" not in str(info.value) and re.search(r"got \(2, 3, 5\)$", str(info.value))
