@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .errors import ShapeError
+
 try:  # triton is optional on CPU-only machines: the chunked PyTorch path covers them.
     import triton
     import triton.language as tl
@@ -95,17 +97,25 @@ class BlockConfig:
     num_warps: int
 
 
-def block_config(V: int, kind: str = "fwd") -> BlockConfig:
-    """Tile for a vocabulary of size V: one row of ``LARGE_V[kind]`` columns per
-    program for V > TILE, else ``TILE // BLOCK_V`` rows of the next power of two >= V."""
+def block_config(V: int, kind: str = "fwd", itemsize: int = 4) -> BlockConfig:
+    """Tile for a vocabulary of size V (elements of ``itemsize`` bytes): one row of
+    ``LARGE_V[kind]`` columns per program for V > TILE, else ``TILE // BLOCK_V`` rows of
+    the next power of two >= V (fp64: half of TILE, see below)."""
     tile = min(TILE, MAX_BLOCK_V)
+    per_thread = 16
+    if itemsize == 8:
+        # fp64: 16 elements a thread kept 252-255 registers (sm_80 at V = 1,000: and a stack
+        # frame) in the forward with entropy where V is not a multiple of 16 (scalar loads;
+        # fp64 exp2 and log2 are software sequences); 8 a thread leave headroom (sm_80/90/100,
+        # Triton 3.9: 94-166).
+        tile, per_thread = tile // 2, 8
     if V > tile:
         bv, warps = LARGE_V[kind]
-        return BlockConfig(MID_ROWS if V <= MID_V else 1, min(bv, MAX_BLOCK_V), warps)
+        return BlockConfig(MID_ROWS if V <= MID_V else 1, min(bv * per_thread // 16, MAX_BLOCK_V), warps)
     b = max(16, 1 << max(0, math.ceil(math.log2(max(V, 1)))))
     rows = max(1, tile // b)
     # Fewer warps for a small tile: at least 16 elements (two 16-byte bf16 vectors) per thread.
-    warps = max(1, min(8, rows * b // 512))
+    warps = max(1, min(8, rows * b // (32 * per_thread)))
     return BlockConfig(rows, b, warps)
 
 
@@ -124,7 +134,7 @@ def collapse_rows(shape, strides):
             merged.append((size, stride))
     merged = list(reversed(merged))
     if len(merged) > 3:
-        raise ValueError(
+        raise ShapeError(
             f"logits' leading dims {tuple(shape)} with strides {tuple(strides)} cannot be addressed "
             "as three strided dims; make the leading dims partly contiguous"
         )
@@ -421,7 +431,7 @@ def fwd_launch(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, logp
     V = logits.shape[-1]
     rows = logp.numel()
     (_, s0), (D1, s1), (D2, s2) = collapse_rows(logits.shape[:-1], logits.stride()[:-1])
-    cfg = block_config(V, "fwd")
+    cfg = block_config(V, "fwd", logits.element_size())
     hi, lo = split_float(inv_temp)
     return Launch(_logprob_fwd_kernel, (triton.cdiv(rows, cfg.rows),),
                   (logits, tokens.reshape(-1), logp, lse, lse if ent is None else ent, rows, V, D1, D2, s0, s1, s2,
@@ -435,7 +445,7 @@ def bwd_launch(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out) -
     rows = lse.numel()
     (_, s0), (D1, s1), (D2, s2) = collapse_rows(logits.shape[:-1], logits.stride()[:-1])
     (_, o0), (E1, o1), (E2, o2) = collapse_rows(out.shape[:-1], out.stride()[:-1])
-    cfg = block_config(V, "bwd")
+    cfg = block_config(V, "bwd", logits.element_size())
     hi, lo = split_float(inv_temp)
     entropy = grad_ent is not None
     return Launch(_logprob_bwd_kernel, (triton.cdiv(rows, cfg.rows),),
@@ -492,15 +502,22 @@ def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool, 
     if T == 0 or logp.numel() == 0:  # no tokens: every sequence is empty (0, L = 0)
         z = logp.new_zeros(logp.shape[:-1])
         return (z, torch.zeros_like(z)) if checks is None else (z, torch.zeros_like(z), flags.zero_())
+    out = torch.empty(logp.numel() // T, dtype=logp.dtype, device=logp.device)
+    length = torch.empty_like(out)
+    seq_reduce_launch(logp, maskf, normalize, checks, grad_scale, out, length, flags)()
+    res = (out.reshape(logp.shape[:-1]), length.reshape(logp.shape[:-1]))
+    return res if checks is None else (*res, flags)
+
+
+def seq_reduce_launch(logp, maskf, normalize: bool, checks, grad_scale: bool, out, length, flags) -> Launch:
+    """The per-sequence reduction's launch (see ``triton_seq_reduce``; T >= 1, N >= 1)."""
+    T = logp.shape[-1]
     lp = logp.reshape(-1, T)
     mk = maskf.reshape(-1, T)
-    out = torch.empty(lp.shape[0], dtype=logp.dtype, device=logp.device)
-    length = torch.empty_like(out)
     bits = 0 if checks is None else sum(1 << b for b in checks.bits.values())
     tok = lp if not bits & 2 else checks.tokens.reshape(-1, T).contiguous()
     lens = lp if not bits & 1 else checks.lengths.reshape(-1).contiguous()
-    _seq_reduce_kernel[(out.numel(),)](lp, mk, out, length, tok, lens, flags if bits else out, T, checks.vocab if bits
-                                       else 0, seq_shrink(T), NORMALIZE=normalize, CHECK=bits,
-                                       GRAD_SCALE=grad_scale, BLOCK=BLOCK_T, num_warps=4)
-    res = (out.reshape(logp.shape[:-1]), length.reshape(logp.shape[:-1]))
-    return res if checks is None else (*res, flags)
+    return Launch(_seq_reduce_kernel, (out.numel(),),
+                  (lp, mk, out, length, tok, lens, flags if bits else out, T, checks.vocab if bits else 0,
+                   seq_shrink(T)),
+                  dict(NORMALIZE=normalize, CHECK=bits, GRAD_SCALE=grad_scale, BLOCK=BLOCK_T, num_warps=4))

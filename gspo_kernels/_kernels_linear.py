@@ -15,7 +15,7 @@ online-softmax state with ``_kernels._softmax_update``, the logits kernels'
 own update (one state per row here): running max, rescaled sum, entropy
 partial, and the sampled token's logit, picked from the tile that holds it.
 Each split writes its per-row state (16 bytes); ``_linear_combine_kernel``
-merges the splits in a fixed order with ``_kernels._softmax_merge`` into the
+merges the splits in a fixed order (``_kernels._softmax_merge``'s formulas) into the
 logits forward's per-row outputs (local log-prob, ``c``, entropy): a
 vocabulary shard's statistics, which ``vocab_parallel.combine_local``
 combines across ranks. FLOPs ``2 R V H``; bytes: ``weight`` once per row
@@ -33,7 +33,8 @@ saved ``c`` (and entropy), forms ``dz`` in registers and writes it in the
 input dtype to an ``R x Vc`` buffer, with one flag byte per tile: 0 for a
 tile of rows without upstream gradient (not computed) or, with gradient
 filtering, a tile whose p are all below the threshold and that holds no
-sampled token. Two ``tl.dot`` kernels (``_linear_grad_kernel``) then read
+sampled token. Two ``tl.dot`` kernels (``_linear_grad_kernel`` and
+``_linear_gradh_kernel``, one body) then read
 the slice, in a fixed order, leaving out the unflagged tiles:
 
 - ``grad_weight[slice] = dz.T @ hidden``: a program per (vocabulary block,
@@ -74,7 +75,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._kernels import _FLOOR, _LN2, _LOG2E, _softmax_merge, _softmax_update
+    from ._kernels import _FLOOR, _LN2, _LOG2E, _softmax_update
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -90,23 +91,30 @@ class Tiles:
     num_stages: int
 
 
-# GPU tiles, per (operand bytes, sm_90 or newer, rows 16-byte aligned): each
+# GPU tiles, per (operand bytes, sm_90 or newer, rows aligned: ``aligned_rows``): each
 # kernel kind's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Chosen by
 # compiling for sm_80/90/100 (tests/test_codegen.py prints the registers:
 # none spills) among Triton's usual matmul tiles: the largest that leave room
-# for the softmax epilogue. Not yet timed on a GPU.
-# - 16-bit, sm_90+: 128 x 128 logit tiles, K steps of 64: the fp32
-#   accumulator is 64 registers a thread over 8 warps (two warpgroups of
-#   wgmma), the epilogue takes the rest (178-255); two 16 KB operand tiles a
-#   stage, 3 stages = 96 KB of shared memory to hide a step's latency.
-# - 16-bit, sm_80 (mma.sync also holds operand fragments in registers): the
-#   forward 128 x 128 with K steps of 32 and 4 stages; dz 128 x 64 (at 128 x
-#   128 its entropy epilogue spills 16 bytes).
-# - fp32 (3xTF32: each operand split into hi + lo in registers): 128 x 64,
-#   K steps of 32.
-# - rows not 16-byte aligned (H = 897, say) cannot use asynchronous 16-byte
-#   copies and stage through registers: 128 x 64, K steps of 32 (16 for
-#   fp32), 2 stages.
+# for the softmax epilogue, and headroom under the 255-register limit (so that
+# another Triton or ptxas does not spill). Not yet timed on a GPU.
+# Registers below are Triton 3.9's unless said (with entropy, the largest).
+# - 16-bit, sm_90+: logit tiles 128 x 64, K steps of 64, 8 warps (two
+#   warpgroups of wgmma), 3 stages (72 KB of shared memory to hide a step's
+#   latency): at 128 x 128 the softmax epilogues took 232-240 (sm_90) and
+#   250-255 (sm_100) registers; at 128 x 64, 175 / 173 (forward) and 105 / 80
+#   (dz; the gradient filter's tiles are these). The products (no epilogue)
+#   keep 128 x 128 output tiles: 88-161.
+# - 16-bit, sm_80 (mma.sync also holds operand fragments in registers): logit
+#   tiles 128 x 64, the forward with K steps of 32 and 4 stages (159-161; at
+#   128 x 128, 220-227, and 249-251 with Triton 3.6), dz with K steps of 64 (at
+#   128 x 128 its entropy epilogue spilled 16 bytes).
+# - fp32 (3xTF32: each operand split into hi + lo in registers): 128 x 64 with
+#   K steps of 16: at K steps of 32 the sm_80 forward took all 255 and
+#   grad_hidden 248-250; at 16, 167-179.
+# - rows Triton cannot prove aligned (H = 897, or 904 in bf16) get no
+#   asynchronous 16-byte copies and stage through registers, 2 stages: forward
+#   128 x 64 with K steps of 16 (at 32: 247), dz 128 x 64 x 32, products 128 x
+#   32 x 32 (at 128 x 64: 238-240); fp32 128 x 64 x 16.
 # The product kernels' BLOCK_M is the dz tile's side along their M (one flag
 # per A tile); their BLOCK_K must divide the dz tile's sides.
 def _same(t: Tiles) -> dict:
@@ -114,13 +122,16 @@ def _same(t: Tiles) -> dict:
 
 
 GPU_TILES = {
-    (2, True, True): _same(Tiles(128, 128, 64, 8, 3)),
-    (2, False, True): {"fwd": Tiles(128, 128, 32, 8, 4), "dz": Tiles(128, 64, 64, 8, 3),
+    (2, True, True): {"fwd": Tiles(128, 64, 64, 8, 3), "dz": Tiles(128, 64, 64, 8, 3),
+                      "gemm": Tiles(128, 128, 64, 8, 3)},
+    (2, False, True): {"fwd": Tiles(128, 64, 32, 8, 4), "dz": Tiles(128, 64, 64, 8, 3),
                        "gemm": Tiles(128, 128, 32, 8, 4)},
-    (4, True, True): _same(Tiles(128, 64, 32, 8, 3)),
-    (4, False, True): _same(Tiles(128, 64, 32, 8, 3)),
-    (2, True, False): _same(Tiles(128, 64, 32, 8, 2)),
-    (2, False, False): _same(Tiles(128, 64, 32, 8, 2)),
+    (4, True, True): _same(Tiles(128, 64, 16, 8, 3)),
+    (4, False, True): _same(Tiles(128, 64, 16, 8, 3)),
+    (2, True, False): {"fwd": Tiles(128, 64, 16, 8, 2), "dz": Tiles(128, 64, 32, 8, 2),
+                       "gemm": Tiles(128, 32, 32, 8, 2)},
+    (2, False, False): {"fwd": Tiles(128, 64, 16, 8, 2), "dz": Tiles(128, 64, 32, 8, 2),
+                        "gemm": Tiles(128, 32, 32, 8, 2)},
     (4, True, False): _same(Tiles(128, 64, 16, 8, 2)),
     (4, False, False): _same(Tiles(128, 64, 16, 8, 2)),
 }
@@ -129,13 +140,19 @@ GPU_TILES = {
 # tiny shapes over several tiles; K steps of 32 and 32-wide product tiles
 # keep the loops short.
 INTERPRET_TILES = {"fwd": Tiles(16, 32, 32, 1, 1), "dz": Tiles(16, 32, 32, 1, 1), "gemm": Tiles(16, 32, 32, 1, 1)}
+# The split combine's block: ROWS x SPLITS states, looping over the splits (in the
+# interpreter 2 splits a step, so that the tests' few splits take several steps).
+COMBINE_SPLITS, COMBINE_ROWS = (2, 16) if INTERPRET else (32, 32)
 
 
 def aligned_rows(*ts: torch.Tensor) -> bool:
-    """Whether every row of these (rows, H) operands starts 16-byte aligned and is contiguous."""
-    vec = 16 // ts[0].element_size()
-    return all(t.stride(-1) == 1 and t.stride(0) % vec == 0 and t.storage_offset() % vec == 0
-               and t.untyped_storage().data_ptr() % 16 == 0 for t in ts)
+    """Whether the kernels' loads of these (rows, H) operands vectorise, as Triton decides it: it
+    specialises integer arguments on divisibility by 16 (elements, whatever the dtype) and
+    pointers on 16-byte alignment, so every row must be contiguous, its stride and H multiples
+    of 16 elements and the first row 16-byte aligned (bf16 with H = 8 mod 16 has 16-byte rows,
+    but Triton cannot prove it: not aligned here)."""
+    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.shape[-1] % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in ts)
 
 
 def tile_set(dtype: torch.dtype, device: torch.device, aligned: bool = True, arch: int | None = None) -> dict:
@@ -158,11 +175,18 @@ def supported(hidden: torch.Tensor) -> bool:
 if HAS_TRITON:
 
     @triton.jit
+    def _i64(x):
+        """``x`` as int64 (a runtime integer or a constexpr specialised to 1, folded away)."""
+        return tl.cast(x, tl.int64)
+
+    @triton.jit
     def _logit_tile(X, W, B, rows, rmask, cols, cmask, K, sxr, sxk, swv, swk, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
                     DOT_F32: tl.constexpr):
         """``hidden[rows] @ weight[cols].T (+ bias[cols])`` as a (BLOCK_M, BLOCK_N) fp32
-        tile: K steps of ``tl.dot`` on (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) operands."""
+        tile: K steps of ``tl.dot`` on (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) operands. The strides
+        are int64: every offset that meets one is 64-bit."""
+        sxr, sxk, swv, swk = _i64(sxr), _i64(sxk), _i64(swv), _i64(swk)
         ks = tl.arange(0, BLOCK_K)
         xp = X + rows[:, None] * sxr + ks[None, :] * sxk
         wp = W + cols[None, :] * swv + ks[:, None] * swk  # weight[cols].T, read in place
@@ -180,7 +204,7 @@ if HAS_TRITON:
             acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         return acc
 
-    @triton.jit(do_not_specialize=["R"])
+    @triton.jit(do_not_specialize=["R", "n_split"])
     def _linear_fwd_kernel(X, W, B, Y, VALID, STATS, R, V, K, span, n_split, sxr, sxk, swv, swk, inv,
                            HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, ENTROPY: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -218,35 +242,51 @@ if HAS_TRITON:
             t += tl.sum(tl.where(j[None, :] == yt[:, None], x, 0.0), 1)
             m, s, u = _softmax_update(m, s, u, x, scale2, 1, ENTROPY)
         off = rows * n_split + pid_s
-        plane = R * n_split
+        plane = _i64(R) * n_split
         tl.store(STATS + off, m, mask=inside)
         tl.store(STATS + plane + off, s, mask=inside)
         if ENTROPY:
             tl.store(STATS + 2 * plane + off, u, mask=inside)
         tl.store(STATS + 3 * plane + off, t, mask=inside)
 
-    @triton.jit(do_not_specialize=["R"])
+    @triton.jit(do_not_specialize=["R", "n_split"])
     def _linear_combine_kernel(STATS, VALID, LOGP, LSE, ENT, R, n_split, inv, HAS_VALID: tl.constexpr,
                                ENTROPY: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr):
-        """Merge the splits' states per row, in split order (``_softmax_merge``), into
+        """Merge the splits' states per row, in split order (``_softmax_merge``'s formulas, over
+        the splits in steps of SPLITS: the common max first, then the rescaled sums), into
 
             lse = M / tau + ln S,  logp = (t - M) / tau - ln S,  H = ln S - ln2 U / S,  c = tau lse
 
-        (``LSE`` holds ``c``). Rows that are not valid get exact zeros. Bytes: 16 per row and split."""
+        (``LSE`` holds ``c``). Rows that are not valid get exact zeros. Bytes: 16 per row and
+        split (the maxima read twice). One compiled variant whatever ``n_split``."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         inside = rows < R
         sp = tl.arange(0, SPLITS)
-        msk = inside[:, None] & (sp < n_split)[None, :]
-        off = rows[:, None] * n_split + sp[None, :]
-        plane = R * n_split
+        plane = _i64(R) * n_split
         scale2 = inv * _LOG2E
-        m = tl.load(STATS + off, mask=msk, other=float("-inf"))
-        s = tl.load(STATS + plane + off, mask=msk, other=0.0)
-        u = s
-        if ENTROPY:
-            u = tl.load(STATS + 2 * plane + off, mask=msk, other=0.0)
-        t = tl.sum(tl.load(STATS + 3 * plane + off, mask=msk, other=0.0), 1)
-        M, S, U = _softmax_merge(m, s, u, scale2, 1, ENTROPY)
+        M = tl.full((ROWS,), float("-inf"), tl.float32)
+        for s0 in range(0, n_split, SPLITS):
+            msk = inside[:, None] & (s0 + sp < n_split)[None, :]
+            off = rows[:, None] * n_split + (s0 + sp)[None, :]
+            M = tl.maximum(M, tl.max(tl.load(STATS + off, mask=msk, other=float("-inf")), 1))
+        M = tl.where(M == float("-inf"), 0.0, M)  # a row of only -inf: S = 0
+        S = tl.zeros((ROWS,), tl.float32)
+        U = tl.zeros((ROWS,), tl.float32)
+        t = tl.zeros((ROWS,), tl.float32)
+        for s0 in range(0, n_split, SPLITS):
+            msk = inside[:, None] & (s0 + sp < n_split)[None, :]
+            off = rows[:, None] * n_split + (s0 + sp)[None, :]
+            m = tl.load(STATS + off, mask=msk, other=float("-inf"))
+            s = tl.load(STATS + plane + off, mask=msk, other=0.0)
+            dm = tl.maximum((m - M[:, None]) * scale2, _FLOOR)
+            w = tl.exp2(dm)
+            S += tl.sum(s * w, 1)
+            if ENTROPY:
+                u = tl.load(STATS + 2 * plane + off, mask=msk, other=0.0)
+                U += tl.sum(w * (u + dm * s), 1)
+            t += tl.sum(tl.load(STATS + 3 * plane + off, mask=msk, other=0.0), 1)
+        if not ENTROPY:
+            U = S
         ok = inside
         if HAS_VALID:
             ok = ok & (tl.load(VALID + rows, mask=inside, other=0) != 0)
@@ -257,8 +297,8 @@ if HAS_TRITON:
         if ENTROPY:
             tl.store(ENT + rows, tl.where(ok, log_s - U / S * _LN2, 0.0), mask=inside)
 
-    @triton.jit(do_not_specialize=["R", "v0", "ncols"])
-    def _linear_dz_kernel(X, W, B, Y, C, G, ENT, GH, DZ, FLAG, R, K, v0, ncols, sxr, sxk, swv, swk, sdr, sfr,
+    @triton.jit(do_not_specialize=["R", "v0", "ncols", "sfr"])
+    def _linear_dz_kernel(X, W, B, Y, C, G, ENT, GH, DZ, FLAG, R, K, v0, ncols, width, sxr, sxk, swv, swk, sdr, sfr,
                           inv, thr, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, FILTER: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
                           DOT_F32: tl.constexpr):
@@ -306,14 +346,16 @@ if HAS_TRITON:
                 d = tl.where(hit, gs, 0.0) - p * (gs + hs * (z * _LN2 + He))
             else:
                 d = tl.where(hit, gs, 0.0) - p * gs
+            # Masked by the buffer's width, not ncols: the last slice's tile columns past ncols
+            # (p = 0 there) stay inside the buffer and are never read, and the stores stay
+            # 16-byte vectors (width is a multiple of 16).
             tl.store((DZ + rows * sdr)[:, None] + loc[None, :], d.to(DZ.dtype.element_ty),
-                     mask=live[:, None] & cm[None, :])
+                     mask=live[:, None] & (loc < width)[None, :])
             if FILTER:  # used: any p >= thr (or NaN), or a sampled token in the tile
                 flag = tl.max(tl.max(tl.where(p < thr, 0, 1) | hit.to(tl.int32), 1), 0)
-        tl.store(FLAG + pid_m * sfr + pid_n, flag.to(tl.int8))
+        tl.store(FLAG + pid_m.to(tl.int64) * sfr + pid_n, flag.to(tl.int8))
 
-    @triton.jit
-    def _linear_grad_kernel(A, Bm, OUT, ACC, FLAG, IDX, CNT, BOUT, KACT, M, N, K, sam, sak, sbk, sbn, som, son,
+    def _linear_grad(A, Bm, OUT, ACC, FLAG, IDX, CNT, BOUT, KACT, M, N, K, sam, sak, sbk, sbn, som, son,
                             sfm, sfk, sidx, ACCUM: tl.constexpr, DOT: tl.constexpr, BIAS: tl.constexpr,
                             HAS_KACT: tl.constexpr, SPARSE: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAG_K: tl.constexpr, PREC: tl.constexpr,
@@ -336,8 +378,11 @@ if HAS_TRITON:
         gradient: NaN there stays out of grad_weight). Used as
         ``grad_weight[slice] = dz.T @ hidden`` (K = R) and ``grad_hidden (+)= dz @
         weight[slice]`` (K = Vc). FLOPs ``2 BLOCK_M BLOCK_N K`` (kept K with
-        SPARSE); bytes per program: its kept A and B tiles once."""
+        SPARSE); bytes per program: its kept A and B tiles once. Strides are int64:
+        ``kk * sbk`` reaches R H in grad_weight, Vc H in grad_hidden."""
         STEPS: tl.constexpr = FLAG_K // BLOCK_K
+        sam, sak, sbk, sbn, som, son = _i64(sam), _i64(sak), _i64(sbk), _i64(sbn), _i64(som), _i64(son)
+        sfm, sfk, sidx = _i64(sfm), _i64(sfk), _i64(sidx)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -356,7 +401,7 @@ if HAS_TRITON:
             steps = kept * STEPS
         else:
             steps = tl.where(kept > 0, tl.cdiv(K, BLOCK_K), 0)
-        for j in range(0, steps):
+        for j in range(steps):
             if SPARSE:
                 kk = tl.load(IDX + pid_m * sidx + j // STEPS).to(tl.int64) * FLAG_K + (j % STEPS) * BLOCK_K + ks
                 km = kk < K
@@ -379,6 +424,15 @@ if HAS_TRITON:
         if BIAS:
             if pid_n == 0:
                 tl.store(BOUT + rm, bsum.to(BOUT.dtype.element_ty), mask=mm)
+
+
+# One body, two specialisation policies: the row count R changes every call and is never
+# specialised (K in grad_weight, M in grad_hidden); the slice width (M, resp. K) keeps its
+# divisibility by 16 (the masked loads along it vectorise by it); the flag and index strides
+# (tiles per slice row, from Vc) change with R too.
+if HAS_TRITON:
+    _linear_grad_kernel = triton.jit(do_not_specialize=["K", "sfm", "sfk", "sidx"])(_linear_grad)
+    _linear_gradh_kernel = triton.jit(do_not_specialize=["M", "sfm", "sfk", "sidx"])(_linear_grad)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -408,10 +462,10 @@ def fwd_launches(hidden, weight, bias, tokens, valid, inv_temp, logp, lse, ent, 
                  dict(HAS_BIAS=bias is not None, HAS_VALID=valid is not None, ENTROPY=ent is not None,
                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, PREC=_prec(hidden.dtype),
                       DOT_F32=_dot_f32(hidden.dtype), num_warps=t.num_warps, num_stages=t.num_stages))
-    # Combine: 4 warps over (ROWS, SPLITS) blocks of 1,024 states (8 a thread and quantity):
-    # it moves 16 bytes a row and split, so any block that keeps registers low will do.
-    splits = max(2, 1 << (n_split - 1).bit_length())
-    rows = max(1, min(128, 1024 // splits))
+    # Combine: 4 warps over (ROWS, SPLITS) = (32, 32) blocks of 1,024 states (8 a thread and
+    # quantity), looping over the splits: it moves 16 bytes a row and split, so any block that
+    # keeps registers low will do; fixed, so that one variant serves every n_split.
+    splits, rows = COMBINE_SPLITS, COMBINE_ROWS
     comb = Launch(_linear_combine_kernel, (triton.cdiv(R, rows),),
                   (stats, valid if valid is not None else tokens, logp, lse, ent if ent is not None else logp,
                    R, n_split, inv_temp),
@@ -420,9 +474,10 @@ def fwd_launches(hidden, weight, bias, tokens, valid, inv_temp, logp, lse, ent, 
     return [fwd, comb]
 
 
-def _gemm(a, sa, b, sb, out, so, acc, flags, M, N, K, bm, flag_k, bout, kact, dot, sparse, prec,
+def _gemm(kernel, a, sa, b, sb, out, so, acc, flags, M, N, K, bm, flag_k, bout, kact, dot, sparse, prec,
           t: Tiles) -> Launch:
-    """``out = (acc +) a @ b`` launch; ``sa, sb, so`` the (M/K, K/N, M/N) strides; ``flags``
+    """``out = (acc +) a @ b`` launch of ``kernel`` (``_linear_grad_kernel`` where K is the row
+    count, ``_linear_gradh_kernel`` where M is); ``sa, sb, so`` the (M/K, K/N, M/N) strides; ``flags``
     (M blocks of ``bm`` x K blocks of ``flag_k``, the dz tiles) select the K blocks. The K
     step is the tiles' BLOCK_K or ``flag_k``, the smaller."""
     bk = min(t.block_k, flag_k)
@@ -431,7 +486,7 @@ def _gemm(a, sa, b, sb, out, so, acc, flags, M, N, K, bm, flag_k, bout, kact, do
     # SPARSE: the flagged K blocks first, in increasing order (a stable sort; on the device, no sync).
     idx = torch.sort((flags == 0).to(torch.int8), dim=1, stable=True).indices.to(torch.int32).contiguous() \
         if sparse else cnt
-    return Launch(_linear_grad_kernel, (triton.cdiv(M, bm), triton.cdiv(N, t.block_n) if dot else 1),
+    return Launch(kernel, (triton.cdiv(M, bm), triton.cdiv(N, t.block_n) if dot else 1),
                   (a, b, out, acc if acc is not None else out, flags, idx, cnt, bout if bout is not None else out,
                    kact if kact is not None else cnt, M, N, K, *sa, *sb, *so, *flags.stride(),
                    idx.stride(0) if sparse else 0),
@@ -452,7 +507,7 @@ def bwd_launches(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp, thr, dz,
     entropy = gh is not None
     out = [Launch(_linear_dz_kernel, (triton.cdiv(R, t.block_m), triton.cdiv(ncols, t.block_n)),
                   (hidden, weight, bias if bias is not None else hidden, tokens, c, g, ent if entropy else c,
-                   gh if entropy else g, dz, flags, R, K, v0, ncols, hidden.stride(0), hidden.stride(1),
+                   gh if entropy else g, dz, flags, R, K, v0, ncols, dz.shape[1], hidden.stride(0), hidden.stride(1),
                    weight.stride(0), weight.stride(1), dz.stride(0), flags.stride(0), inv_temp,
                    thr if thr is not None else 0.0),
                   dict(HAS_BIAS=bias is not None, ENTROPY=entropy, FILTER=thr is not None, BLOCK_M=t.block_m,
@@ -462,12 +517,14 @@ def bwd_launches(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp, thr, dz,
     if grad_w is not None or grad_b is not None:  # grad_weight[v0 + i] = sum_r dz[r, i] hidden[r]
         gw = grad_w[v0:v0 + ncols] if grad_w is not None else dz
         gb = grad_b[v0:v0 + ncols] if grad_b is not None else None
-        out.append(lambda: _gemm(dz, (dz.stride(1), dz.stride(0)), hidden, (hidden.stride(0), hidden.stride(1)),
-                                 gw, (gw.stride(0), gw.stride(1)), None, flags.t(), ncols, K, R, t.block_n,
-                                 t.block_m, gb, active, grad_w is not None, thr is not None, prec, tiles["gemm"]))
+        out.append(lambda: _gemm(_linear_grad_kernel, dz, (dz.stride(1), dz.stride(0)), hidden,
+                                 (hidden.stride(0), hidden.stride(1)), gw, (gw.stride(0), gw.stride(1)), None,
+                                 flags.t(), ncols, K, R, t.block_n, t.block_m, gb, active, grad_w is not None,
+                                 thr is not None, prec, tiles["gemm"]))
     if grad_h is not None:  # grad_hidden[r] (+)= sum_i dz[r, i] weight[v0 + i]
         w = weight[v0:v0 + ncols]
-        out.append(lambda: _gemm(dz, (dz.stride(0), dz.stride(1)), w, (w.stride(0), w.stride(1)), grad_h,
-                                 (grad_h.stride(0), grad_h.stride(1)), acc_h, flags, R, K, ncols, t.block_m,
-                                 t.block_n, None, None, True, thr is not None, prec, tiles["gemm"]))
+        out.append(lambda: _gemm(_linear_gradh_kernel, dz, (dz.stride(0), dz.stride(1)), w,
+                                 (w.stride(0), w.stride(1)), grad_h, (grad_h.stride(0), grad_h.stride(1)), acc_h,
+                                 flags, R, K, ncols, t.block_m, t.block_n, None, None, True, thr is not None, prec,
+                                 tiles["gemm"]))
     return out

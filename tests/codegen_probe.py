@@ -47,10 +47,11 @@ def _inputs(dtype, V, layout, N=2, T=3):
 def launches(kind, dtype, V, layout, N=2, T=3):
     """The Launch the public op makes for this input (fwd/bwd, with or without entropy)."""
     import torch
+
     from gspo_kernels import _kernels
 
     logits, tokens = _inputs(dtype, V, layout, N, T)
-    acc = torch.float32
+    acc = torch.float64 if dtype == "float64" else torch.float32
     stats = torch.zeros(N, T, dtype=acc)
     entropy = kind.endswith("_ent")
     if kind.startswith("fwd"):
@@ -95,7 +96,9 @@ TENSOR_CORE = {80: r"\bmma\.sync", 90: r"\bwgmma\.mma_async", 100: r"\btcgen05\.
 def linear_launch(kind, dtype, arch, shape="aligned", R=48):
     """The Launch ``_kernels_linear`` makes for this kernel on a GPU of ``arch``."""
     import torch
-    from gspo_kernels import _kernels_linear as kl, linear
+
+    from gspo_kernels import _kernels_linear as kl
+    from gspo_kernels import linear
 
     dt = getattr(torch, dtype)
     H, V = LINEAR_SHAPES[shape]
@@ -182,11 +185,52 @@ def compile_linear_case(case):
                 local_ptx=len(re.findall(r"\b(?:ld|st)\.local", ptx)), **_resource_usage(k.asm["cubin"]))
 
 
+def triton_skips(case) -> bool:
+    """Cases a supported Triton cannot compile: Triton 3.6's sm_100 pipeline fails on the
+    filtering dz kernel (its OptimizeTMemLayouts pass; the code before this check's fixes
+    failed there too); Triton 3.9 compiles it."""
+    import triton
+
+    old = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+    return old and case[0] == "lin_dz_filter" and case[3] == 100
+
+
 def linear_cases():
     # fp16 takes bf16's tiles and code path (same registers): bf16 and fp32 cover both.
     out = [(kind, dtype, "aligned", arch) for arch in ARCHS for kind in LINEAR_KINDS
            for dtype in ("bfloat16", "float32")]
-    return out + [(kind, "bfloat16", "unaligned", 90) for kind in LINEAR_KINDS]
+    return [c for c in out + [(kind, "bfloat16", "unaligned", 90) for kind in LINEAR_KINDS] if not triton_skips(c)]
+
+
+def compile_headroom_case(case):
+    """Registers of the kernels the main cases leave out: fp64 logits (V = 1,000 and 3,000:
+    several rows or V not a multiple of 16) and the per-sequence reduction."""
+    import torch
+    import triton
+    from triton.compiler import ASTSource
+
+    from gspo_kernels import _kernels
+
+    kind, dtype, V, arch = case
+    if kind == "seq_reduce":
+        dt, N, T = getattr(torch, dtype), 4, 1000
+        checks = _kernels.SeqChecks(torch.zeros(N, T, dtype=torch.long), V, torch.zeros(N, dtype=torch.long))
+        out = torch.empty(N, dtype=dt)
+        launch = _kernels.seq_reduce_launch(torch.empty(N, T, dtype=dt), torch.empty(N, T, dtype=dt), True, checks,
+                                            True, out, torch.empty_like(out), torch.empty(N, dtype=torch.int32))
+    else:
+        launch = launches(kind, dtype, V, "contiguous")
+    backend, signature, constexprs, attrs, options, _ = specialise(launch, arch)
+    k = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=backend.target,
+                       options=options.__dict__)
+    return dict(kind=kind, dtype=dtype, V=V, arch=arch, local_ptx=len(re.findall(r"\b(?:ld|st)\.local", k.asm["ptx"])),
+                **_resource_usage(k.asm["cubin"]))
+
+
+def headroom_cases():
+    out = [(kind, "float64", V, arch) for arch in ARCHS for kind in ("fwd", "fwd_ent", "bwd", "bwd_ent")
+           for V in (1000, 3000, 151_936)]
+    return out + [("seq_reduce", dtype, 151_936, arch) for arch in ARCHS for dtype in ("float32", "float64")]
 
 
 def cases():
@@ -224,13 +268,16 @@ def main():
     with ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
                              mp_context=multiprocessing.get_context("spawn")) as ex:
         linear = ex.map(compile_linear_case, linear_cases())
+        headroom = ex.map(compile_headroom_case, headroom_cases())
         results = list(ex.map(compile_case, [v[0] for v in uniq.values()]))
-        linear = list(linear)
+        linear, headroom = list(linear), list(headroom)
     rows = []
     for res, group in zip(results, uniq.values()):
         for c in group:
             rows.append(dict(res, kind=c[0], dtype=c[1], V=c[2], layout=c[3], arch=c[4]))
-    json.dump(dict(cases=rows, variants=variants(), linear=linear), sys.stdout)
+    skipped = [c for c in [(k, d, "aligned", a) for a in ARCHS for k in LINEAR_KINDS for d in ("bfloat16", "float32")]
+               if triton_skips(c)]
+    json.dump(dict(cases=rows, variants=variants(), linear=linear, headroom=headroom, skipped=skipped), sys.stdout)
 
 
 if __name__ == "__main__":
