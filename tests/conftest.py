@@ -4,22 +4,73 @@ hence here, before any test module imports gspo_kernels."""
 import contextlib
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# ---------------------------------------------------------------- test tiers
+# Quick tier: ``pytest -m "not slow"``; the full suite: ``pytest``. A test is slow when
+#   1. it is marked ``@pytest.mark.slow`` (a test over ~5 s on a 2-core CPU; a parametrisation
+#      marked ``pytest.param(..., marks=pytest.mark.slow)``), or
+#   2. it is a parametrisation of a test under tests/ whose every parameter value (argument
+#      name and value) already appeared in an earlier, not-slow parametrisation of the same test
+#      (collection order). So the quick tier still runs each value of each parameter once, every
+#      backend, loss type, variant, layout and dtype, but not their full cross product.
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(os.path.abspath(__file__))
+    seen: dict = {}
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or item.get_closest_marker("slow") or not str(item.path).startswith(here):
+            continue
+        pairs = {(name, _value_key(value)) for name, value in callspec.params.items()}
+        covered = seen.setdefault((str(item.path), item.originalname), set())
+        if pairs <= covered:
+            item.add_marker(pytest.mark.slow)
+        covered |= pairs
+
+
+def _value_key(value):
+    try:
+        hash(value)
+        return value if not isinstance(value, float) or value == value else "nan"
+    except TypeError:
+        return repr(value)
+
+
+# ---------------------------------------------------------------- code-generation summary
+# tests/test_codegen.py appends its table to its module's SUMMARY. Each test's report carries the
+# lines it added (user_properties), so the table reaches the terminal also from pytest-xdist
+# workers, whose modules the controlling process never imports.
+_codegen_sent = 0
+_codegen_lines: list = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    global _codegen_sent
+    outcome = yield
+    summary = getattr(getattr(item, "module", None), "SUMMARY", None)
+    if call.when == "teardown" and isinstance(summary, list) and item.module.__name__.endswith("test_codegen"):
+        outcome.get_result().user_properties.append(("codegen_summary", summary[_codegen_sent:]))
+        _codegen_sent = len(summary)
+
+
+def pytest_runtest_logreport(report):
+    for name, value in getattr(report, "user_properties", ()):
+        if name == "codegen_summary":
+            _codegen_lines.extend(value)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Registers per thread and global accesses of the compiled kernels (sm_90, bf16/fp16/fp32,
     V = 151,936, a [:, :-1] slice), read from their PTX/cubin by tests/test_codegen.py."""
-    import sys
-
-    mod = sys.modules.get("tests.test_codegen") or sys.modules.get("test_codegen")
-    lines = getattr(mod, "SUMMARY", None)
-    if lines and len(lines) > 1:
+    if len(_codegen_lines) > 1:
         terminalreporter.section("generated code, sm_90 (no GPU needed)")
-        for line in lines:
+        for line in _codegen_lines:
             terminalreporter.write_line(line)
 
 

@@ -16,7 +16,7 @@ def test_reward_counts_digits_before_the_end_token():
     torch.testing.assert_close(r, torch.tensor([[1.0, 0.0, 1 - 7 / 9]]))
 
 
-@pytest.mark.parametrize("loss", ["gspo", "grpo"])
+@pytest.mark.parametrize("loss", ["gspo", pytest.param("grpo", marks=pytest.mark.slow)])
 def test_short_run_raises_reward(monkeypatch, loss):
     monkeypatch.setattr(logprobs, "CPU_BACKEND", "torch")
     history, _ = train(loss, 40, B=8, G=4, lr=3e-3, log_every=0, seed=0)

@@ -141,6 +141,7 @@ def test_out_of_range_ids_at_masked_positions_are_ignored(backend):
         token_logprobs(logits, bad, ignore_index=None)  # -100 is only masked when it is the ignore_index
 
 
+@pytest.mark.slow
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64).to(backend).requires_grad_(True)
@@ -206,7 +207,7 @@ def test_inplace_backward_twice_raises(backend):
 
 
 # ---------------------------------------------------------------- compile
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(backend, compiler):
     logits, tokens = _inputs((2, 2, 5), 41, torch.float32, backend)
     lengths = torch.tensor([[5, 2], [0, 3]], device=backend)

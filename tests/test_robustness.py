@@ -267,6 +267,7 @@ def test_inplace_backward_refuses_overlapping_logits(backend):
 
 
 # ---------------------------------------------------------------- 8. losses under torch.compile
+@pytest.mark.slow
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_losses_compile_fullgraph(backend, compiler):
     d = _batch(device=backend, seed=7)

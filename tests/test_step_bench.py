@@ -20,6 +20,8 @@ import torch
 
 from benchmarks import step
 
+pytestmark = pytest.mark.slow  # a benchmark harness's checks (~1 min on 2 cores): the full suite
+
 CORE = ("naive", "trl", "compile", "gspo_logits", "gspo_logits_inplace", "gspo_hidden")
 EPS, EPS_HIGH = 0.2, 0.28
 

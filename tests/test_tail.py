@@ -495,6 +495,7 @@ def _probe():
         return list(ex.map(_compile, cases))
 
 
+@pytest.mark.slow
 def test_tail_kernels_compile_without_spills():
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="0")  # compiled, not interpreted (conftest keeps a set value)
