@@ -33,6 +33,7 @@ float64 reference is then taken on the first two sequences only, it would not
 fit for all); CPU, N*T = 2048 rows, V = 32,000, fp32 (the CPU runs the chunked
 PyTorch path; TRITON_INTERPRET must not be set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -139,8 +140,7 @@ def paired(times, base):
     """Per-round ratios provider / base: median and interquartile range."""
     r = [a / b for a, b in zip(times, base)]
     q1, med, q3 = _quartiles(r)
-    return {"ratio_median": med, "ratio_q1": q1, "ratio_q3": q3, "ratio_min": min(r), "ratio_max": max(r),
-            "ratios": r}
+    return {"ratio_median": med, "ratio_q1": q1, "ratio_q3": q3, "ratio_min": min(r), "ratio_max": max(r), "ratios": r}
 
 
 def verdict(name, pr, mem_ratio):
@@ -148,10 +148,13 @@ def verdict(name, pr, mem_ratio):
     settles the order (both quartiles on one side of 1)."""
     m, q1, q3 = pr["ratio_median"], pr["ratio_q1"], pr["ratio_q3"]
     speed = f"{1 / m:.2f}x faster" if m <= 1 else f"{m:.2f}x slower"
-    settled = ("the IQR lies on one side of 1" if q3 < 1 or q1 > 1
-               else "the IQR straddles 1: no settled difference on this machine")
+    settled = (
+        "the IQR lies on one side of 1"
+        if q3 < 1 or q1 > 1
+        else "the IQR straddles 1: no settled difference on this machine"
+    )
     mem = f", {mem_ratio:.2f}x the peak extra memory" if mem_ratio is not None else ""
-    return (f"{name} vs {BASE}: {speed} (paired time ratio {m:.3f}, IQR {q1:.3f}-{q3:.3f}; {settled}){mem}")
+    return f"{name} vs {BASE}: {speed} (paired time ratio {m:.3f}, IQR {q1:.3f}-{q3:.3f}; {settled}){mem}"
 
 
 # ---------------------------------------------------------------- peak memory
@@ -195,7 +198,8 @@ def _memory_worker(args):
 def cpu_peak_extra_mb(provider, args) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, "-m", "benchmarks.compare", "--memory-worker", provider] + [
-        f"--{k}={getattr(args, k)}" for k in ("device", "B", "G", "T", "V", "dtype")]
+        f"--{k}={getattr(args, k)}" for k in ("device", "B", "G", "T", "V", "dtype")
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_extra_mb"]
 
@@ -257,47 +261,83 @@ def main(argv=None):
     for n in names:
         t = timing[n]["times"]
         q1, med, q3 = _quartiles(t)
-        rows.append({"provider": n, "first_ms": timing[n]["first_ms"], "ms": med, "ms_q1": q1, "ms_q3": q3,
-                     "ms_min": min(t), "ms_max": max(t), "times_ms": t, "peak_extra_mb": mem.get(n),
-                     **errors(n, args.B, args.G, args.T, args.V, dtype, args.device)})
+        rows.append(
+            {
+                "provider": n,
+                "first_ms": timing[n]["first_ms"],
+                "ms": med,
+                "ms_q1": q1,
+                "ms_q3": q3,
+                "ms_min": min(t),
+                "ms_max": max(t),
+                "times_ms": t,
+                "peak_extra_mb": mem.get(n),
+                **errors(n, args.B, args.G, args.T, args.V, dtype, args.device),
+            }
+        )
     base = next(r for r in rows if r["provider"] == BASE)
     for r in rows:
         if r is not base:
             r.update(paired(r["times_ms"], base["times_ms"]))
     dev = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    meta = {"device": dev, "torch": torch.__version__, "shape": [args.B, args.G, args.T, args.V],
-            "dtype": args.dtype, "logits_mb": args.B * args.G * args.T * args.V * dtype.itemsize / 2**20,
-            "threads": torch.get_num_threads(), "cores": cores, "load_avg_start": load0, "load_avg_end": load1,
-            "rounds": args.repeats}
-    print(f"device {dev} | torch {meta['torch']} | (B, G, T, V) = {tuple(meta['shape'])} {args.dtype}"
-          f" | logits {meta['logits_mb']:.0f} MiB | fwd+bwd of sequence_logprobs")
+    meta = {
+        "device": dev,
+        "torch": torch.__version__,
+        "shape": [args.B, args.G, args.T, args.V],
+        "dtype": args.dtype,
+        "logits_mb": args.B * args.G * args.T * args.V * dtype.itemsize / 2**20,
+        "threads": torch.get_num_threads(),
+        "cores": cores,
+        "load_avg_start": load0,
+        "load_avg_end": load1,
+        "rounds": args.repeats,
+    }
+    print(
+        f"device {dev} | torch {meta['torch']} | (B, G, T, V) = {tuple(meta['shape'])} {args.dtype}"
+        f" | logits {meta['logits_mb']:.0f} MiB | fwd+bwd of sequence_logprobs"
+    )
     loads = " -> ".join(" / ".join(map(str, la)) for la in (load0, load1) if la)
     print(f"torch threads {meta['threads']} | {cores} cores | load average (1/5/15 min) at start -> end: {loads}")
     worst = max((la[0] for la in (load0, load1) if la), default=0)
     if worst > cores:
-        print(f"WARNING: the load average ({worst}) exceeds the {cores} cores: other processes took CPU time "
-              "during the runs; the absolute times are inflated and uneven, read the paired ratios")
-    print(f"{'provider':<22}{'first call ms':>14}{'steady ms median [IQR]':>28}{'peak extra MiB':>16}"
-          f"{'value err':>11}{'grad err':>11}")
+        print(
+            f"WARNING: the load average ({worst}) exceeds the {cores} cores: other processes took CPU time "
+            "during the runs; the absolute times are inflated and uneven, read the paired ratios"
+        )
+    print(
+        f"{'provider':<22}{'first call ms':>14}{'steady ms median [IQR]':>28}{'peak extra MiB':>16}"
+        f"{'value err':>11}{'grad err':>11}"
+    )
     for r in rows:
         spread = f"{r['ms']:.1f} [{r['ms_q1']:.1f}-{r['ms_q3']:.1f}]"
         pk = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
-        print(f"{r['provider']:<22}{r['first_ms']:>14.1f}{spread:>28}{pk:>16}{r['value_err']:>11.2e}"
-              f"{r['grad_err']:>11.2e}")
-    print(f"({args.repeats} timed rounds after a warm-up round, the providers interleaved in one process, "
-          "the order rotated each round)")
+        print(
+            f"{r['provider']:<22}{r['first_ms']:>14.1f}{spread:>28}{pk:>16}{r['value_err']:>11.2e}"
+            f"{r['grad_err']:>11.2e}"
+        )
+    print(
+        f"({args.repeats} timed rounds after a warm-up round, the providers interleaved in one process, "
+        "the order rotated each round)"
+    )
     for r in rows:
         if r is not base:
-            mr = (r["peak_extra_mb"] / base["peak_extra_mb"]
-                  if r["peak_extra_mb"] is not None and base["peak_extra_mb"] else None)
+            mr = (
+                r["peak_extra_mb"] / base["peak_extra_mb"]
+                if r["peak_extra_mb"] is not None and base["peak_extra_mb"]
+                else None
+            )
             print(verdict(r["provider"], r, mr))
     if args.device == "cpu":
-        print("What the CPU figure means: it times the chunked PyTorch path that CPU tensors run (the Triton "
-              "kernels need a GPU); it shows the op usable and memory-bounded on a CPU, not the GPU kernels' "
-              "speed: on one H100 at the GPU default shape those ran 11x faster than naive (benchmarks/NOTES.md).")
+        print(
+            "What the CPU figure means: it times the chunked PyTorch path that CPU tensors run (the Triton "
+            "kernels need a GPU); it shows the op usable and memory-bounded on a CPU, not the GPU kernels' "
+            "speed: on one H100 at the GPU default shape those ran 11x faster than naive (benchmarks/NOTES.md)."
+        )
     else:
-        print("What the GPU figure means: the Triton kernels themselves; a CPU run of this command times "
-              "the chunked PyTorch fallback instead, a different code path.")
+        print(
+            "What the GPU figure means: the Triton kernels themselves; a CPU run of this command times "
+            "the chunked PyTorch fallback instead, a different code path."
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

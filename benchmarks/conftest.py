@@ -5,6 +5,7 @@ correctness checks, and print no timing table: on a CPU their timings would be
 interpreter timings, meaningless next to GPU figures. Time them with
 ``python -m pytest benchmarks --benchmark-enable`` (the table's header then
 says which device ran them)."""
+
 import os
 
 import torch
@@ -19,6 +20,9 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    mode = "Triton interpreter + chunked PyTorch path on the CPU" if not torch.cuda.is_available() else \
-        f"CUDA: {torch.cuda.get_device_name()}"
+    mode = (
+        "Triton interpreter + chunked PyTorch path on the CPU"
+        if not torch.cuda.is_available()
+        else f"CUDA: {torch.cuda.get_device_name()}"
+    )
     return f"gspo-kernels benchmarks device: {mode}"

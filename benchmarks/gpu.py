@@ -39,6 +39,7 @@ CUDA events around fwd+bwd alone give the per-run times (median). On CPU:
 minus what was allocated before it (inputs, and the fresh copy of an in-place
 provider), in MiB; empty on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,32 @@ import time
 import torch
 
 import gspo_kernels
-from reference import (grpo_loss_reference, gspo_loss_reference, naive_sequence_logprobs, naive_token_entropy,
-                       naive_token_logprobs)
+from reference import (
+    grpo_loss_reference,
+    gspo_loss_reference,
+    naive_sequence_logprobs,
+    naive_token_entropy,
+    naive_token_logprobs,
+)
 
-COLUMNS = ["device", "torch", "triton", "provider", "op", "mode", "B", "G", "T", "V", "dtype", "ms", "gbps",
-           "peak_extra_mb", "timing", "H"]
+COLUMNS = [
+    "device",
+    "torch",
+    "triton",
+    "provider",
+    "op",
+    "mode",
+    "B",
+    "G",
+    "T",
+    "V",
+    "dtype",
+    "ms",
+    "gbps",
+    "peak_extra_mb",
+    "timing",
+    "H",
+]
 # GSPO_BENCH_STRICT=1 (gpu_session.sh --dry-run): a provider that fails stops the run instead of
 # being reported and skipped, so a rehearsal cannot pass over a broken provider.
 STRICT = os.environ.get("GSPO_BENCH_STRICT") == "1"
@@ -82,6 +104,7 @@ def _liger():
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
         return triton_grpo_loss, LigerFusedLinearGRPOLoss
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         print(f"liger providers skipped: liger_kernel not importable ({type(e).__name__}: {e})")
@@ -100,7 +123,7 @@ class Case:
             self.logits = self.buf[:, :-1].view(B, G, T, V)  # strided: stride 1 on V only
         else:
             self.hidden = torch.randn(B, G, T, H, generator=g, device=device, dtype=dtype)
-            self.weight = (torch.randn(V, H, generator=g, device=device, dtype=dtype) / H ** 0.5).requires_grad_(True)
+            self.weight = (torch.randn(V, H, generator=g, device=device, dtype=dtype) / H**0.5).requires_grad_(True)
         self.tokens = torch.randint(0, V, (B, G, T), generator=g, device=device)
         lengths = torch.randint(T // 2, T + 1, (B, G), generator=g, device=device)
         self.mask = torch.arange(T, device=device) < lengths.unsqueeze(-1)
@@ -141,6 +164,7 @@ def _chunked_path(fn):
             return fn(x)
         finally:
             linear.FUSED = saved
+
     return run
 
 
@@ -153,15 +177,18 @@ def providers(op, case, liger, compile_ok, only=None):
     if op == "sequence_logprobs":
         out["gspo_kernels"] = lambda x: gspo_kernels.sequence_logprobs(x, c.tokens, c.mask).sum()
         out["gspo_kernels_inplace"] = lambda x: gspo_kernels.sequence_logprobs(
-            x, c.tokens, c.mask, inplace_backward=True).sum()
+            x, c.tokens, c.mask, inplace_backward=True
+        ).sum()
         naive = lambda x: naive_sequence_logprobs(x, c.tokens, c.mask).sum()  # noqa: E731
     elif op == "token_entropy":  # per-token log-prob + entropy, both differentiated
+
         def fused_ent(x):
             lp, ent = gspo_kernels.token_logprobs(x, c.tokens, return_entropy=True)
             return lp.sum() + ent.sum()
+
         out["gspo_kernels"] = lambda x: gspo_kernels.token_logprobs(x, c.tokens).sum()  # log-prob alone
         out["gspo_kernels_entropy"] = fused_ent
-        naive = lambda x: (naive_token_logprobs(x, c.tokens).sum() + naive_token_entropy(x).sum())  # noqa: E731
+        naive = lambda x: naive_token_logprobs(x, c.tokens).sum() + naive_token_entropy(x).sum()  # noqa: E731
     elif op in ("gspo_loss", "grpo_loss"):
         loss_fn = getattr(gspo_kernels, op)
         out["gspo_kernels"] = lambda x: loss_fn(x, c.tokens, None, c.mask, **kw)[0]
@@ -175,12 +202,26 @@ def providers(op, case, liger, compile_ok, only=None):
 
             def liger_fn(level):  # Liger takes the (N, T+1, V) buffer whole and drops the last position
                 def fn(x):
-                    loss, _ = tgl(x, c.old.reshape(N, -1), c.ref.reshape(N, -1), c.tokens.reshape(N, -1),
-                                  c.adv.reshape(N), c.mask.reshape(N, -1).int(), temperature=1.0, beta=0.04,
-                                  eps_low=0.2, eps_high=0.2, inplace=True, loss_type="grpo",
-                                  importance_sampling_level=level, reduce=True)
+                    loss, _ = tgl(
+                        x,
+                        c.old.reshape(N, -1),
+                        c.ref.reshape(N, -1),
+                        c.tokens.reshape(N, -1),
+                        c.adv.reshape(N),
+                        c.mask.reshape(N, -1).int(),
+                        temperature=1.0,
+                        beta=0.04,
+                        eps_low=0.2,
+                        eps_high=0.2,
+                        inplace=True,
+                        loss_type="grpo",
+                        importance_sampling_level=level,
+                        reduce=True,
+                    )
                     return loss
+
                 return fn
+
             out["liger_seq" if level == "sequence" else "liger_token"] = ("buf", liger_fn(level))
     else:  # linear
         out["gspo_kernels"] = lambda x: gspo_kernels.linear_sequence_logprobs(x, c.weight, c.tokens, c.mask).sum()
@@ -197,9 +238,14 @@ def providers(op, case, liger, compile_ok, only=None):
         if liger is not None and case.device == "cuda":
             mod = liger[1](beta=0.0, use_ref_model=False, loss_type="grpo", importance_sampling_level="sequence")
             N = c.B * c.G
-            out["liger"] = lambda x: mod(x.reshape(N, c.T, -1), c.weight, c.tokens.reshape(N, -1),
-                                         c.mask.reshape(N, -1).int(), c.adv.reshape(N),
-                                         old_per_token_logps=c.old.reshape(N, -1))[0]
+            out["liger"] = lambda x: mod(
+                x.reshape(N, c.T, -1),
+                c.weight,
+                c.tokens.reshape(N, -1),
+                c.mask.reshape(N, -1).int(),
+                c.adv.reshape(N),
+                old_per_token_logps=c.old.reshape(N, -1),
+            )[0]
     out["naive"] = naive
     if compile_ok and op != "linear":
         out["compile"] = torch.compile(naive)
@@ -210,6 +256,7 @@ def _time(fn, device, reps):
     """Median ms of ``fn()``, and how it was timed."""
     if device == "cuda":
         import triton.testing
+
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), "do_bench"
     fn()
     ts = []
@@ -223,6 +270,7 @@ def _time(fn, device, reps):
 def _l2_cache():
     try:
         import triton
+
         return triton.runtime.driver.active.get_empty_cache_for_benchmark()
     except Exception:  # noqa: BLE001 - older Triton: the buffer do_bench used (256 MB)
         return torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
@@ -316,13 +364,26 @@ def run_op(op, case, liger, modes, device, compile_ok, reps, only=None):
 
 OPS = ("sequence_logprobs", "token_entropy", "gspo_loss", "grpo_loss", "linear")
 SWEEPS = ("main", "v32k", "v", "nt")
-PROVIDER_NAMES = ("gspo_kernels", "gspo_kernels_inplace", "gspo_kernels_entropy", "naive", "compile", "liger_seq",
-                  "liger_token", "liger", "materialized", "chunked", "gemm", "trl_chunked")
+PROVIDER_NAMES = (
+    "gspo_kernels",
+    "gspo_kernels_inplace",
+    "gspo_kernels_entropy",
+    "naive",
+    "compile",
+    "liger_seq",
+    "liger_token",
+    "liger",
+    "materialized",
+    "chunked",
+    "gemm",
+    "trl_chunked",
+)
 
 
 def names(choices, kind=str):
     """An argparse type: a comma-separated list of ``choices`` (a typo fails at parse time, not as
     a silently missing row); ``choices=None``: any values of ``kind``."""
+
     def parse(text):
         try:
             got = [kind(x) for x in text.split(",")]
@@ -332,6 +393,7 @@ def names(choices, kind=str):
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
         return text
+
     return parse
 
 
@@ -341,17 +403,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="one CPU-sized shape (smoke run)")
     p.add_argument("--ops", default=",".join(OPS), type=names(OPS))
-    p.add_argument("--hidden", default=str(HIDDEN), type=names(None, int),
-                   help="comma-separated H of the linear op (tiny: 64)")
+    p.add_argument(
+        "--hidden", default=str(HIDDEN), type=names(None, int), help="comma-separated H of the linear op (tiny: 64)"
+    )
     p.add_argument("--sweeps", default="main,v,nt", type=names(SWEEPS))
     p.add_argument("--modes", default="fwd,bwd,full", type=names(("fwd", "bwd", "full")))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--providers", default=None, type=names(PROVIDER_NAMES),
-                   help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--providers", default=None, type=names(PROVIDER_NAMES), help="comma-separated subset (default: all)"
+    )
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
-    p.add_argument("--out", default=None,
-                   help="default: benchmarks/results/gpu.csv on CUDA, benchmarks/results/cpu_smoke.csv on CPU")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default: benchmarks/results/gpu.csv on CUDA, benchmarks/results/cpu_smoke.csv on CPU",
+    )
     return p
 
 
@@ -363,6 +430,7 @@ def main(argv=None):
         print("CPU run: the fused ops use their chunked PyTorch path")
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     import triton
+
     meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__)
     liger = _liger()
     if liger is not None and dev != "cuda":
@@ -372,26 +440,67 @@ def main(argv=None):
     rows = []
     widths = [64] if args.tiny else [int(h) for h in args.hidden.split(",")]
     for B, G, T, V in shapes(args.sweeps.split(","), args.tiny):
-        for op, H in [(op, H) for op in args.ops.split(",") for H in (widths if op == "linear" else [None])]:
+        for op, H in [(o, H) for o in args.ops.split(",") for H in (widths if o == "linear" else [None])]:
             if op == "linear" and (B, G, T, V) != (2, 8, 1024, 151_936) and not args.tiny:
                 continue  # the linear op is measured at the main workload only
             case = Case(B, G, T, V, dtype, dev, H=H)
             # The ceiling: a contiguous device-to-device copy of as many bytes as the logits
             # (a clone of the strided [:, :-1] slice would run a slower strided copy).
-            copy_src = case.hidden if op == "linear" else case.buf.view(-1)[:case.logits.numel()]
+            copy_src = case.hidden if op == "linear" else case.buf.view(-1)[: case.logits.numel()]
             copy_ms, how = _time(lambda: copy_src.clone(), dev, args.reps)
             copy_gbps = 2 * copy_src.numel() * copy_src.element_size() / copy_ms / 1e6
-            rows.append(dict(meta, provider="copy", op=op, mode="copy", B=B, G=G, T=T, V=V, dtype=args.dtype,
-                             H=H or "", ms=f"{copy_ms:.4f}", gbps=f"{copy_gbps:.4g}", peak_extra_mb="", timing=how))
-            for name, mode, ms, peak, how in run_op(op, case, liger, modes, dev, not args.no_compile, args.reps,
-                                                    None if args.providers is None else args.providers.split(",")):
+            rows.append(
+                dict(
+                    meta,
+                    provider="copy",
+                    op=op,
+                    mode="copy",
+                    B=B,
+                    G=G,
+                    T=T,
+                    V=V,
+                    dtype=args.dtype,
+                    H=H or "",
+                    ms=f"{copy_ms:.4f}",
+                    gbps=f"{copy_gbps:.4g}",
+                    peak_extra_mb="",
+                    timing=how,
+                )
+            )
+            for name, mode, ms, peak, how in run_op(
+                op,
+                case,
+                liger,
+                modes,
+                dev,
+                not args.no_compile,
+                args.reps,
+                None if args.providers is None else args.providers.split(","),
+            ):
                 passes = {"fwd": 1, "bwd": 2, "full": 3}[mode]
-                rows.append(dict(meta, provider=name, op=op, mode=mode, B=B, G=G, T=T, V=V, dtype=args.dtype,
-                                 H=H or "", ms=f"{ms:.4f}", gbps=f"{passes * case.bytes / ms / 1e6:.4g}",
-                                 peak_extra_mb=peak, timing=how))
+                rows.append(
+                    dict(
+                        meta,
+                        provider=name,
+                        op=op,
+                        mode=mode,
+                        B=B,
+                        G=G,
+                        T=T,
+                        V=V,
+                        dtype=args.dtype,
+                        H=H or "",
+                        ms=f"{ms:.4f}",
+                        gbps=f"{passes * case.bytes / ms / 1e6:.4g}",
+                        peak_extra_mb=peak,
+                        timing=how,
+                    )
+                )
                 shape = f"B={B} G={G} T={T} V={V}" + (f" H={H}" if H else "")
-                print(f"{op:<18}{name:<22}{mode:<5} {shape}: {ms:9.3f} ms {rows[-1]['gbps']:>9} GB/s"
-                      f" peak+ {peak or '-'} MiB  [{how}]")
+                print(
+                    f"{op:<18}{name:<22}{mode:<5} {shape}: {ms:9.3f} ms {rows[-1]['gbps']:>9} GB/s"
+                    f" peak+ {peak or '-'} MiB  [{how}]"
+                )
             del case
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:

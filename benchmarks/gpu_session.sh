@@ -49,6 +49,7 @@ tests/test_errors.py 20
 tests/test_example.py 30
 tests/test_gpu_session.py 30
 tests/test_graph_safety.py 20
+tests/test_layers.py 10
 tests/test_linear.py 30
 tests/test_layers.py 10
 tests/test_linear_fused.py 90

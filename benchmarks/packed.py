@@ -16,6 +16,7 @@ Peak memory: CUDA ``max_memory_allocated`` beyond the inputs; CPU, each provider
 in a fresh subprocess with its peak-RSS mark (VmHWM) reset after a warm-up step
 (as ``benchmarks.compare``). Both providers' losses and gradients are compared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,13 @@ def step(provider, batch, index):
         loss, _ = gspo_kernels.gspo_loss(x, y, rewards, m, cu_seqlens=cu, **kw)
         return loss, torch.autograd.grad(loss, x)[0]
     n, t_max, seq, pos = index
-    pad = lambda t, fill=0: torch.full((n, t_max) + tuple(t.shape[1:]), fill, dtype=t.dtype,  # noqa: E731
-                                       device=t.device).index_put((seq, pos), t)
+
+    def pad(t, fill=0):
+        out = torch.full((n, t_max) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+        return out.index_put((seq, pos), t)
+
     xp = pad(x)  # the copy of the logits
-    loss, _ = gspo_kernels.gspo_loss(xp, pad(y), rewards, pad(m, False), group_size=4, old_logprobs=pad(old),
-                                     beta=0.0)
+    loss, _ = gspo_kernels.gspo_loss(xp, pad(y), rewards, pad(m, False), group_size=4, old_logprobs=pad(old), beta=0.0)
     return loss, torch.autograd.grad(loss, x)[0]
 
 
@@ -104,9 +107,16 @@ def measure(provider, n, total, V, dtype, device, repeats):
         base = _vmhwm()
         step(provider, batch, index)
         peak = _vmhwm() - base
-    return dict(provider=provider, ms_median=statistics.median(times), ms_min=min(times), ms_max=max(times),
-                peak_extra_mb=peak / 2**20, loss=float(loss), grad_sum=float(grad.double().abs().sum()),
-                timing="perf_counter_synchronised")
+    return dict(
+        provider=provider,
+        ms_median=statistics.median(times),
+        ms_min=min(times),
+        ms_max=max(times),
+        peak_extra_mb=peak / 2**20,
+        loss=float(loss),
+        grad_sum=float(grad.double().abs().sum()),
+        timing="perf_counter_synchronised",
+    )
 
 
 def main(argv=None):
@@ -124,21 +134,41 @@ def main(argv=None):
     rows = []
     for provider in ("packed", "padded"):
         if cpu:  # a fresh process each: the peak-RSS mark belongs to one provider
-            out = subprocess.run([sys.executable, "-m", "benchmarks.packed", "--device", "cpu", "--repeats",
-                                  str(a.repeats), "--one", provider], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.packed",
+                    "--device",
+                    "cpu",
+                    "--repeats",
+                    str(a.repeats),
+                    "--one",
+                    provider,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         else:
             rows.append(measure(provider, n, total, V, dtype, a.device, a.repeats))
-    print(f"device {a.device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{n} sequences, {total} tokens, V = {V}, {dtype}")
+    print(
+        f"device {a.device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"{n} sequences, {total} tokens, V = {V}, {dtype}"
+    )
     for r in rows:
-        print(f"{r['provider']:<8} {r['ms_median']:9.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}]  "
-              f"peak extra {r['peak_extra_mb']:8.1f} MiB  loss {r['loss']:.7f}")
+        print(
+            f"{r['provider']:<8} {r['ms_median']:9.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}]  "
+            f"peak extra {r['peak_extra_mb']:8.1f} MiB  loss {r['loss']:.7f}"
+        )
     pk, pd = rows
     speed = pd["ms_median"] / pk["ms_median"]
-    print(f"packed vs padded: {speed:.2f}x {'faster' if speed >= 1 else 'slower'} (medians), "
-          f"{pk['peak_extra_mb'] / max(pd['peak_extra_mb'], 1e-9):.2f}x the peak extra memory; "
-          f"same loss to {abs(pk['loss'] - pd['loss']):.1e}, gradient |sum| {pk['grad_sum']:.6g} vs {pd['grad_sum']:.6g}")
+    print(
+        f"packed vs padded: {speed:.2f}x {'faster' if speed >= 1 else 'slower'} (medians), "
+        f"{pk['peak_extra_mb'] / max(pd['peak_extra_mb'], 1e-9):.2f}x the peak extra memory; "
+        f"same loss to {abs(pk['loss'] - pd['loss']):.1e}, gradient |sum| {pk['grad_sum']:.6g} vs {pd['grad_sum']:.6g}"
+    )
     if a.out:
         with open(a.out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["device", "dtype", "n", "total", "V", *rows[0]])

@@ -1,7 +1,8 @@
 """Plot a runner CSV: median ms per provider and mode, one panel per (op, shape).
 
-    python -m benchmarks.plot benchmarks/results/gpu.csv [--out benchmarks/results/gpu.png]
+python -m benchmarks.plot benchmarks/results/gpu.csv [--out benchmarks/results/gpu.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,23 @@ def main(argv=None):
     n = len(panels)
     fig, axes = plt.subplots(n, 1, figsize=(9, 2.8 * n), squeeze=False)
     for ax, (key, rs) in zip(axes[:, 0], sorted(panels.items())):
-        labels = [f"{r['provider']}\n{r['mode']}" + (" (clone timed: superseded)" if "clone_inside" in r.get("timing", "")
-                                                     else "") for r in rs]
-        ax.barh(range(len(rs)), [float(r["ms"]) for r in rs],
-                color=["tab:gray" if r["provider"] == "copy" else
-                       "tab:blue" if r["provider"].startswith("gspo") else "tab:orange" for r in rs])
+        labels = [
+            f"{r['provider']}\n{r['mode']}"
+            + (" (clone timed: superseded)" if "clone_inside" in r.get("timing", "") else "")
+            for r in rs
+        ]
+        ax.barh(
+            range(len(rs)),
+            [float(r["ms"]) for r in rs],
+            color=[
+                "tab:gray"
+                if r["provider"] == "copy"
+                else "tab:blue"
+                if r["provider"].startswith("gspo")
+                else "tab:orange"
+                for r in rs
+            ],
+        )
         ax.set_yticks(range(len(rs)), labels, fontsize=6)
         ax.set_xlabel("median ms (lower is better)")
         op, B, G, T, V, dt = key

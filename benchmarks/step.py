@@ -47,6 +47,7 @@ gradient checkpointing on, found by doubling then bisection; every try is a row
 (``mode`` = ``try``). Output: a CSV with the op benchmark's columns that apply
 and a plot of peak memory against completion length per provider.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,18 +66,55 @@ from benchmarks.gpu import COLUMNS as OP_COLUMNS
 from benchmarks.gpu import STRICT, names
 from benchmarks.step_plot import plot
 
-COLUMNS = OP_COLUMNS + ["config", "params", "P", "grad_ckpt", "ms_min", "ms_max", "peak_mb", "budget_gb",
-                        "loss", "note", "transformers"]
+COLUMNS = OP_COLUMNS + [
+    "config",
+    "params",
+    "P",
+    "grad_ckpt",
+    "ms_min",
+    "ms_max",
+    "peak_mb",
+    "budget_gb",
+    "loss",
+    "note",
+    "transformers",
+]
 SHAPES = {  # Qwen2.5-0.5B / -1.5B shapes; tiny for CPU runs and tests
-    "qwen2-0.5b": dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2),
-    "qwen2-1.5b": dict(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
+    "qwen2-0.5b": dict(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
+    "qwen2-1.5b": dict(
+        vocab_size=151_936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
 }
-PROVIDERS = ("naive", "trl", "compile", "liger_logits", "liger_hidden", "gspo_logits", "gspo_logits_inplace",
-             "gspo_hidden")
+PROVIDERS = (
+    "naive",
+    "trl",
+    "compile",
+    "liger_logits",
+    "liger_hidden",
+    "gspo_logits",
+    "gspo_logits_inplace",
+    "gspo_hidden",
+)
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
@@ -85,8 +123,13 @@ def build_model(name, device, dtype, seed=0):
     """``Qwen2ForCausalLM`` with random weights, in train mode (dropout is 0 in these configs)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(**SHAPES[name], tie_word_embeddings=True, max_position_embeddings=131_072,
-                      attention_dropout=0.0, use_cache=False)
+    cfg = Qwen2Config(
+        **SHAPES[name],
+        tie_word_embeddings=True,
+        max_position_embeddings=131_072,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -113,11 +156,11 @@ def snapshot(model):
 
 @dataclass
 class Batch:
-    ids: torch.Tensor      # (N, P + T) prompt + completion
-    tokens: torch.Tensor   # (N, T) the completion
-    mask: torch.Tensor     # (N, T) bool, valid completion tokens (lengths T/2 .. T)
-    old: torch.Tensor      # (N, T) fp32 old (behaviour) log-probs
-    adv: torch.Tensor      # (N,) = (B*G,) fp32 advantages, group by group
+    ids: torch.Tensor  # (N, P + T) prompt + completion
+    tokens: torch.Tensor  # (N, T) the completion
+    mask: torch.Tensor  # (N, T) bool, valid completion tokens (lengths T/2 .. T)
+    old: torch.Tensor  # (N, T) fp32 old (behaviour) log-probs
+    adv: torch.Tensor  # (N,) = (B*G,) fp32 advantages, group by group
     B: int
     G: int
     P: int
@@ -131,8 +174,9 @@ def selective_log_softmax(logits, index):
     if logits.dtype in (torch.float32, torch.float64):
         sel = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
         return sel - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-    return torch.stack([F.log_softmax(row, dim=-1).gather(-1, ix.unsqueeze(-1)).squeeze(-1)
-                        for row, ix in zip(logits, index)])
+    return torch.stack(
+        [F.log_softmax(row, dim=-1).gather(-1, ix.unsqueeze(-1)).squeeze(-1) for row, ix in zip(logits, index)]
+    )
 
 
 def make_batch(model, B, G, P, T, seed=0, offset=1e-3):
@@ -147,8 +191,14 @@ def make_batch(model, B, G, P, T, seed=0, offset=1e-3):
     shift = (torch.rand(N, 1, generator=g) * 2 - 1) * offset
     ids, mask, adv, shift = ids.to(dev), mask.to(dev), adv.to(dev), shift.to(dev)
     with torch.no_grad():
-        old = torch.cat([selective_log_softmax(model(input_ids=ids[i:i + 1], logits_to_keep=T + 1).logits[:, :-1],
-                                               ids[i:i + 1, P:]).float() for i in range(N)])
+        old = torch.cat(
+            [
+                selective_log_softmax(
+                    model(input_ids=ids[i : i + 1], logits_to_keep=T + 1).logits[:, :-1], ids[i : i + 1, P:]
+                ).float()
+                for i in range(N)
+            ]
+        )
     return Batch(ids, ids[:, P:].contiguous(), mask, old + shift, adv, B, G, P, T)
 
 
@@ -177,25 +227,25 @@ def _logits(model, b):
 
 def _hidden(model, b):
     """(N, T, H): the backbone's final hidden states at the positions that predict the completion."""
-    return model.model(input_ids=b.ids).last_hidden_state[:, b.P - 1:-1]
+    return model.model(input_ids=b.ids).last_hidden_state[:, b.P - 1 : -1]
 
 
 def providers(device, eps, eps_high, only=None):
     """(name -> loss_fn(model, batch), name -> why it cannot run here)."""
     fns, skipped = {}, {}
-    fns["naive"] = lambda m, b: naive_loss(_logits(m, b)[:, :-1], b.tokens, b.old, b.mask, b.adv,
-                                           eps, eps_high)
+    fns["naive"] = lambda m, b: naive_loss(_logits(m, b)[:, :-1], b.tokens, b.old, b.mask, b.adv, eps, eps_high)
     try:
-        from benchmarks import trl_path
         import trl.kernels  # noqa: F401
+
+        from benchmarks import trl_path
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         skipped["trl"] = f"trl not importable ({type(e).__name__}: {e})"
     else:
-        fns["trl"] = lambda m, b: gspo_from_logps(trl_path.step_logprobs(m, b.ids, b.mask, b.P), b.old, b.mask,
-                                                  b.adv, eps, eps_high)
+        fns["trl"] = lambda m, b: gspo_from_logps(
+            trl_path.step_logprobs(m, b.ids, b.mask, b.P), b.old, b.mask, b.adv, eps, eps_high
+        )
     compiled = torch.compile(naive_loss)
-    fns["compile"] = lambda m, b: compiled(_logits(m, b)[:, :-1], b.tokens, b.old, b.mask, b.adv,
-                                           eps, eps_high)
+    fns["compile"] = lambda m, b: compiled(_logits(m, b)[:, :-1], b.tokens, b.old, b.mask, b.adv, eps, eps_high)
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -205,30 +255,68 @@ def providers(device, eps, eps_high, only=None):
     else:
         if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
             fns["liger_logits"] = lambda m, b: triton_grpo_loss(
-                _logits(m, b), b.old, None, b.tokens, b.adv, b.mask.int(), temperature=1.0, beta=0.0,
-                eps_low=eps, eps_high=eps_high, inplace=True, loss_type="grpo",
-                importance_sampling_level="sequence", reduce=True)[0]
+                _logits(m, b),
+                b.old,
+                None,
+                b.tokens,
+                b.adv,
+                b.mask.int(),
+                temperature=1.0,
+                beta=0.0,
+                eps_low=eps,
+                eps_high=eps_high,
+                inplace=True,
+                loss_type="grpo",
+                importance_sampling_level="sequence",
+                reduce=True,
+            )[0]
         else:
             skipped["liger_logits"] = "Liger's Triton kernels need CUDA (or TRITON_INTERPRET=1)"
-        liger_mod = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", epsilon_low=eps,
-                                             epsilon_high=eps_high, importance_sampling_level="sequence",
-                                             temperature=1.0, compiled=device == "cuda")
-        fns["liger_hidden"] = lambda m, b: liger_mod(_hidden(m, b), m.lm_head.weight, b.tokens, b.mask.int(),
-                                                     b.adv, old_per_token_logps=b.old)[0]
-    inplace = {"inplace_backward": True}   # the logits' gradient written into their own storage
+        liger_mod = LigerFusedLinearGRPOLoss(
+            beta=0.0,
+            use_ref_model=False,
+            loss_type="grpo",
+            epsilon_low=eps,
+            epsilon_high=eps_high,
+            importance_sampling_level="sequence",
+            temperature=1.0,
+            compiled=device == "cuda",
+        )
+        fns["liger_hidden"] = lambda m, b: liger_mod(
+            _hidden(m, b), m.lm_head.weight, b.tokens, b.mask.int(), b.adv, old_per_token_logps=b.old
+        )[0]
+    inplace = {"inplace_backward": True}  # the logits' gradient written into their own storage
     hyper = dict(rewards=None, beta=0.0, epsilon=eps, epsilon_high=eps_high)
     fns["gspo_logits"] = lambda m, b: gspo_kernels.gspo_loss(
-        logits=_logits(m, b)[:, :-1], tokens=b.tokens, mask=b.mask, advantage=b.adv, old_logprobs=b.old,
-        group_size=b.G, **hyper, **inplace)[0]
+        logits=_logits(m, b)[:, :-1],
+        tokens=b.tokens,
+        mask=b.mask,
+        advantage=b.adv,
+        old_logprobs=b.old,
+        group_size=b.G,
+        **hyper,
+        **inplace,
+    )[0]
     fns["gspo_logits_inplace"] = lambda m, b: gspo_from_logps(
-        gspo_kernels.token_logprobs(_logits(m, b)[:, :-1], b.tokens, inplace_backward=True), b.old, b.mask,
-        b.adv, eps, eps_high)
+        gspo_kernels.token_logprobs(_logits(m, b)[:, :-1], b.tokens, inplace_backward=True),
+        b.old,
+        b.mask,
+        b.adv,
+        eps,
+        eps_high,
+    )
     fns["gspo_hidden"] = lambda m, b: gspo_kernels.gspo_loss(
-        hidden=_hidden(m, b), weight=m.lm_head.weight, tokens=b.tokens, mask=b.mask, advantage=b.adv,
-        old_logprobs=b.old, group_size=b.G, **hyper)[0]
+        hidden=_hidden(m, b),
+        weight=m.lm_head.weight,
+        tokens=b.tokens,
+        mask=b.mask,
+        advantage=b.adv,
+        old_logprobs=b.old,
+        group_size=b.G,
+        **hyper,
+    )[0]
     keep = set(only or PROVIDERS)
-    return ({k: fns[k] for k in PROVIDERS if k in fns and k in keep},
-            {k: v for k, v in skipped.items() if k in keep})
+    return ({k: fns[k] for k in PROVIDERS if k in fns and k in keep}, {k: v for k, v in skipped.items() if k in keep})
 
 
 # ---------------------------------------------------------------- measurement
@@ -267,6 +355,7 @@ def measure(model, state, fn, batch, device, warmup, reps, lr=1e-6):
     cache = None
     if cuda:
         from benchmarks.gpu import _l2_cache
+
         cache = _l2_cache()
     ms, losses, events, base = [], [], [], None
     for i in range(warmup + reps):
@@ -317,6 +406,7 @@ def try_step(model, state, fn, batch, device, warmup, reps):
 def frontier(model, state, fn, B, G, P, device, start, step, max_T, on_try):
     """Longest completion T (a multiple of ``step``, <= max_T) whose warm step fits; doubling from
     ``start``, then bisection. ``on_try(T, result)`` sees every try. Returns (T or 0, result at T)."""
+
     def fits(T):
         try:
             res = try_step(model, state, fn, make_batch(model, B, G, P, T), device, 1, 1)
@@ -328,7 +418,7 @@ def frontier(model, state, fn, B, G, P, device, start, step, max_T, on_try):
 
     lo, hi, best = 0, None, None
     T = start
-    while T <= max_T:
+    while max_T >= T:
         res = fits(T)
         if res is None:
             hi = T
@@ -349,7 +439,7 @@ def frontier(model, state, fn, B, G, P, device, start, step, max_T, on_try):
 
 # ---------------------------------------------------------------- main
 def _cases(spec):
-    """"1024:off,8192:on" -> [(1024, False), (8192, True)] (completion length, gradient checkpointing)."""
+    """ "1024:off,8192:on" -> [(1024, False), (8192, True)] (completion length, gradient checkpointing)."""
     return [(int(t), ck == "on") for t, _, ck in (part.partition(":") for part in spec.split(","))]
 
 
@@ -364,10 +454,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny config and shapes (a CPU smoke run)")
-    p.add_argument("--configs", default=None, type=names(tuple(SHAPES)),
-                   help=f"comma-separated, of {', '.join(SHAPES)}")
-    p.add_argument("--cases", default=None, type=_case_list,
-                   help='completion length:gradient checkpointing, e.g. "1024:off,8192:on"')
+    p.add_argument(
+        "--configs", default=None, type=names(tuple(SHAPES)), help=f"comma-separated, of {', '.join(SHAPES)}"
+    )
+    p.add_argument(
+        "--cases",
+        default=None,
+        type=_case_list,
+        help='completion length:gradient checkpointing, e.g. "1024:off,8192:on"',
+    )
     p.add_argument("--B", type=int, default=None)
     p.add_argument("--G", type=int, default=None)
     p.add_argument("--prompt", type=int, default=None)
@@ -402,16 +497,33 @@ def main(argv=None):
     import transformers
     import triton
 
-    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
-                triton=triton.__version__, transformers=transformers.__version__, op="step", B=B, G=G, P=P,
-                dtype=dtype_name, gbps="")
+    meta = dict(
+        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        op="step",
+        B=B,
+        G=G,
+        P=P,
+        dtype=dtype_name,
+        gbps="",
+    )
     fns, skipped = providers(dev, args.eps, args.eps_high, args.providers and args.providers.split(","))
     for name, why in skipped.items():
         print(f"{name}: skipped ({why})")
-    threads = "" if dev != "cpu" else (f", {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs, load "
-                                       f"average {os.getloadavg()[0]:.2f}: CPU times are a smoke figure")
-    print(f"device {meta['device']} | torch {meta['torch']} | transformers {meta['transformers']} | "
-          f"triton {meta['triton']}{threads}")
+    threads = (
+        ""
+        if dev != "cpu"
+        else (
+            f", {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs, load "
+            f"average {os.getloadavg()[0]:.2f}: CPU times are a smoke figure"
+        )
+    )
+    print(
+        f"device {meta['device']} | torch {meta['torch']} | transformers {meta['transformers']} | "
+        f"triton {meta['triton']}{threads}"
+    )
     rows = []
 
     def row(**kw):
@@ -423,14 +535,18 @@ def main(argv=None):
         state = snapshot(model)
         n_params = sum(t.numel() for t in model.parameters())
         V = model.config.vocab_size
-        print(f"\n{cfg}: {n_params / 1e6:.1f}M parameters, V = {V}, {dtype_name}, attention "
-              f"{model.config._attn_implementation}, AdamW; B*G = {B}x{G}, prompt {P}")
+        print(
+            f"\n{cfg}: {n_params / 1e6:.1f}M parameters, V = {V}, {dtype_name}, attention "
+            f"{model.config._attn_implementation}, AdamW; B*G = {B}x{G}, prompt {P}"
+        )
         common = dict(config=cfg, params=n_params, V=V)
         for T, ckpt in cases:
             set_checkpointing(model, ckpt)
             batch = make_batch(model, B, G, P, T)
-            print(f"  completion T = {T}, gradient checkpointing {'on' if ckpt else 'off'}: median ms of {reps} "
-                  f"steps [min-max] after {args.warmup}, peak memory")
+            print(
+                f"  completion T = {T}, gradient checkpointing {'on' if ckpt else 'off'}: median ms of {reps} "
+                f"steps [min-max] after {args.warmup}, peak memory"
+            )
             res = {}
             for name, fn in fns.items():
                 try:
@@ -448,10 +564,20 @@ def main(argv=None):
                 ms, loss, peak, extra, how = r
                 med = statistics.median(ms)
                 res[name] = (med, peak, loss)
-                row(**common, provider=name, mode="step", T=T, grad_ckpt=ckpt, ms=f"{med:.2f}",
-                    ms_min=f"{min(ms):.2f}", ms_max=f"{max(ms):.2f}", timing=how,
-                    peak_mb="" if peak is None else f"{peak:.1f}", peak_extra_mb="" if extra is None else f"{extra:.1f}",
-                    loss=f"{loss:.9g}")
+                row(
+                    **common,
+                    provider=name,
+                    mode="step",
+                    T=T,
+                    grad_ckpt=ckpt,
+                    ms=f"{med:.2f}",
+                    ms_min=f"{min(ms):.2f}",
+                    ms_max=f"{max(ms):.2f}",
+                    timing=how,
+                    peak_mb="" if peak is None else f"{peak:.1f}",
+                    peak_extra_mb="" if extra is None else f"{extra:.1f}",
+                    loss=f"{loss:.9g}",
+                )
                 mem = "" if peak is None else f" peak {peak / 1024:8.2f} GiB (step +{extra:.0f} MiB)"
                 print(f"    {name:<21}{med:10.1f} ms [{min(ms):.1f}-{max(ms):.1f}]{mem} loss {loss:.7g}")
             batch = None
@@ -471,23 +597,54 @@ def main(argv=None):
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
             set_checkpointing(model, True)
-            print(f"  frontier: longest completion whose step fits {args.budget_gb:g} GB "
-                  f"(gradient checkpointing on, step {args.frontier_step}, at most {args.frontier_max})")
+            print(
+                f"  frontier: longest completion whose step fits {args.budget_gb:g} GB "
+                f"(gradient checkpointing on, step {args.frontier_step}, at most {args.frontier_max})"
+            )
             for name, fn in fns.items():
+
                 def on_try(T, r, name=name):
-                    row(**common, provider=name, mode="try", T=T, grad_ckpt=True, budget_gb=args.budget_gb,
-                        peak_mb="" if r is None else f"{r[2]:.1f}", note="oom" if r is None else "fits")
+                    row(
+                        **common,
+                        provider=name,
+                        mode="try",
+                        T=T,
+                        grad_ckpt=True,
+                        budget_gb=args.budget_gb,
+                        peak_mb="" if r is None else f"{r[2]:.1f}",
+                        note="oom" if r is None else "fits",
+                    )
+
                 try:
-                    T, r = frontier(model, state, fn, B, G, P, dev, args.frontier_start, args.frontier_step,
-                                    args.frontier_max, on_try)
+                    T, r = frontier(
+                        model,
+                        state,
+                        fn,
+                        B,
+                        G,
+                        P,
+                        dev,
+                        args.frontier_start,
+                        args.frontier_step,
+                        args.frontier_max,
+                        on_try,
+                    )
                 except Exception as e:  # noqa: BLE001
                     if STRICT:
                         raise
                     print(f"    {name:<21} skipped ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
                     continue
-                capped = " (the search's maximum)" if T >= args.frontier_max else ""
-                row(**common, provider=name, mode="frontier", T=T, grad_ckpt=True, budget_gb=args.budget_gb,
-                    peak_mb="" if r is None else f"{r[2]:.1f}", note="at max" if capped else "")
+                capped = " (the search's maximum)" if args.frontier_max <= T else ""
+                row(
+                    **common,
+                    provider=name,
+                    mode="frontier",
+                    T=T,
+                    grad_ckpt=True,
+                    budget_gb=args.budget_gb,
+                    peak_mb="" if r is None else f"{r[2]:.1f}",
+                    note="at max" if capped else "",
+                )
                 print(f"    {name:<21} T = {T}{capped}" + ("" if r is None else f", peak {r[2] / 1024:.2f} GiB"))
             torch.cuda.set_per_process_memory_fraction(1.0)
         model = state = None

@@ -20,6 +20,7 @@ each H measured: fused <= 1.15x the ``gemm`` row and >= 1.5x faster than the chu
 the whole step per provider against TRL's own path (``trl``). With ``--junit``: the test
 suite's result per file against its time budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ def tables(rows):
     copy = {key(r): float(r["gbps"]) for r in rows if r["provider"] == "copy"}
     unfair = [r for r in rows if not fair(r)]
     if unfair:
-        print("Superseded rows (their timed region included a copy of the input; no ratio uses them): "
-              + "; ".join(f"{r['op']}/{r['provider']}/{r['mode']} {float(r['ms']):.3f} ms" for r in unfair) + ".")
+        print(
+            "Superseded rows (their timed region included a copy of the input; no ratio uses them): "
+            + "; ".join(f"{r['op']}/{r['provider']}/{r['mode']} {float(r['ms']):.3f} ms" for r in unfair)
+            + "."
+        )
         print()
     print("| op | provider | mode | V | ms | GB/s | of copy | timing |")
     print("|---|---|---|---|---|---|---|---|")
@@ -51,8 +55,10 @@ def tables(rows):
         if r["provider"].startswith("gspo_kernels") and key(r) in copy and r["op"] != "linear":
             frac = float(r["gbps"]) / copy[key(r)]
             note = f"{frac:.1%}" if fair(r) else "superseded"
-            print(f"| {r['op']} | {r['provider']} | {r['mode']} | {r['V']} | {float(r['ms']):.3f} | "
-                  f"{float(r['gbps']):.0f} | {note} | {r.get('timing', '')} |")
+            print(
+                f"| {r['op']} | {r['provider']} | {r['mode']} | {r['V']} | {float(r['ms']):.3f} | "
+                f"{float(r['gbps']):.0f} | {note} | {r.get('timing', '')} |"
+            )
     print()
     full = {}
     for r in rows:
@@ -69,15 +75,26 @@ def tables(rows):
 
 
 def _ms(rows, op, provider, V, H=""):
-    got = [float(r["ms"]) for r in rows if r["op"] == op and r["provider"] == provider and r["mode"] == "full"
-           and r["V"] == V and r.get("H", "") == H and fair(r)]
+    got = [
+        float(r["ms"])
+        for r in rows
+        if r["op"] == op
+        and r["provider"] == provider
+        and r["mode"] == "full"
+        and r["V"] == V
+        and r.get("H", "") == H
+        and fair(r)
+    ]
     return got[-1] if got else None
 
 
 def _frac(rows, op, provider, V):
     copy = [float(r["gbps"]) for r in rows if r["op"] == op and r["provider"] == "copy" and r["V"] == V]
-    got = [float(r["gbps"]) for r in rows if r["op"] == op and r["provider"] == provider and r["mode"] == "full"
-           and r["V"] == V and fair(r)]
+    got = [
+        float(r["gbps"])
+        for r in rows
+        if r["op"] == op and r["provider"] == provider and r["mode"] == "full" and r["V"] == V and fair(r)
+    ]
     return got[-1] / copy[-1] if got and copy else None
 
 
@@ -94,20 +111,35 @@ def goal_lines(rows, main_v=MAIN_V, small_v=SMALL_V):
     for op, liger, target in (("gspo_loss", "liger_seq", 1.25), ("grpo_loss", "liger_token", 1.05)):
         for ours in ("gspo_kernels", "gspo_kernels_inplace"):
             if op == "gspo_loss":
-                check(f"{op} {ours} full >= 90% of the three-pass bound (V = {main_v})",
-                      _frac(rows, op, ours, main_v), 0.90, fmt="{:.1%}")
+                check(
+                    f"{op} {ours} full >= 90% of the three-pass bound (V = {main_v})",
+                    _frac(rows, op, ours, main_v),
+                    0.90,
+                    fmt="{:.1%}",
+                )
             a, b = _ms(rows, op, liger, main_v), _ms(rows, op, ours, main_v)
             check(f"{op} {ours} full >= {target}x {liger}", a / b if a and b else None, target)
     for op in ("gspo_loss", "sequence_logprobs"):
-        check(f"{op} gspo_kernels full >= 85% of the three-pass bound at V = {small_v}",
-              _frac(rows, op, "gspo_kernels", small_v), 0.85, fmt="{:.1%}")
+        check(
+            f"{op} gspo_kernels full >= 85% of the three-pass bound at V = {small_v}",
+            _frac(rows, op, "gspo_kernels", small_v),
+            0.85,
+            fmt="{:.1%}",
+        )
     widths = sorted({r.get("H", "") for r in rows if r["op"] == "linear" and r.get("H")}, key=int) or ["4096", "896"]
     for H in widths:
         fused, gemm, chunked = (_ms(rows, "linear", p, main_v, H) for p in ("gspo_kernels", "gemm", "chunked"))
-        check(f"hidden-state op H = {H}: fused fwd+bwd (grad weight on) <= 1.15x the gemm row",
-              fused / gemm if fused and gemm else None, 1.15, higher=False)
-        check(f"hidden-state op H = {H}: fused >= 1.5x faster than the chunked path",
-              chunked / fused if fused and chunked else None, 1.5)
+        check(
+            f"hidden-state op H = {H}: fused fwd+bwd (grad weight on) <= 1.15x the gemm row",
+            fused / gemm if fused and gemm else None,
+            1.15,
+            higher=False,
+        )
+        check(
+            f"hidden-state op H = {H}: fused >= 1.5x faster than the chunked path",
+            chunked / fused if fused and chunked else None,
+            1.5,
+        )
         for other in ("trl_chunked", "liger", "materialized"):
             t = _ms(rows, "linear", other, main_v, H)
             if t and fused:
@@ -145,6 +177,7 @@ def test_lines(junit, budgets):
         parts = line.split()
         if len(parts) == 2 and not line.startswith("#"):
             budget[parts[0]] = float(parts[1])
+
     def file_of(case):  # classname "tests.test_x" or "tests.test_x.TestClass"
         parts = case.get("classname", "").split(".")
         for i in range(len(parts), 0, -1):
@@ -169,8 +202,10 @@ def test_lines(junit, budgets):
             continue
         b = budget.get(f)
         within = "no budget" if b is None else ("yes" if d["s"] <= b else "OVER")
-        print(f"| {f} | {d['passed']} | {d['failed']} | {d['skipped']} | {d['s']:.1f} | "
-              f"{'-' if b is None else f'{b:g}'} | {within} |")
+        print(
+            f"| {f} | {d['passed']} | {d['failed']} | {d['skipped']} | {d['s']:.1f} | "
+            f"{'-' if b is None else f'{b:g}'} | {within} |"
+        )
     print()
 
 

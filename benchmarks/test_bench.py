@@ -5,13 +5,14 @@ measured function agrees with the naive reference, so it checks as it times.
 
     python -m pytest benchmarks -q --benchmark-enable   # timings (the suite alone runs each once, untimed)
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import gspo_kernels
-from gspo_kernels import logprobs
+from gspo_kernels import _ops
 from reference import naive_sequence_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +40,7 @@ PROVIDERS = {
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_sequence_logprobs(benchmark, monkeypatch, inputs, provider, mode):
     if provider == "torch_path":
-        monkeypatch.setattr(logprobs, "CPU_BACKEND", "torch")
+        monkeypatch.setattr(_ops, "CPU_BACKEND", "torch")
         logits, tokens, mask = (t.cpu() for t in inputs)
     else:
         logits, tokens, mask = inputs
@@ -50,13 +51,14 @@ def test_sequence_logprobs(benchmark, monkeypatch, inputs, provider, mode):
         grad = None
     elif mode == "bwd":
         o = fn(x, tokens, mask)
-        grad = benchmark.pedantic(lambda: torch.autograd.grad(o.sum(), x, retain_graph=True)[0], rounds=2,
-                                  iterations=1)
+        grad = benchmark.pedantic(lambda: torch.autograd.grad(o.sum(), x, retain_graph=True)[0], rounds=2, iterations=1)
         out = o
     else:
+
         def full():
             o = fn(x, tokens, mask)
             return o, torch.autograd.grad(o.sum(), x)[0]
+
         out, grad = benchmark.pedantic(full, rounds=2, iterations=1)
     xr = logits.detach().double().requires_grad_(True)
     ref = naive_sequence_logprobs(xr, tokens, mask, dtype=torch.float64)

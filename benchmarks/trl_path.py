@@ -10,13 +10,15 @@ TRL user's step costs; these helpers call TRL's code itself, nothing copied.
 
 On a CPU, TRL's tiles fold in PyTorch (its own fallback) and every position is scored.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                     valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def chunked_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Per-token log-probs ``(*tokens.shape)`` (0 where ``valid`` is False) from ``hidden``
     ``(*tokens.shape, H)`` and ``weight`` ``(V, H)`` through TRL's ``ChunkedLogProbFunction``,
     valid rows only on CUDA (as ``add_fused_lm_head``'s forward selects them)."""
@@ -27,8 +29,9 @@ def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.T
     compact = _use_triton(hidden.device)
     h = hidden[valid] if compact else hidden.reshape(-1, hidden.shape[-1])
     y = tokens[valid] if compact else tokens.reshape(-1)
-    lp = ChunkedLogProbFunction.apply(h, weight, None, y, temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
-                                      ("log_probs",))[0]
+    lp = ChunkedLogProbFunction.apply(
+        h, weight, None, y, temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",)
+    )[0]
     if compact:
         return lp.new_zeros(valid.shape).masked_scatter(valid, lp)
     return lp.view(valid.shape).masked_fill(~valid, 0)

@@ -8,6 +8,7 @@ candidate, at the main workload and over the V sweep, beside a copy of the
 logits (the bandwidth ceiling, same run). ``frac`` is the kernel's rate under
 the byte model (fwd: one read; bwd: one read + one write) over the copy rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,13 @@ TIMING = "do_bench" if torch.cuda.is_available() else "perf_counter_once"  # the
 def bench(fn):
     if not torch.cuda.is_available():  # CPU smoke run (interpreter): one timed call
         import time
+
         fn()
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
     import triton.testing
+
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
@@ -55,17 +58,31 @@ def main(argv=None):
         x = buf[:, :-1]
         y = torch.randint(0, V, x.shape[:-1], device=dev)
         nbytes = x.numel() * 2
-        flat = buf.view(-1)[:x.numel()]  # contiguous: the copy ceiling (a strided clone runs slower)
+        flat = buf.view(-1)[: x.numel()]  # contiguous: the copy ceiling (a strided clone runs slower)
         copy_ms = bench(lambda: flat.clone())
         copy_gbps = 2 * nbytes / copy_ms / 1e6
-        out_rows.append(dict(V=V, block_v="", warps="", rows="", kernel="copy", ms=f"{copy_ms:.4f}",
-                             gbps=f"{copy_gbps:.1f}", frac="1.000", timing=TIMING))
+        out_rows.append(
+            dict(
+                V=V,
+                block_v="",
+                warps="",
+                rows="",
+                kernel="copy",
+                ms=f"{copy_ms:.4f}",
+                gbps=f"{copy_gbps:.1f}",
+                frac="1.000",
+                timing=TIMING,
+            )
+        )
         print(f"V={V} copy {copy_ms:.3f} ms {copy_gbps:.0f} GB/s")
         g = torch.randn(x.shape[:-1], device=dev)
         h = torch.randn(x.shape[:-1], device=dev)
         grad = torch.empty(x.shape, device=dev, dtype=x.dtype)
-        cands = CANDIDATES if args.candidates is None else [tuple(map(int, c.split("x")))
-                                                            for c in args.candidates.split(",")]
+        cands = (
+            CANDIDATES
+            if args.candidates is None
+            else [tuple(map(int, c.split("x"))) for c in args.candidates.split(",")]
+        )
         for (bv, w), mr in [(c, int(r)) for c in cands for r in args.mid_rows.split(",")]:
             _kernels.LARGE_V.update(fwd=(bv, w), bwd=(bv, w))
             _kernels.MID_ROWS = mr
@@ -82,9 +99,23 @@ def main(argv=None):
                 ms = bench(fn)
                 gbps = passes * nbytes / ms / 1e6
                 frac = gbps / copy_gbps
-                out_rows.append(dict(V=V, block_v=bv, warps=w, rows=mr, kernel=name, ms=f"{ms:.4f}", gbps=f"{gbps:.1f}",
-                                     frac=f"{frac:.3f}", timing=TIMING))
-                print(f"V={V} BLOCK_V={bv:<6} warps={w:<3} rows={mr} {name:<8} {ms:8.3f} ms {gbps:7.0f} GB/s {frac:6.3f} of copy")
+                out_rows.append(
+                    dict(
+                        V=V,
+                        block_v=bv,
+                        warps=w,
+                        rows=mr,
+                        kernel=name,
+                        ms=f"{ms:.4f}",
+                        gbps=f"{gbps:.1f}",
+                        frac=f"{frac:.3f}",
+                        timing=TIMING,
+                    )
+                )
+                print(
+                    f"V={V} BLOCK_V={bv:<6} warps={w:<3} rows={mr} {name:<8} {ms:8.3f} ms {gbps:7.0f} GB/s "
+                    f"{frac:6.3f} of copy"
+                )
                 if V == 151_936 and name in ("fwd", "bwd") and ms < best.get(name, (None, float("inf")))[1]:
                     best[name] = ((bv, w), ms)
         _kernels.LARGE_V.clear()
@@ -94,8 +125,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["V", "block_v", "warps", "rows", "kernel", "ms", "gbps", "frac",
-                                              "timing"])
+        wr = csv.DictWriter(f, fieldnames=["V", "block_v", "warps", "rows", "kernel", "ms", "gbps", "frac", "timing"])
         wr.writeheader()
         wr.writerows(out_rows)
     print(f"wrote {len(out_rows)} rows to {args.out}")

@@ -34,6 +34,7 @@ accelerate safetensors msgpack psutil cloudpickle jsonschema jsonschema-specific
 rpds-py requests``, as wheels for that machine's Python (``pip download --only-binary=:all:
 --python-version 3.12 -d .whl ...``). Without verl the script says so and exits with status 3.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,15 +49,49 @@ import torch
 
 BACKENDS = ("torch", "triton", "gspo_kernels")
 SHAPES = {  # Qwen2.5 configs (hidden, intermediate, layers, heads, kv heads), V = 151,936, tied
-    "qwen2-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                       "num_key_value_heads": 2, "vocab_size": 151_936},
-    "qwen2-1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-                       "num_key_value_heads": 2, "vocab_size": 151_936},
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "vocab_size": 1_000},
+    "qwen2-0.5b": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151_936,
+    },
+    "qwen2-1.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151_936,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1_000,
+    },
 }
-FIELDS = ("device", "torch", "triton", "transformers", "verl", "shape", "backend", "micro_batch", "tokens",
-          "response_tokens", "status", "ms_median", "ms_min", "peak_mib", "reps", "checkpointing")
+FIELDS = (
+    "device",
+    "torch",
+    "triton",
+    "transformers",
+    "verl",
+    "shape",
+    "backend",
+    "micro_batch",
+    "tokens",
+    "response_tokens",
+    "status",
+    "ms_median",
+    "ms_min",
+    "peak_mib",
+    "reps",
+    "checkpointing",
+)
 MISSING_VERL = 3
 
 
@@ -65,10 +100,12 @@ def _verl():
         import verl
         from verl.models.transformers.monkey_patch import apply_monkey_patch
     except ImportError as exc:
-        sys.stderr.write(f"benchmarks.verl_step needs verl 0.9.1 ({exc}). Install it (pip install 'verl==0.9.1'), "
-                         "or offline from wheels in .whl/: pip install --no-index --find-links .whl verl==0.9.1 "
-                         "(see this module's docstring for the wheels its import needs)\n")
-        raise SystemExit(MISSING_VERL)
+        sys.stderr.write(
+            f"benchmarks.verl_step needs verl 0.9.1 ({exc}). Install it (pip install 'verl==0.9.1'), "
+            "or offline from wheels in .whl/: pip install --no-index --find-links .whl verl==0.9.1 "
+            "(see this module's docstring for the wheels its import needs)\n"
+        )
+        raise SystemExit(MISSING_VERL) from None
     import gspo_kernels.integrations.verl  # noqa: F401  (registers impl_backend=gspo_kernels)
 
     return verl.__version__, apply_monkey_patch
@@ -96,13 +133,25 @@ def batch(mb: int, prompt_len: int, response_len: int, vocab: int, device, seed:
     # the log-prob of response token j sits at the position before it (verl's rolled labels)
     idx = (torch.arange(mb)[:, None] * L + prompt_len - 1 + torch.arange(response_len)[None]).reshape(-1)
     adv = torch.randn(mb, 1, generator=g).expand(mb, response_len).reshape(-1)
-    return {"ids": ids.to(device), "pos": pos.to(device), "labels": torch.roll(ids, -1, -1).to(device),
-                "idx": idx.to(device), "adv": adv.to(device)}
+    return {
+        "ids": ids.to(device),
+        "pos": pos.to(device),
+        "labels": torch.roll(ids, -1, -1).to(device),
+        "idx": idx.to(device),
+        "adv": adv.to(device),
+    }
 
 
 def step(model, b, temperature: float = 1.0):
-    out = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=None, shift_labels=b["labels"],
-                temperature=temperature, return_dict=True, use_cache=False)
+    out = model(
+        input_ids=b["ids"],
+        position_ids=b["pos"],
+        attention_mask=None,
+        shift_labels=b["labels"],
+        temperature=temperature,
+        return_dict=True,
+        use_cache=False,
+    )
     lp, ent = out.log_probs[0, b["idx"]], out.entropy[0, b["idx"]].float()
     old = (lp.detach() - 0.05).float()
     ratio = torch.exp(lp - old)
@@ -133,7 +182,7 @@ def measure(model, b, warmup: int, reps: int, cuda: bool):
             t0 = time.perf_counter()
             step(model, b)
             times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
     return times, peak
 
 
@@ -145,9 +194,15 @@ def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    common = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                  "triton": triton.__version__, "transformers": transformers.__version__, "verl": verl_version,
-                  "reps": args.reps, "checkpointing": not args.no_checkpointing}
+    common = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "verl": verl_version,
+        "reps": args.reps,
+        "checkpointing": not args.no_checkpointing,
+    }
     rows = []
     for shape in args.shapes:
         base = build(shape, device, dtype, not args.no_checkpointing)
@@ -156,8 +211,14 @@ def run(args) -> list[dict]:
             apply_monkey_patch(model, use_remove_padding=True, use_fused_kernels=True, fused_kernels_backend=backend)
             mb = 1
             while mb <= args.max_mb:
-                row = dict(common, shape=shape, backend=backend, micro_batch=mb,
-                           tokens=mb * (args.prompt_len + args.response_len), response_tokens=mb * args.response_len)
+                row = dict(
+                    common,
+                    shape=shape,
+                    backend=backend,
+                    micro_batch=mb,
+                    tokens=mb * (args.prompt_len + args.response_len),
+                    response_tokens=mb * args.response_len,
+                )
                 if backend == "triton" and not cuda:
                     rows.append(dict(row, status="skipped: verl's triton backend needs CUDA"))
                     break
@@ -172,10 +233,19 @@ def run(args) -> list[dict]:
                     del b
                     if cuda:
                         torch.cuda.empty_cache()
-                rows.append(dict(row, status="ok", ms_median=round(statistics.median(times), 3),
-                                 ms_min=round(min(times), 3), peak_mib=round(peak, 1)))
-                print(f"{shape} {backend} mb={mb}: {rows[-1]['ms_median']} ms, {rows[-1]['peak_mib']} MiB",
-                      file=sys.stderr)
+                rows.append(
+                    dict(
+                        row,
+                        status="ok",
+                        ms_median=round(statistics.median(times), 3),
+                        ms_min=round(min(times), 3),
+                        peak_mib=round(peak, 1),
+                    )
+                )
+                print(
+                    f"{shape} {backend} mb={mb}: {rows[-1]['ms_median']} ms, {rows[-1]['peak_mib']} MiB",
+                    file=sys.stderr,
+                )
                 mb *= 2
             del model
             if cuda:
@@ -194,8 +264,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU rehearsal: tiny config, prompt 8, response 16, micro-batches 1-2, one rep")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU rehearsal: tiny config, prompt 8, response 16, micro-batches 1-2, one rep",
+    )
     p.add_argument("--out", help="CSV file (default: stdout)")
     args = p.parse_args(argv)
     if args.dry_run:

@@ -14,6 +14,7 @@ GPU has no peer to talk to):
     forward: all_reduce MAX of N*T fp32 + all_reduce SUM of 2*N*T fp32 (3*N*T with entropy)
     backward: none
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,23 +41,37 @@ def main(argv=None):
     g = torch.randn(N, T, device="cuda")
     rows = []
     w = V // args.P
-    shards = [("full", x, y)] + [(f"shard {r}/{args.P}", x[..., r * w:(r + 1) * w], (y - r * w))
-                                 for r in range(args.P)]
+    shards = [("full", x, y)] + [
+        (f"shard {r}/{args.P}", x[..., r * w : (r + 1) * w], (y - r * w)) for r in range(args.P)
+    ]
     for name, xs, ys in shards:
         _, c, ent = _kernels.triton_fwd(xs, ys, 1.0, True)
         out = torch.empty(xs.shape, device="cuda", dtype=xs.dtype)
-        for kind, fn in (("fwd", lambda: _kernels.triton_fwd(xs, ys, 1.0, False)),
-                         ("fwd_entropy", lambda: _kernels.triton_fwd(xs, ys, 1.0, True)),
-                         ("bwd", lambda: _kernels.triton_bwd(xs, ys, c, g, None, None, 1.0, out))):
+        for kind, fn in (
+            ("fwd", lambda: _kernels.triton_fwd(xs, ys, 1.0, False)),
+            ("fwd_entropy", lambda: _kernels.triton_fwd(xs, ys, 1.0, True)),
+            ("bwd", lambda: _kernels.triton_bwd(xs, ys, c, g, None, None, 1.0, out)),
+        ):
             ms = bench(fn)
             passes = 2 if kind == "bwd" else 1
             gbps = passes * xs.numel() * 2 / ms / 1e6
-            rows.append(dict(device=torch.cuda.get_device_name(), part=name, kernel=kind, V=xs.shape[-1],
-                             ms=f"{ms:.4f}", gbps=f"{gbps:.0f}", timing="do_bench"))
+            rows.append(
+                dict(
+                    device=torch.cuda.get_device_name(),
+                    part=name,
+                    kernel=kind,
+                    V=xs.shape[-1],
+                    ms=f"{ms:.4f}",
+                    gbps=f"{gbps:.0f}",
+                    timing="do_bench",
+                )
+            )
             print(f"{name:<12} {kind:<12} V={xs.shape[-1]:<7} {ms:8.3f} ms {gbps:7.0f} GB/s")
     nt = N * T
-    print(f"collectives per step: forward {nt * 4} B (MAX) + {2 * nt * 4} B (SUM; {3 * nt * 4} B with entropy); "
-          "backward 0 B")
+    print(
+        f"collectives per step: forward {nt * 4} B (MAX) + {2 * nt * 4} B (SUM; {3 * nt * 4} B with entropy); "
+        "backward 0 B"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -13,6 +13,7 @@ log-probs, the ratios against the old policy, the KL against a frozen copy
 of the initial model, the clipping and the mean, in one pass over the logits
 forward and one backward. Nothing is downloaded; the model is random at start.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,9 @@ from torch import nn
 import gspo_kernels
 
 DIGITS = 10
-EOS = DIGITS            # token 10: end of completion
-PAD = DIGITS + 1        # token 11: padding after EOS
-TARGET0 = DIGITS + 2    # tokens 12..30: the target S = 0..18
+EOS = DIGITS  # token 10: end of completion
+PAD = DIGITS + 1  # token 11: padding after EOS
+TARGET0 = DIGITS + 2  # tokens 12..30: the target S = 0..18
 VOCAB = TARGET0 + 19
 MAX_LEN = 4
 
@@ -69,7 +70,7 @@ def sample(model, targets, G, temperature):
     done = torch.zeros(B * G, dtype=torch.bool)
     for _ in range(MAX_LEN):
         logits = model(ids)[:, -1] / temperature
-        nxt = torch.multinomial(torch.softmax(logits[:, :EOS + 1], -1), 1).squeeze(-1)  # digits or EOS
+        nxt = torch.multinomial(torch.softmax(logits[:, : EOS + 1], -1), 1).squeeze(-1)  # digits or EOS
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         done |= nxt == EOS
         ids = torch.cat([ids, nxt.unsqueeze(-1)], -1)
@@ -104,17 +105,38 @@ def train(loss_name, steps, B=16, G=8, inner=2, lr=1e-3, beta=0.04, temperature=
             ref_lp = gspo_kernels.token_logprobs(completion_logits(ref, ids, B, G), tokens, temperature=temperature)
         for _ in range(inner):
             logits = completion_logits(model, ids, B, G)
-            loss, m = loss_fn(logits, tokens, r, mask, old_logprobs=old, ref_logprobs=ref_lp, beta=beta,
-                              kl="k3", temperature=temperature, **extra)
+            loss, m = loss_fn(
+                logits,
+                tokens,
+                r,
+                mask,
+                old_logprobs=old,
+                ref_logprobs=ref_lp,
+                beta=beta,
+                kl="k3",
+                temperature=temperature,
+                **extra,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        history.append(dict(step=step, reward=r.mean().item(), exact=(r == 1).float().mean().item(),
-                            kl=m["kl"].item(), clip_fraction=m["clip_fraction"].item(), loss=loss.item()))
+        history.append(
+            dict(
+                step=step,
+                reward=r.mean().item(),
+                exact=(r == 1).float().mean().item(),
+                kl=m["kl"].item(),
+                clip_fraction=m["clip_fraction"].item(),
+                loss=loss.item(),
+            )
+        )
         if log_every and (step % log_every == 0 or step == steps - 1):
             h = history[-1]
-            print(f"[{loss_name}] step {step:4d} reward {h['reward']:.3f} exact {h['exact']:.3f} "
-                  f"kl {h['kl']:.4f} clip {h['clip_fraction']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"[{loss_name}] step {step:4d} reward {h['reward']:.3f} exact {h['exact']:.3f} "
+                f"kl {h['kl']:.4f} clip {h['clip_fraction']:.3f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
     return history, time.time() - t0
 
 
@@ -155,16 +177,28 @@ def main(argv=None):
         hist, secs = train(name, args.steps, seed=args.seed)
         runs[name] = hist
         first, last = summarize(hist)
-        summary[name] = dict(steps=args.steps, seconds=round(secs, 1), reward_first10=round(first, 4),
-                             reward_last10=round(last, 4),
-                             exact_last10=round(sum(h["exact"] for h in hist[-10:]) / min(10, len(hist)), 4),
-                             clip_fraction_mean=round(sum(h["clip_fraction"] for h in hist) / len(hist), 4),
-                             kl_last10=round(sum(h["kl"] for h in hist[-10:]) / min(10, len(hist)), 5))
+        summary[name] = dict(
+            steps=args.steps,
+            seconds=round(secs, 1),
+            reward_first10=round(first, 4),
+            reward_last10=round(last, 4),
+            exact_last10=round(sum(h["exact"] for h in hist[-10:]) / min(10, len(hist)), 4),
+            clip_fraction_mean=round(sum(h["clip_fraction"] for h in hist) / len(hist), 4),
+            kl_last10=round(sum(h["kl"] for h in hist[-10:]) / min(10, len(hist)), 5),
+        )
         print(f"{name}: mean reward {first:.3f} (first 10 steps) -> {last:.3f} (last 10), {secs:.0f}s")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"command": "python -m examples.train_gspo " + " ".join(argv or []), "torch": torch.__version__,
-                   "runs": summary, "history": runs}, f, indent=1)
+        json.dump(
+            {
+                "command": "python -m examples.train_gspo " + " ".join(argv or []),
+                "torch": torch.__version__,
+                "runs": summary,
+                "history": runs,
+            },
+            f,
+            indent=1,
+        )
     try:
         plot(runs, os.path.join(args.out, "gspo_vs_grpo.png"))
     except ImportError:

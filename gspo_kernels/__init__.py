@@ -18,12 +18,31 @@ the logits (or hidden states and LM head), with a one-pass backward. Every op
 and loss takes ``vocab_group=`` for a vocabulary sharded over a
 ``torch.distributed`` group (tensor parallel, :mod:`gspo_kernels.vocab_parallel`).
 """
-from .losses import (ARTICLE_GSPO, GRPOLoss, GSPOLoss, LossOptions, PolicyLoss, contrast_advantage,
-                     group_norm_advantage, grpo_loss, gspo_loss, policy_loss, rollout_correction)
-from .errors import (DeviceError, DTypeError, GSPOKernelsError, InputValueError, OptionError, ShapeError,
-                     UnknownOptionError)
+
+from .errors import (
+    DeviceError,
+    DTypeError,
+    GSPOKernelsError,
+    InputValueError,
+    OptionError,
+    ShapeError,
+    UnknownOptionError,
+)
 from .linear import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import LogprobOptions, SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
+from .losses import (
+    ARTICLE_GSPO,
+    GRPOLoss,
+    GSPOLoss,
+    LossOptions,
+    PolicyLoss,
+    contrast_advantage,
+    group_norm_advantage,
+    grpo_loss,
+    gspo_loss,
+    policy_loss,
+    rollout_correction,
+)
 from .sequences import cu_seqlens_from_position_ids
 
 __all__ = [

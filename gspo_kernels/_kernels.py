@@ -28,6 +28,7 @@ parameters: ``BLOCK_V`` and ``ROWS`` (powers of two chosen from V's size
 class), ``VEC`` (elements per 16 bytes of the logits' dtype), the accumulator
 dtype and the ``ENTROPY`` switch.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,7 +73,8 @@ MID_V = 65_536
 MID_ROWS = 1
 for _item in filter(None, os.environ.get("GSPO_KERNELS_LARGE_V", "").split(",")):
     _kind, _cfg = _item.split("=")
-    LARGE_V[_kind] = tuple(int(v) for v in _cfg.split("x"))
+    _rows, _block = (int(v) for v in _cfg.split("x"))
+    LARGE_V[_kind] = (_rows, _block)
 # Cap on BLOCK_V (and so on TILE): tests lower it to exercise many blocks at a
 # small V in the interpreter.
 MAX_BLOCK_V = 1 << 16
@@ -80,9 +82,6 @@ MAX_BLOCK_V = 1 << 16
 # (ROWS * BLOCK_V = TILE): a V = 1,000 row alone would leave most of a
 # program idle and make the grid launch-bound.
 TILE = 4096
-# Block over T in the per-sequence reduction: T is at most a few thousand and
-# the reduction reads O(N*T) floats, so one 1024-wide block per loop step is ample.
-BLOCK_T = 1024
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -109,7 +108,7 @@ def block_config(V: int, kind: str = "fwd", itemsize: int = 4) -> BlockConfig:
         # fp64 exp2 and log2 are software sequences); 8 a thread leave headroom (sm_80/90/100,
         # Triton 3.9: 94-166).
         tile, per_thread = tile // 2, 8
-    if V > tile:
+    if tile < V:
         bv, warps = LARGE_V[kind]
         return BlockConfig(MID_ROWS if V <= MID_V else 1, min(bv * per_thread // 16, MAX_BLOCK_V), warps)
     b = max(16, 1 << max(0, math.ceil(math.log2(max(V, 1)))))
@@ -126,7 +125,7 @@ def collapse_rows(shape, strides):
     Raises ValueError if the strides cannot be expressed with three dims.
     """
     dims = [(s, st) for s, st in zip(shape, strides) if s != 1]
-    merged = []
+    merged: list[tuple[int, int]] = []
     for size, stride in reversed(dims):  # innermost first
         if merged and stride == merged[-1][0] * merged[-1][1]:
             merged[-1] = (merged[-1][0] * size, merged[-1][1])
@@ -204,7 +203,7 @@ if HAS_TRITON:
         common max ``M`` (0 for a row of only -inf: then ``S`` = 0); ``U`` is
         ``S`` when not ``ENTROPY``."""
         M = tl.max(m, AXIS)
-        M = tl.where(M == float("-inf"), 0.0, M)  # a row of only -inf: S = 0, lse = -inf
+        M = tl.where(float("-inf") == M, 0.0, M)  # a row of only -inf: S = 0, lse = -inf
         dm = tl.maximum((m - tl.expand_dims(M, AXIS)) * scale2, _FLOOR)
         w = tl.exp2(dm)
         S = tl.sum(s * w, AXIS)
@@ -215,8 +214,17 @@ if HAS_TRITON:
         return M, S, U
 
     @triton.jit
-    def _online_softmax(ptrs, live, V, scale2, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                        ACC: tl.constexpr, ENTROPY: tl.constexpr):
+    def _online_softmax(
+        ptrs,
+        live,
+        V,
+        scale2,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
+        ACC: tl.constexpr,
+        ENTROPY: tl.constexpr,
+    ):
         """Stream ROWS rows of V logits once; return per row the max logit ``M``
         (raw units) and, with ``c = log2(e) / tau`` (``scale2``) and
         ``z_v = c * (x_v - M)``: ``S = sum_v 2^z_v`` and (``ENTROPY``)
@@ -253,9 +261,27 @@ if HAS_TRITON:
         return _softmax_merge(m, s, u, scale2, 1, ENTROPY)
 
     @triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
-    def _logprob_fwd_kernel(X, Y, LOGP, LSE, ENT, n_rows, V, D1, D2, s0, s1, s2, inv_hi, inv_lo,
-                            ROWS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr,
-                            ENTROPY: tl.constexpr):
+    def _logprob_fwd_kernel(
+        X,
+        Y,
+        LOGP,
+        LSE,
+        ENT,
+        n_rows,
+        V,
+        D1,
+        D2,
+        s0,
+        s1,
+        s2,
+        inv_hi,
+        inv_lo,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
+        ACC: tl.constexpr,
+        ENTROPY: tl.constexpr,
+    ):
         """ROWS rows t (tokens) per program:
 
             lse_t  = logsumexp_v(x_t[v] / tau)
@@ -289,9 +315,33 @@ if HAS_TRITON:
             tl.store(ENT + rows, log_s - U / S * _LN2, mask=live)
 
     @triton.jit(do_not_specialize=["n_rows", "D1", "D2", "E1", "E2"])
-    def _logprob_bwd_kernel(X, Y, LSE, G, ENT, GH, DX, n_rows, V, D1, D2, s0, s1, s2, E1, E2, o0, o1, o2,
-                            inv_hi, inv_lo, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-                            ENTROPY: tl.constexpr):
+    def _logprob_bwd_kernel(
+        X,
+        Y,
+        LSE,
+        G,
+        ENT,
+        GH,
+        DX,
+        n_rows,
+        V,
+        D1,
+        D2,
+        s0,
+        s1,
+        s2,
+        E1,
+        E2,
+        o0,
+        o1,
+        o2,
+        inv_hi,
+        inv_lo,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        ACC: tl.constexpr,
+        ENTROPY: tl.constexpr,
+    ):
         """ROWS rows per program, for upstream gradients g_t (log-prob) and h_t (entropy):
 
             p_v      = exp(x_t[v] / tau - lse_t) = 2^((x_t[v] - c_t) * log2(e) / tau),  c_t = tau * lse_t
@@ -342,64 +392,6 @@ if HAS_TRITON:
                 d = tl.where(offs == y, gs, 0.0) - p * gs
             tl.store(dst + offs, d.to(DX.dtype.element_ty), mask=live[:, None] & inb)
 
-    @triton.jit
-    def _or(a, b):
-        return a | b
-
-    @triton.jit(do_not_specialize=["T", "V"])
-    def _seq_reduce_kernel(LOGP, MASK, OUT, LEN, TOK, LENS, FLAG, T, V, shrink, NORMALIZE: tl.constexpr,
-                           CHECK: tl.constexpr, GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per sequence n (deterministic, no atomics):
-
-            L_n = sum_t mask[n, t];   out_n = sum_t mask[n, t] * logp[n, t]  (/ L_n if NORMALIZE; 0 if L_n = 0)
-
-        ``CHECK`` (the caller's value checks, computed here instead of by ops of their own):
-        bit 1, ``0 <= LENS[n] <= T``; bit 2, ``0 <= TOK[n, t] < V`` where the mask is set;
-        ``FLAG[n]`` gets the failed bits (read once by the caller, after the kernels).
-        ``GRAD_SCALE``: ``LEN[n]`` gets ``d out_n / d (mask * logp)``, ``1 / L_n`` (0 if L_n = 0)
-        when NORMALIZE, else 1, instead of ``L_n``: what the backward multiplies by.
-
-        The sum runs on ``logp * shrink`` (``shrink = 2^-ceil(log2 T)``, exact),
-        so no partial sum can overflow: a mean of finite log-probs (each down
-        to -3.4e38) is finite, and the plain sum is inf only when it truly
-        exceeds the fp32 range. Bytes: reads O(T) floats of per-token stats;
-        never touches the logits.
-        """
-        n = tl.program_id(0).to(tl.int64)
-        acc = tl.zeros((BLOCK,), LOGP.dtype.element_ty)
-        cnt = tl.zeros((BLOCK,), LOGP.dtype.element_ty)
-        f = tl.zeros((BLOCK,), tl.int32)
-        for start in range(0, T, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = tl.load(MASK + n * T + offs, mask=offs < T, other=0.0)
-            lp = tl.load(LOGP + n * T + offs, mask=offs < T, other=0.0)
-            acc += tl.where(m != 0, lp * shrink, 0.0)
-            cnt += m
-            if CHECK & 2:
-                y = tl.load(TOK + n * T + offs, mask=(offs < T) & (m != 0), other=0)
-                f = f | tl.where((m != 0) & ((y < 0) | (y >= V)), 2, 0)
-        if CHECK != 0:
-            flag = tl.reduce(f, 0, _or)
-            if CHECK & 1:
-                Ln = tl.load(LENS + n)
-                flag = flag | tl.where((Ln < 0) | (Ln > T), 1, 0)
-            tl.store(FLAG + n, flag)
-        total = tl.sum(acc, 0)
-        length = tl.sum(cnt, 0)
-        if NORMALIZE:
-            total = tl.where(length > 0, total / tl.maximum(length, 1.0), 0.0)
-        tl.store(OUT + n, total / shrink)
-        if GRAD_SCALE:
-            if NORMALIZE:
-                if LOGP.dtype.element_ty == tl.float64:
-                    inv = 1.0 / tl.maximum(length, 1.0)
-                else:  # correctly rounded (a GPU's fp32 "/" is approximate): 1/L as the CPU computes it
-                    inv = tl.div_rn(length * 0.0 + 1.0, tl.maximum(length, 1.0))
-                length = tl.where(length > 0, inv, 0.0)
-            else:
-                length = length * 0.0 + 1.0
-        tl.store(LEN + n, length)
-
 
 def seq_shrink(T: int) -> float:
     """``2^-ceil(log2 T)``: a sum of T terms each within the float range, times this, stays within it."""
@@ -426,18 +418,32 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-def fwd_launch(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, logp: torch.Tensor,
-               lse: torch.Tensor, ent: torch.Tensor | None) -> Launch:
+def fwd_launch(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    inv_temp: float,
+    logp: torch.Tensor,
+    lse: torch.Tensor,
+    ent: torch.Tensor | None,
+) -> Launch:
     V = logits.shape[-1]
     rows = logp.numel()
     (_, s0), (D1, s1), (D2, s2) = collapse_rows(logits.shape[:-1], logits.stride()[:-1])
     cfg = block_config(V, "fwd", logits.element_size())
     hi, lo = split_float(inv_temp)
-    return Launch(_logprob_fwd_kernel, (triton.cdiv(rows, cfg.rows),),
-                  (logits, tokens.reshape(-1), logp, lse, lse if ent is None else ent, rows, V, D1, D2, s0, s1, s2,
-                   hi, lo),
-                  dict(ROWS=cfg.rows, BLOCK_V=cfg.block_v, VEC=max(1, min(cfg.block_v, 16 // logits.element_size())),
-                       ACC=_acc(logits.dtype), ENTROPY=ent is not None, num_warps=cfg.num_warps))
+    return Launch(
+        _logprob_fwd_kernel,
+        (triton.cdiv(rows, cfg.rows),),
+        (logits, tokens.reshape(-1), logp, lse, lse if ent is None else ent, rows, V, D1, D2, s0, s1, s2, hi, lo),
+        dict(
+            ROWS=cfg.rows,
+            BLOCK_V=cfg.block_v,
+            VEC=max(1, min(cfg.block_v, 16 // logits.element_size())),
+            ACC=_acc(logits.dtype),
+            ENTROPY=ent is not None,
+            num_warps=cfg.num_warps,
+        ),
+    )
 
 
 def bwd_launch(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out) -> Launch:
@@ -448,12 +454,34 @@ def bwd_launch(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out) -
     cfg = block_config(V, "bwd", logits.element_size())
     hi, lo = split_float(inv_temp)
     entropy = grad_ent is not None
-    return Launch(_logprob_bwd_kernel, (triton.cdiv(rows, cfg.rows),),
-                  (logits, tokens.reshape(-1), lse.reshape(-1), grad.reshape(-1),
-                   ent.reshape(-1) if entropy else lse, grad_ent.reshape(-1) if entropy else lse, out,
-                   rows, V, D1, D2, s0, s1, s2, E1, E2, o0, o1, o2, hi, lo),
-                  dict(ROWS=cfg.rows, BLOCK_V=cfg.block_v, ACC=_acc(logits.dtype), ENTROPY=entropy,
-                       num_warps=cfg.num_warps))
+    return Launch(
+        _logprob_bwd_kernel,
+        (triton.cdiv(rows, cfg.rows),),
+        (
+            logits,
+            tokens.reshape(-1),
+            lse.reshape(-1),
+            grad.reshape(-1),
+            ent.reshape(-1) if entropy else lse,
+            grad_ent.reshape(-1) if entropy else lse,
+            out,
+            rows,
+            V,
+            D1,
+            D2,
+            s0,
+            s1,
+            s2,
+            E1,
+            E2,
+            o0,
+            o1,
+            o2,
+            hi,
+            lo,
+        ),
+        dict(ROWS=cfg.rows, BLOCK_V=cfg.block_v, ACC=_acc(logits.dtype), ENTROPY=entropy, num_warps=cfg.num_warps),
+    )
 
 
 def triton_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, entropy: bool = False):
@@ -474,50 +502,3 @@ def triton_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp: float, out: t
     if lse.numel():
         bwd_launch(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out)()
     return out
-
-
-@dataclass(frozen=True)
-class SeqChecks:
-    """Value checks the per-sequence reduction computes (``_seq_reduce_kernel``'s ``CHECK``):
-    ``lengths`` (...) in ``[0, T]`` (bit 1) and ``tokens`` (..., T) in ``[0, vocab)`` where the
-    mask is set (bit 2); either may be None."""
-
-    tokens: Any = None
-    vocab: int = 0
-    lengths: Any = None
-
-    @property
-    def bits(self) -> dict:
-        """Kind -> bit index in the flags (``CHECK`` holds ``1 << index``)."""
-        return {k: b for k, b, t in (("lengths", 0, self.lengths), ("ids", 1, self.tokens)) if t is not None}
-
-
-def triton_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool, checks: SeqChecks = None,
-                      grad_scale: bool = False):
-    """Per-sequence masked sum (or mean) of ``logp`` (..., T). Returns (values, lengths), each (...)
-    (``grad_scale``: the backward's per-sequence factor instead of lengths, see the kernel), and
-    with ``checks`` their per-sequence flags (int32 (N,), failed ``checks.bits``)."""
-    T = logp.shape[-1]
-    flags = torch.empty(0 if checks is None else logp.numel() // max(T, 1), dtype=torch.int32, device=logp.device)
-    if T == 0 or logp.numel() == 0:  # no tokens: every sequence is empty (0, L = 0)
-        z = logp.new_zeros(logp.shape[:-1])
-        return (z, torch.zeros_like(z)) if checks is None else (z, torch.zeros_like(z), flags.zero_())
-    out = torch.empty(logp.numel() // T, dtype=logp.dtype, device=logp.device)
-    length = torch.empty_like(out)
-    seq_reduce_launch(logp, maskf, normalize, checks, grad_scale, out, length, flags)()
-    res = (out.reshape(logp.shape[:-1]), length.reshape(logp.shape[:-1]))
-    return res if checks is None else (*res, flags)
-
-
-def seq_reduce_launch(logp, maskf, normalize: bool, checks, grad_scale: bool, out, length, flags) -> Launch:
-    """The per-sequence reduction's launch (see ``triton_seq_reduce``; T >= 1, N >= 1)."""
-    T = logp.shape[-1]
-    lp = logp.reshape(-1, T)
-    mk = maskf.reshape(-1, T)
-    bits = 0 if checks is None else sum(1 << b for b in checks.bits.values())
-    tok = lp if not bits & 2 else checks.tokens.reshape(-1, T).contiguous()
-    lens = lp if not bits & 1 else checks.lengths.reshape(-1).contiguous()
-    return Launch(_seq_reduce_kernel, (out.numel(),),
-                  (lp, mk, out, length, tok, lens, flags if bits else out, T, checks.vocab if bits else 0,
-                   seq_shrink(T)),
-                  dict(NORMALIZE=normalize, CHECK=bits, GRAD_SCALE=grad_scale, BLOCK=BLOCK_T, num_warps=4))

@@ -1,7 +1,7 @@
 """Fused Triton kernels for the hidden-state path: per-token log-probs and
 entropy of ``softmax((hidden @ weight.T + bias) / tau)`` and their gradients
 w.r.t. ``hidden``, ``weight`` and ``bias``; no logit is ever written to memory.
-Launch builders here; ``linear.fused_fwd`` / ``fused_bwd`` drive them.
+Tiles and launch plans: :mod:`._launch_linear`; ``linear.fused_fwd`` / ``fused_bwd`` drive them.
 
 Notation: ``R`` rows (tokens), ``H`` hidden width, ``V`` vocabulary (this
 rank's shard under tensor parallelism), ``x = hidden @ weight.T + bias`` the
@@ -62,115 +62,16 @@ Taken: bf16, fp16, fp32 (fp32 products as 3xTF32, ~fp32 accuracy on the
 tensor cores, unless torch allows TF32 matmuls); any strides, R, H, V.
 fp64 goes to the chunked path (``linear.py``).
 """
+
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
-import torch
-
-from ._kernels import HAS_TRITON, Launch
+from ._kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from ._kernels import _FLOOR, _LN2, _LOG2E, _softmax_update
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """``BLOCK_M x BLOCK_N`` output tile, ``BLOCK_K`` reduction step, warps, pipeline stages."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# GPU tiles, per (operand bytes, sm_90 or newer, rows aligned: ``aligned_rows``): each
-# kernel kind's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Chosen by
-# compiling for sm_80/90/100 (tests/test_codegen.py prints the registers:
-# none spills) among Triton's usual matmul tiles: the largest that leave room
-# for the softmax epilogue, and headroom under the 255-register limit (so that
-# another Triton or ptxas does not spill). Not yet timed on a GPU.
-# Registers below are Triton 3.9's unless said (with entropy, the largest).
-# - 16-bit, sm_90+: logit tiles 128 x 64, K steps of 64, 8 warps (two
-#   warpgroups of wgmma), 3 stages (72 KB of shared memory to hide a step's
-#   latency): at 128 x 128 the softmax epilogues took 232-240 (sm_90) and
-#   250-255 (sm_100) registers; at 128 x 64, 175 / 173 (forward) and 105 / 80
-#   (dz; the gradient filter's tiles are these). The products (no epilogue)
-#   keep 128 x 128 output tiles: 88-161.
-# - 16-bit, sm_80 (mma.sync also holds operand fragments in registers): logit
-#   tiles 128 x 64, the forward with K steps of 32 and 4 stages (159-161; at
-#   128 x 128, 220-227, and 249-251 with Triton 3.6), dz with K steps of 64 (at
-#   128 x 128 its entropy epilogue spilled 16 bytes).
-# - fp32 (3xTF32: each operand split into hi + lo in registers): 128 x 64 with
-#   K steps of 16: at K steps of 32 the sm_80 forward took all 255 and
-#   grad_hidden 248-250; at 16, 167-179.
-# - rows Triton cannot prove aligned (H = 897, or 904 in bf16) get no
-#   asynchronous 16-byte copies and stage through registers, 2 stages: forward
-#   128 x 64 with K steps of 16 (at 32: 247), dz 128 x 64 x 32, products 128 x
-#   32 x 32 (at 128 x 64: 238-240); fp32 128 x 64 x 16.
-# The product kernels' BLOCK_M is the dz tile's side along their M (one flag
-# per A tile); their BLOCK_K must divide the dz tile's sides.
-def _same(t: Tiles) -> dict:
-    return {"fwd": t, "dz": t, "gemm": t}
-
-
-GPU_TILES = {
-    (2, True, True): {"fwd": Tiles(128, 64, 64, 8, 3), "dz": Tiles(128, 64, 64, 8, 3),
-                      "gemm": Tiles(128, 128, 64, 8, 3)},
-    (2, False, True): {"fwd": Tiles(128, 64, 32, 8, 4), "dz": Tiles(128, 64, 64, 8, 3),
-                       "gemm": Tiles(128, 128, 32, 8, 4)},
-    (4, True, True): _same(Tiles(128, 64, 16, 8, 3)),
-    (4, False, True): _same(Tiles(128, 64, 16, 8, 3)),
-    (2, True, False): {"fwd": Tiles(128, 64, 16, 8, 2), "dz": Tiles(128, 64, 32, 8, 2),
-                       "gemm": Tiles(128, 32, 32, 8, 2)},
-    (2, False, False): {"fwd": Tiles(128, 64, 16, 8, 2), "dz": Tiles(128, 64, 32, 8, 2),
-                        "gemm": Tiles(128, 32, 32, 8, 2)},
-    (4, True, False): _same(Tiles(128, 64, 16, 8, 2)),
-    (4, False, False): _same(Tiles(128, 64, 16, 8, 2)),
-}
-# The interpreter runs each program as NumPy, its cost per operation: logit
-# tiles of 16 rows x 32 columns (16 is tl.dot's smallest side) put the tests'
-# tiny shapes over several tiles; K steps of 32 and 32-wide product tiles
-# keep the loops short.
-INTERPRET_TILES = {"fwd": Tiles(16, 32, 32, 1, 1), "dz": Tiles(16, 32, 32, 1, 1), "gemm": Tiles(16, 32, 32, 1, 1)}
-# The split combine's block: ROWS x SPLITS states, looping over the splits (in the
-# interpreter 2 splits a step, so that the tests' few splits take several steps).
-COMBINE_SPLITS, COMBINE_ROWS = (2, 16) if INTERPRET else (32, 32)
-
-
-def aligned_rows(*ts: torch.Tensor) -> bool:
-    """Whether the kernels' loads of these (rows, H) operands vectorise, as Triton decides it: it
-    specialises integer arguments on divisibility by 16 (elements, whatever the dtype) and
-    pointers on 16-byte alignment, so every row must be contiguous, its stride and H multiples
-    of 16 elements and the first row 16-byte aligned (bf16 with H = 8 mod 16 has 16-byte rows,
-    but Triton cannot prove it: not aligned here)."""
-    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.shape[-1] % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in ts)
-
-
-def tile_set(dtype: torch.dtype, device: torch.device, aligned: bool = True, arch: int | None = None) -> dict:
-    """The tiles for this dtype on ``device`` (CPU: the interpreter's), or for CUDA arch ``arch`` (e.g. 90).
-    sm_90 and sm_100 (wgmma, tcgen05, 228 KB of shared memory) take the large tiles; sm_80 and the
-    rest (mma.sync; sm_120 has ~100 KB) the sm_80 ones."""
-    if arch is None:
-        if device.type != "cuda":
-            return INTERPRET_TILES
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = 10 * major + minor
-    return GPU_TILES[(4 if dtype == torch.float32 else 2, 90 <= arch < 120, aligned)]
-
-
-def supported(hidden: torch.Tensor) -> bool:
-    """Whether the fused kernels take this input (dtype); the rest use the chunked path."""
-    return HAS_TRITON and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
-
 
 if HAS_TRITON:
 
@@ -180,9 +81,26 @@ if HAS_TRITON:
         return tl.cast(x, tl.int64)
 
     @triton.jit
-    def _logit_tile(X, W, B, rows, rmask, cols, cmask, K, sxr, sxk, swv, swk, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+    def _logit_tile(
+        X,
+        W,
+        B,
+        rows,
+        rmask,
+        cols,
+        cmask,
+        K,
+        sxr,
+        sxk,
+        swv,
+        swk,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREC: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
         """``hidden[rows] @ weight[cols].T (+ bias[cols])`` as a (BLOCK_M, BLOCK_N) fp32
         tile: K steps of ``tl.dot`` on (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) operands. The strides
         are int64: every offset that meets one is 64-bit."""
@@ -205,10 +123,32 @@ if HAS_TRITON:
         return acc
 
     @triton.jit(do_not_specialize=["R", "n_split"])
-    def _linear_fwd_kernel(X, W, B, Y, VALID, STATS, R, V, K, span, n_split, sxr, sxk, swv, swk, inv,
-                           HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, ENTROPY: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    def _linear_fwd_kernel(
+        X,
+        W,
+        B,
+        Y,
+        VALID,
+        STATS,
+        R,
+        V,
+        K,
+        span,
+        n_split,
+        sxr,
+        sxk,
+        swv,
+        swk,
+        inv,
+        HAS_BIAS: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREC: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
         """Rows ``[m BLOCK_M, (m + 1) BLOCK_M)`` against vocabulary split ``s``
         (columns ``[s span, (s + 1) span)``): per row, with ``z = (x - m_r) log2(e) / tau``,
 
@@ -235,8 +175,26 @@ if HAS_TRITON:
         for v0 in range(lo, hi, BLOCK_N):
             j = tl.arange(0, BLOCK_N)
             cm = j < hi - v0
-            x = _logit_tile(X, W, B, rows, live, v0 + j, cm, K, sxr, sxk, swv, swk, HAS_BIAS, BLOCK_M, BLOCK_N,
-                            BLOCK_K, PREC, DOT_F32)
+            x = _logit_tile(
+                X,
+                W,
+                B,
+                rows,
+                live,
+                v0 + j,
+                cm,
+                K,
+                sxr,
+                sxk,
+                swv,
+                swk,
+                HAS_BIAS,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                PREC,
+                DOT_F32,
+            )
             x = tl.where(cm[None, :], x, float("-inf"))
             yt = tl.where((y >= v0) & (y < hi), y - v0, -1).to(tl.int32)  # the sampled column in this tile, or -1
             t += tl.sum(tl.where(j[None, :] == yt[:, None], x, 0.0), 1)
@@ -250,8 +208,20 @@ if HAS_TRITON:
         tl.store(STATS + 3 * plane + off, t, mask=inside)
 
     @triton.jit(do_not_specialize=["R", "n_split"])
-    def _linear_combine_kernel(STATS, VALID, LOGP, LSE, ENT, R, n_split, inv, HAS_VALID: tl.constexpr,
-                               ENTROPY: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr):
+    def _linear_combine_kernel(
+        STATS,
+        VALID,
+        LOGP,
+        LSE,
+        ENT,
+        R,
+        n_split,
+        inv,
+        HAS_VALID: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        ROWS: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
         """Merge the splits' states per row, in split order (``_softmax_merge``'s formulas, over
         the splits in steps of SPLITS: the common max first, then the rescaled sums), into
 
@@ -269,7 +239,7 @@ if HAS_TRITON:
             msk = inside[:, None] & (s0 + sp < n_split)[None, :]
             off = rows[:, None] * n_split + (s0 + sp)[None, :]
             M = tl.maximum(M, tl.max(tl.load(STATS + off, mask=msk, other=float("-inf")), 1))
-        M = tl.where(M == float("-inf"), 0.0, M)  # a row of only -inf: S = 0
+        M = tl.where(float("-inf") == M, 0.0, M)  # a row of only -inf: S = 0
         S = tl.zeros((ROWS,), tl.float32)
         U = tl.zeros((ROWS,), tl.float32)
         t = tl.zeros((ROWS,), tl.float32)
@@ -298,10 +268,39 @@ if HAS_TRITON:
             tl.store(ENT + rows, tl.where(ok, log_s - U / S * _LN2, 0.0), mask=inside)
 
     @triton.jit(do_not_specialize=["R", "v0", "ncols", "sfr"])
-    def _linear_dz_kernel(X, W, B, Y, C, G, ENT, GH, DZ, FLAG, R, K, v0, ncols, width, sxr, sxk, swv, swk, sdr, sfr,
-                          inv, thr, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, FILTER: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                          DOT_F32: tl.constexpr):
+    def _linear_dz_kernel(
+        X,
+        W,
+        B,
+        Y,
+        C,
+        G,
+        ENT,
+        GH,
+        DZ,
+        FLAG,
+        R,
+        K,
+        v0,
+        ncols,
+        width,
+        sxr,
+        sxk,
+        swv,
+        swk,
+        sdr,
+        sfr,
+        inv,
+        thr,
+        HAS_BIAS: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        FILTER: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREC: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
         """One (BLOCK_M x BLOCK_N) tile of ``dz`` for vocabulary columns ``v0 + [0, ncols)``:
         recompute ``x`` (``tl.dot`` over H), ``p = 2^((x - c) log2(e) / tau)``, then
 
@@ -329,8 +328,26 @@ if HAS_TRITON:
             cm = loc < ncols
             # Inactive rows (their hidden states are not read: NaN there stays out) get
             # c = +inf, so p = 0 and dz = 0 exactly.
-            x = _logit_tile(X, W, B, rows, act, v0 + loc.to(tl.int64), cm, K, sxr, sxk, swv, swk, HAS_BIAS,
-                            BLOCK_M, BLOCK_N, BLOCK_K, PREC, DOT_F32)
+            x = _logit_tile(
+                X,
+                W,
+                B,
+                rows,
+                act,
+                v0 + loc.to(tl.int64),
+                cm,
+                K,
+                sxr,
+                sxk,
+                swv,
+                swk,
+                HAS_BIAS,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                PREC,
+                DOT_F32,
+            )
             c = tl.where(act, tl.load(C + rows, mask=act, other=0.0), float("inf"))
             gs = tl.where(act, g * inv, 0.0)[:, None]
             y = tl.load(Y + rows, mask=act, other=-1).to(tl.int64) - v0
@@ -349,17 +366,49 @@ if HAS_TRITON:
             # Masked by the buffer's width, not ncols: the last slice's tile columns past ncols
             # (p = 0 there) stay inside the buffer and are never read, and the stores stay
             # 16-byte vectors (width is a multiple of 16).
-            tl.store((DZ + rows * sdr)[:, None] + loc[None, :], d.to(DZ.dtype.element_ty),
-                     mask=live[:, None] & (loc < width)[None, :])
+            tl.store(
+                (DZ + rows * sdr)[:, None] + loc[None, :],
+                d.to(DZ.dtype.element_ty),
+                mask=live[:, None] & (loc < width)[None, :],
+            )
             if FILTER:  # used: any p >= thr (or NaN), or a sampled token in the tile
                 flag = tl.max(tl.max(tl.where(p < thr, 0, 1) | hit.to(tl.int32), 1), 0)
         tl.store(FLAG + pid_m.to(tl.int64) * sfr + pid_n, flag.to(tl.int8))
 
-    def _linear_grad(A, Bm, OUT, ACC, FLAG, IDX, CNT, BOUT, KACT, M, N, K, sam, sak, sbk, sbn, som, son,
-                            sfm, sfk, sidx, ACCUM: tl.constexpr, DOT: tl.constexpr, BIAS: tl.constexpr,
-                            HAS_KACT: tl.constexpr, SPARSE: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAG_K: tl.constexpr, PREC: tl.constexpr,
-                            DOT_F32: tl.constexpr):
+    def _linear_grad(
+        A,
+        Bm,
+        OUT,
+        ACC,
+        FLAG,
+        IDX,
+        CNT,
+        BOUT,
+        KACT,
+        M,
+        N,
+        K,
+        sam,
+        sak,
+        sbk,
+        sbn,
+        som,
+        son,
+        sfm,
+        sfk,
+        sidx,
+        ACCUM: tl.constexpr,
+        DOT: tl.constexpr,
+        BIAS: tl.constexpr,
+        HAS_KACT: tl.constexpr,
+        SPARSE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        FLAG_K: tl.constexpr,
+        PREC: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
         """``OUT[M, N] = (ACC +) A[M, K] @ Bm[K, N]`` over the dz tiles that hold
         something (flag set), in increasing K: fp32 accumulation, one rounding to
         OUT's dtype. ``CNT[pid_m]``: how many K blocks (of FLAG_K) are flagged for
@@ -433,98 +482,3 @@ if HAS_TRITON:
 if HAS_TRITON:
     _linear_grad_kernel = triton.jit(do_not_specialize=["K", "sfm", "sfk", "sidx"])(_linear_grad)
     _linear_gradh_kernel = triton.jit(do_not_specialize=["M", "sfm", "sfk", "sidx"])(_linear_grad)
-
-
-def _dot_f32(dtype: torch.dtype) -> bool:
-    """Interpreter only: its tl.dot multiplies bf16 operands' storage (uint16) as
-    integers, so bf16 operands are widened to fp32 first there (exact; the GPU's
-    MMA also accumulates their products in fp32). Compiled kernels never widen."""
-    return INTERPRET and dtype == torch.bfloat16
-
-
-def _prec(dtype: torch.dtype) -> str:
-    """fp32 products: 3xTF32 (~fp32 accuracy) unless torch allows TF32 matmuls; bf16/fp16: the MMA's own."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
-    return "tf32"
-
-
-def fwd_launches(hidden, weight, bias, tokens, valid, inv_temp, logp, lse, ent, stats, span, tiles) -> list[Launch]:
-    """The two forward launches (tiles x splits, then the combine) for these tensors."""
-    R, K = hidden.shape
-    V = weight.shape[0]
-    n_split = stats.shape[-1]
-    t = tiles["fwd"]
-    fwd = Launch(_linear_fwd_kernel, (triton.cdiv(R, t.block_m), n_split),
-                 (hidden, weight, bias if bias is not None else hidden, tokens,
-                  valid if valid is not None else tokens, stats, R, V, K, span, n_split,
-                  hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_temp),
-                 dict(HAS_BIAS=bias is not None, HAS_VALID=valid is not None, ENTROPY=ent is not None,
-                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, PREC=_prec(hidden.dtype),
-                      DOT_F32=_dot_f32(hidden.dtype), num_warps=t.num_warps, num_stages=t.num_stages))
-    # Combine: 4 warps over (ROWS, SPLITS) = (32, 32) blocks of 1,024 states (8 a thread and
-    # quantity), looping over the splits: it moves 16 bytes a row and split, so any block that
-    # keeps registers low will do; fixed, so that one variant serves every n_split.
-    splits, rows = COMBINE_SPLITS, COMBINE_ROWS
-    comb = Launch(_linear_combine_kernel, (triton.cdiv(R, rows),),
-                  (stats, valid if valid is not None else tokens, logp, lse, ent if ent is not None else logp,
-                   R, n_split, inv_temp),
-                  dict(HAS_VALID=valid is not None, ENTROPY=ent is not None, ROWS=rows, SPLITS=splits,
-                       num_warps=4))
-    return [fwd, comb]
-
-
-def _gemm(kernel, a, sa, b, sb, out, so, acc, flags, M, N, K, bm, flag_k, bout, kact, dot, sparse, prec,
-          t: Tiles) -> Launch:
-    """``out = (acc +) a @ b`` launch of ``kernel`` (``_linear_grad_kernel`` where K is the row
-    count, ``_linear_gradh_kernel`` where M is); ``sa, sb, so`` the (M/K, K/N, M/N) strides; ``flags``
-    (M blocks of ``bm`` x K blocks of ``flag_k``, the dz tiles) select the K blocks. The K
-    step is the tiles' BLOCK_K or ``flag_k``, the smaller."""
-    bk = min(t.block_k, flag_k)
-    assert flag_k % bk == 0, "the product's K step must divide the dz tile"
-    cnt = flags.sum(1, dtype=torch.int32)
-    # SPARSE: the flagged K blocks first, in increasing order (a stable sort; on the device, no sync).
-    idx = torch.sort((flags == 0).to(torch.int8), dim=1, stable=True).indices.to(torch.int32).contiguous() \
-        if sparse else cnt
-    return Launch(kernel, (triton.cdiv(M, bm), triton.cdiv(N, t.block_n) if dot else 1),
-                  (a, b, out, acc if acc is not None else out, flags, idx, cnt, bout if bout is not None else out,
-                   kact if kact is not None else cnt, M, N, K, *sa, *sb, *so, *flags.stride(),
-                   idx.stride(0) if sparse else 0),
-                  dict(ACCUM=acc is not None, DOT=dot, BIAS=bout is not None, HAS_KACT=kact is not None,
-                       SPARSE=sparse, BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk, FLAG_K=flag_k, PREC=prec,
-                       DOT_F32=_dot_f32(a.dtype), num_warps=t.num_warps, num_stages=t.num_stages))
-
-
-def bwd_launches(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp, thr, dz, flags, v0, ncols,
-                 grad_h, acc_h, grad_w, grad_b, active, tiles) -> list[Launch]:
-    """The launches for one vocabulary slice ``[v0, v0 + ncols)``: the dz Launch, then
-    callables that build the grad_weight (and grad_bias) and grad_hidden Launches from
-    the flags dz wrote (into ``grad_h``, adding ``acc_h``, the fp32 accumulator, unless
-    None: the first slice). ``active``: int8 (R,), rows with an upstream gradient."""
-    R, K = hidden.shape
-    t = tiles["dz"]
-    prec = _prec(hidden.dtype)
-    entropy = gh is not None
-    out = [Launch(_linear_dz_kernel, (triton.cdiv(R, t.block_m), triton.cdiv(ncols, t.block_n)),
-                  (hidden, weight, bias if bias is not None else hidden, tokens, c, g, ent if entropy else c,
-                   gh if entropy else g, dz, flags, R, K, v0, ncols, dz.shape[1], hidden.stride(0), hidden.stride(1),
-                   weight.stride(0), weight.stride(1), dz.stride(0), flags.stride(0), inv_temp,
-                   thr if thr is not None else 0.0),
-                  dict(HAS_BIAS=bias is not None, ENTROPY=entropy, FILTER=thr is not None, BLOCK_M=t.block_m,
-                       BLOCK_N=t.block_n, BLOCK_K=t.block_k, PREC=prec, DOT_F32=_dot_f32(hidden.dtype),
-                       num_warps=t.num_warps, num_stages=t.num_stages))]
-    flags = flags[:, :triton.cdiv(ncols, t.block_n)]  # this slice's tiles
-    if grad_w is not None or grad_b is not None:  # grad_weight[v0 + i] = sum_r dz[r, i] hidden[r]
-        gw = grad_w[v0:v0 + ncols] if grad_w is not None else dz
-        gb = grad_b[v0:v0 + ncols] if grad_b is not None else None
-        out.append(lambda: _gemm(_linear_grad_kernel, dz, (dz.stride(1), dz.stride(0)), hidden,
-                                 (hidden.stride(0), hidden.stride(1)), gw, (gw.stride(0), gw.stride(1)), None,
-                                 flags.t(), ncols, K, R, t.block_n, t.block_m, gb, active, grad_w is not None,
-                                 thr is not None, prec, tiles["gemm"]))
-    if grad_h is not None:  # grad_hidden[r] (+)= sum_i dz[r, i] weight[v0 + i]
-        w = weight[v0:v0 + ncols]
-        out.append(lambda: _gemm(_linear_gradh_kernel, dz, (dz.stride(0), dz.stride(1)), w,
-                                 (w.stride(0), w.stride(1)), grad_h, (grad_h.stride(0), grad_h.stride(1)), acc_h,
-                                 flags, R, K, ncols, t.block_m, t.block_n, None, None, True, thr is not None, prec,
-                                 tiles["gemm"]))
-    return out

@@ -16,6 +16,7 @@ path runs, torch's intra-op thread count is set to 1 process-wide (restored
 afterwards). The values do not depend on the thread count: each row is reduced
 by one thread in a fixed order.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,15 +61,14 @@ def _blocks(t: torch.Tensor) -> list:
     """(row_start, (rows, V) view) over the flattened leading dims of ``t``, no copy."""
     V = t.shape[-1]
     (D0, s0), (D1, s1), (D2, s2) = collapse_rows(t.shape[:-1], t.stride()[:-1])
-    view = torch.as_strided(t, (D0, D1, D2, V), (s0, s1, s2, t.stride(-1) if V > 1 else 1),
-                            t.storage_offset())
+    view = torch.as_strided(t, (D0, D1, D2, V), (s0, s1, s2, t.stride(-1) if V > 1 else 1), t.storage_offset())
     chunk = _chunk_rows(V)
     out: list[tuple[int, torch.Tensor]] = []
     row = 0
     for i0 in range(D0):
         for i1 in range(D1):
             rows = view[i0, i1]
-            out.extend((row + r, rows[r:r + chunk]) for r in range(0, D2, chunk))
+            out.extend((row + r, rows[r : r + chunk]) for r in range(0, D2, chunk))
             row += D2
     return out
 
@@ -83,11 +83,10 @@ def _run(blocks: list, work, V: int, acc: torch.dtype, device, nbuf: int) -> Non
     if not blocks:
         return
     on_cpu = torch.device(device).type == "cpu"  # other devices' ops are asynchronous: one worker
-    with (_single_threaded_ops() if on_cpu else contextlib.nullcontext(1)) as threads, torch.no_grad():
+    with _single_threaded_ops() if on_cpu else contextlib.nullcontext(1) as threads, torch.no_grad():
         n_workers = max(1, min(threads, len(blocks)))
         rows = min(_chunk_rows(V), max(b.shape[0] for _, b in blocks))
-        scratch = [[torch.empty(rows, V, dtype=acc, device=device) for _ in range(nbuf)]
-                   for _ in range(n_workers)]
+        scratch = [[torch.empty(rows, V, dtype=acc, device=device) for _ in range(nbuf)] for _ in range(n_workers)]
         if n_workers == 1:
             for i in range(len(blocks)):
                 work(i, scratch[0])
@@ -133,25 +132,33 @@ def torch_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float, entro
         # logits, so the row's log-prob, entropy and gradient are NaN, as in the kernels.
         m.masked_fill_(m == float("-inf"), 0.0)
         xs.sub_(m).mul_(inv_temp)  # differences before scaling, as the kernel; max 0 (or NaN)
-        xy = xs.gather(-1, y_all[r:r + n].unsqueeze(-1)).squeeze(-1)
+        xy = xs.gather(-1, y_all[r : r + n].unsqueeze(-1)).squeeze(-1)
         if entropy:
             l = torch.exp(xs, out=scratch[1][:n]).sum(-1).log_()  # logsumexp: the max is 0
         else:
             l = xs.exp_().sum(-1).log_()
-        flat_lse[r:r + n] = m.squeeze(-1) + l / inv_temp  # c = tau * lse: logit units, as the kernel saves
-        flat_logp[r:r + n] = xy - l
+        flat_lse[r : r + n] = m.squeeze(-1) + l / inv_temp  # c = tau * lse: logit units, as the kernel saves
+        flat_logp[r : r + n] = xy - l
         if entropy:  # H = -sum_v p_v log p_v (no lse - E[x] cancellation); p = 0 entries contribute 0
             xs.sub_(l.unsqueeze(-1))
             p = torch.exp(xs, out=scratch[1][:n])
             xs.masked_fill_(p == 0, 0.0)
-            flat_ent[r:r + n] = -p.mul_(xs).sum(-1)
+            flat_ent[r : r + n] = -p.mul_(xs).sum(-1)
 
     _run(blocks, work, V, acc, logits.device, 2 if entropy else 1)
     return logp, lse, ent
 
 
-def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-              ent, grad_ent, inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+def torch_bwd(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    ent,
+    grad_ent,
+    inv_temp: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """``dx = (g (1[v = y] - p) - h p (log p + H)) / tau`` (h term when ``grad_ent`` is given),
     written into ``out`` (the logits' shape; may be the logits themselves). Rows whose upstream
     gradients are all zero get exact zeros, whatever their logits hold."""
@@ -178,7 +185,7 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
         out_rows = out.detach().view(-1, V)  # a fresh gradient buffer is contiguous
 
         def target(i, r, n):
-            return out_rows[r:r + n]
+            return out_rows[r : r + n]
 
     def work(i, scratch):
         r, x = blocks[i]
@@ -186,19 +193,19 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
         o = target(i, r, n)
         logp = scratch[0][:n]  # log p = (x - c) / tau, then p, in place
         logp.copy_(x)
-        logp.sub_(lse_all[r:r + n].unsqueeze(-1)).mul_(inv_temp)
-        scale = scale_all[r:r + n].unsqueeze(-1)
+        logp.sub_(lse_all[r : r + n].unsqueeze(-1)).mul_(inv_temp)
+        scale = scale_all[r : r + n].unsqueeze(-1)
         if h_all is None:
             p = logp.exp_()
             p.mul_(-scale)
         else:
             assert h_all is not None and H_all is not None
             p = torch.exp(logp, out=scratch[1][:n])
-            hs = (h_all[r:r + n] * inv_temp).unsqueeze(-1)
-            logp.add_(H_all[r:r + n].unsqueeze(-1)).masked_fill_(p == 0, 0.0).mul_(hs).add_(scale).mul_(p).neg_()
+            hs = (h_all[r : r + n] * inv_temp).unsqueeze(-1)
+            logp.add_(H_all[r : r + n].unsqueeze(-1)).masked_fill_(p == 0, 0.0).mul_(hs).add_(scale).mul_(p).neg_()
             p = logp
-        p.scatter_add_(-1, y_all[r:r + n].unsqueeze(-1), scale * inside[r:r + n].unsqueeze(-1))
-        p.masked_fill_(inactive[r:r + n].unsqueeze(-1), 0.0)
+        p.scatter_add_(-1, y_all[r : r + n].unsqueeze(-1), scale * inside[r : r + n].unsqueeze(-1))
+        p.masked_fill_(inactive[r : r + n].unsqueeze(-1), 0.0)
         o.copy_(p)
 
     _run(blocks, work, V, acc, logits.device, 1 if h_all is None else 2)
@@ -206,7 +213,7 @@ def torch_bwd(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor, gra
 
 
 def torch_seq_reduce(logp: torch.Tensor, maskf: torch.Tensor, normalize: bool):
-    """As ``_kernels._seq_reduce_kernel``: the sum runs on ``logp * 2^-ceil(log2 T)`` (exact), so a
+    """As ``_kernels_seq._seq_reduce_kernel``: the sum runs on ``logp * 2^-ceil(log2 T)`` (exact), so a
     mean of finite log-probs never overflows. ``logp``, ``maskf`` (..., T); outputs (...)."""
     shrink = seq_shrink(logp.shape[-1])
     total = torch.where(maskf != 0, logp * shrink, torch.zeros_like(logp)).sum(-1)

@@ -1,24 +1,23 @@
-"""Input checks shared by every public op.
+"""Argument checks shared by every public op: shapes, dtypes, devices, temperature.
 
-Every check runs before any kernel launches and raises one of :mod:`gspo_kernels.errors`'
+Every check here runs before any kernel launches and raises one of :mod:`gspo_kernels.errors`'
 classes (``ShapeError``, ``DTypeError``, ``DeviceError``, ``OptionError``: subclasses of
 ``ValueError`` / ``TypeError``) naming the argument, what was expected and what came.
 
-Checks that read tensor values (token ids in range, lengths in ``[0, T]``,
-finite advantages and reference log-probs at valid positions) live inside
-``torch.library`` custom ops: under ``torch.compile(fullgraph=True)`` they are
-opaque graph nodes that still run (and raise) at run time, with no graph
-break; eager calls run the same functions directly.
+Checks that read tensor values (token ids in range, lengths in ``[0, T]``) are queued on the
+call's :class:`~gspo_kernels._checks.ValueChecks` (one device flag, read once), or, without
+one, read at once -- inside a ``torch.library`` custom op under ``torch.compile(fullgraph=True)``,
+an opaque graph node that still runs (and raises) at run time, with no graph break.
 """
+
 from __future__ import annotations
 
-import functools
 import math
-import operator
-from typing import Callable, Dict, List, Optional, Union
+from typing import Optional
 
 import torch
 
+from ._checks import LazyMessage, ValueChecks
 from ._kernels import collapse_rows
 from .errors import DeviceError, DTypeError, InputValueError, OptionError, ShapeError, reshape_hint
 
@@ -35,13 +34,9 @@ def check_logits(logits, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
-        raise DTypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}"
-        )
+        raise DTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.dim() < 2:
-        raise ShapeError(
-            f"{name} must have shape (..., T, V) with at least 2 dims, got shape {tuple(logits.shape)}"
-        )
+        raise ShapeError(f"{name} must have shape (..., T, V) with at least 2 dims, got shape {tuple(logits.shape)}")
     if logits.shape[-1] < 1:
         raise ShapeError(f"{name} must have V >= 1 (last dim), got shape {tuple(logits.shape)}")
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
@@ -66,8 +61,9 @@ def check_temperature(temperature) -> float:
         raise OptionError(f"temperature must be finite and > 0, got {temperature}")
     lo, hi = TEMPERATURE_RANGE
     if not lo <= temperature <= hi:
-        raise OptionError(f"temperature must lie in [{lo:g}, {hi:g}] (1/temperature is taken in fp32), "
-                         f"got {temperature:g}")
+        raise OptionError(
+            f"temperature must lie in [{lo:g}, {hi:g}] (1/temperature is taken in fp32), got {temperature:g}"
+        )
     return temperature
 
 
@@ -92,10 +88,12 @@ def tokens_shape_message(name: str, got, lead, src_name: str = "logits") -> str:
     msg = f"{name} must have shape {lead} ({src_name}.shape[:-1]), got {got}"
     if len(got) == len(lead) and got[:-1] == lead[:-1] and lead[-1] > got[-1]:
         T, P = got[-1], lead[-1] - got[-1]
-        return (f"{msg}: {src_name} have {lead[-1]} positions for T = {T} tokens, so they look unsliced "
-                f"(prompt + completion). Keep the {T} positions that predict the completion tokens "
-                f"(position t predicts token t + 1): {src_name}[..., -{T + 1}:-1, :], i.e. "
-                f"{src_name}[..., P-1:-1, :] for a prompt of P = {P} tokens")
+        return (
+            f"{msg}: {src_name} have {lead[-1]} positions for T = {T} tokens, so they look unsliced "
+            f"(prompt + completion). Keep the {T} positions that predict the completion tokens "
+            f"(position t predicts token t + 1): {src_name}[..., -{T + 1}:-1, :], i.e. "
+            f"{src_name}[..., P-1:-1, :] for a prompt of P = {P} tokens"
+        )
     return msg + reshape_hint(name, got, [lead])
 
 
@@ -104,6 +102,52 @@ def check_tokens(tokens, logits: torch.Tensor, name: str = "tokens", logits_name
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ShapeError(tokens_shape_message(name, tokens.shape, logits.shape[:-1], logits_name))
     _same_device(tokens, logits, name, logits_name)
+
+
+def check_linear_args(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget=None) -> float:
+    """The hidden-state ops' arguments: ``hidden`` ``(..., T, H)`` float, ``weight`` ``(V, H)`` and
+    ``bias`` ``(V,)`` of its dtype and device, ``tokens`` ``(..., T)``; returns ``1 / temperature``."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.dtype.is_floating_point:
+        raise DTypeError(
+            f"hidden must be a float tensor (..., T, H), got "
+            f"{hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__}"
+        )
+    if hidden.dim() < 2:
+        raise ShapeError(f"hidden must have shape (..., T, H), got {tuple(hidden.shape)}")
+    if hidden.shape[-1] < 1:
+        raise ShapeError(f"hidden must have H >= 1 (last dim), got shape {tuple(hidden.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ShapeError(
+            f"weight must be the 2-D (V, H) LM head, got "
+            f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+        )
+    if weight.shape[0] < 1:
+        raise ShapeError(f"weight must have V >= 1 rows (the (V, H) LM head), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ShapeError(
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise DTypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ShapeError(
+            f"bias must have shape ({weight.shape[0]},) (V), got "
+            f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
+        )
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise DTypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise DeviceError(f"{name} is on {t.device} but hidden is on {hidden.device}; put them on one device")
+    check_tokens(tokens, hidden[..., :1], logits_name="hidden")
+    inv_temp = 1.0 / check_temperature(temperature)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise OptionError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
+    ):
+        raise OptionError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
+    return inv_temp
 
 
 def _may_overlap(t: torch.Tensor) -> bool:
@@ -131,20 +175,14 @@ def check_no_overlap(t: torch.Tensor, name: str = "logits") -> None:
         )
 
 
-class LazyMessage:
-    """An error message whose details (which read tensor values) are built only on failure;
-    ``static`` stands in for it where values cannot be read (under torch.compile)."""
-
-    def __init__(self, static: str, details: Callable[[], str]):
-        self.static, self.details = static, details
-
-    def __call__(self) -> str:
-        return self.static + self.details()
-
-
-def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Tensor] = None,
-                      name: str = "tokens", checks: "Optional[ValueChecks]" = None,
-                      kind: Optional[str] = "ids") -> None:
+def check_token_range(
+    tokens: torch.Tensor,
+    vocab: int,
+    valid: Optional[torch.Tensor] = None,
+    name: str = "tokens",
+    checks: Optional[ValueChecks] = None,
+    kind: Optional[str] = "ids",
+) -> None:
     """Token ids must lie in [0, V) (only where ``valid`` is true, if given). With ``checks``
     the test is queued on its device flag instead of read here (as ``kind``: a fused loss
     tail computes an "ids" check over the loss's own mask and V, see ValueChecks.take)."""
@@ -168,8 +206,24 @@ def check_token_range(tokens: torch.Tensor, vocab: int, valid: Optional[torch.Te
         raise InputValueError(msg())
 
 
-def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
-                 checks: "Optional[ValueChecks]" = None) -> Optional[torch.Tensor]:
+def check_mask(mask, tokens: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """``mask`` (..., T), tokens' shape, bool / integer / float (nonzero: valid) -> a bool mask."""
+    if not isinstance(mask, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise ShapeError(
+            f"{name} must have shape {tuple(tokens.shape)} (tokens' shape), got {tuple(mask.shape)}"
+            + reshape_hint(name, mask.shape, [tokens.shape])
+        )
+    _same_device(mask, tokens, name, "tokens")
+    if mask.dtype.is_complex:
+        raise DTypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def resolve_mask(
+    mask, lengths, tokens: torch.Tensor, name: str = "mask", checks: Optional[ValueChecks] = None
+) -> Optional[torch.Tensor]:
     """Turn ``mask`` (..., T) or ``lengths`` (...) into a bool mask (..., T), or None (all valid).
 
     ``lengths`` are range-checked: queued on ``checks`` when given, else read here (inside a
@@ -179,30 +233,27 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
         raise OptionError("give either mask or lengths, not both")
     T = tokens.shape[-1]
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise DTypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-        if tuple(mask.shape) != tuple(tokens.shape):
-            raise ShapeError(f"{name} must have shape {tuple(tokens.shape)} (tokens' shape), got {tuple(mask.shape)}"
-                             + reshape_hint(name, mask.shape, [tokens.shape]))
-        _same_device(mask, tokens, name, "tokens")
-        if mask.dtype.is_complex:
-            raise DTypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
-        return mask if mask.dtype == torch.bool else mask != 0
+        return check_mask(mask, tokens, name)
     if lengths is not None:
         check_index_dtype(lengths, "lengths")
         if tuple(lengths.shape) != tuple(tokens.shape[:-1]):
             raise ShapeError(
                 f"lengths must have shape {tuple(tokens.shape[:-1])} (tokens.shape[:-1]), got {tuple(lengths.shape)}"
-                + reshape_hint("lengths", lengths.shape, [tokens.shape[:-1]]))
+                + reshape_hint("lengths", lengths.shape, [tokens.shape[:-1]])
+            )
         _same_device(lengths, tokens, "lengths", "tokens")
         if checks is not None:
+
             def details():
                 lo, hi = torch.aminmax(lengths)
                 return f", got values in [{int(lo)}, {int(hi)}]"
 
             if lengths.numel() and checks.enabled:
-                checks.require_not(lambda: ((lengths < 0) | (lengths > T)).any(),
-                                   LazyMessage(f"lengths must lie in [0, T] = [0, {T}]", details), kind="lengths")
+                checks.require_not(
+                    lambda: ((lengths < 0) | (lengths > T)).any(),
+                    LazyMessage(f"lengths must lie in [0, T] = [0, {T}]", details),
+                    kind="lengths",
+                )
             return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
         if torch.compiler.is_compiling():
             return torch.ops.gspo_kernels.lengths_mask(lengths, T)
@@ -212,8 +263,8 @@ def resolve_mask(mask, lengths, tokens: torch.Tensor, name: str = "mask",
 
 def _lengths_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     if lengths.numel():
-        lo, hi = torch.aminmax(lengths)
-        lo, hi = int(lo), int(hi)
+        lo_t, hi_t = torch.aminmax(lengths)
+        lo, hi = int(lo_t), int(hi_t)
         if lo < 0 or hi > T:
             raise InputValueError(f"lengths must lie in [0, T] = [0, {T}], got values in [{lo}, {hi}]")
     return torch.arange(T, device=lengths.device) < lengths.unsqueeze(-1)
@@ -227,148 +278,3 @@ def _lengths_mask_op(lengths: torch.Tensor, T: int) -> torch.Tensor:
 @_lengths_mask_op.register_fake
 def _(lengths, T):
     return lengths.new_empty((*lengths.shape, T), dtype=torch.bool)
-
-
-def _finite_where(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tensor:
-    bad = ~torch.isfinite(t) & valid
-    if bool(bad.any()):
-        raise InputValueError(f"{name} must be finite at valid (unmasked) positions, got {int(bad.sum())} "
-                         f"NaN/inf value(s) there")
-    return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-@torch.library.custom_op("gspo_kernels::finite_where", mutates_args=())
-def _finite_where_op(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tensor:
-    return _finite_where(t, valid, name)
-
-
-@_finite_where_op.register_fake
-def _(t, valid, name):
-    return torch.empty_like(t)
-
-
-def finite_where(t: torch.Tensor, valid: torch.Tensor, name: str) -> torch.Tensor:
-    """``where(valid, t, 0)`` after refusing NaN/inf at valid positions: whatever sits at a
-    masked position never reaches a value or a gradient. Runs under torch.compile too."""
-    valid = valid.expand(t.shape) if valid.shape != t.shape else valid
-    if torch.compiler.is_compiling():
-        return torch.ops.gspo_kernels.finite_where(t, valid, name)
-    return _finite_where(t, valid, name)
-
-
-# ---------------------------------------------------------------- value checks: one device flag
-_SEP = "\x1f"  # joins the messages passed to the custom op
-
-
-def _raise_flagged(code: int, messages: List[str]) -> None:
-    for i, msg in enumerate(messages):
-        if code >> i & 1 and msg:
-            raise InputValueError(msg() if callable(msg) else msg)
-
-
-@torch.library.custom_op("gspo_kernels::raise_flagged", mutates_args=())
-def _raise_flagged_op(code: torch.Tensor, messages: str, like: torch.Tensor) -> torch.Tensor:
-    _raise_flagged(int(code), messages.split(_SEP))
-    return like.new_zeros(())
-
-
-@_raise_flagged_op.register_fake
-def _(code, messages, like):
-    return like.new_empty(())
-
-
-def not_finite(t: torch.Tensor) -> torch.Tensor:
-    """``~isfinite(t)`` in two ops in eager mode (``t * 0`` is 0 exactly when ``t`` is finite: NaN
-    and +-inf give NaN); under torch.compile ``isfinite`` itself, since a compiler may fold
-    ``t * 0`` to 0."""
-    if torch.compiler.is_compiling():
-        return ~torch.isfinite(t)
-    return t * 0 != 0
-
-
-class ValueChecks:
-    """Value checks of one call, gathered on the device and read once.
-
-    Shape, dtype and device checks raise at once (they need no data). A check that
-    reads values (ids in ``[0, V)`` at valid positions, lengths in ``[0, T]``, finite
-    inputs at valid positions, a 0/1 float mask) is queued as a 0-d bool "bad" flag,
-    or as a function giving one, evaluated only in :meth:`finish`. A queued check may
-    carry a ``kind``: a fused kernel that computes that check itself (the loss tail,
-    beside its own reads of those values) :meth:`take` s it and hands back one integer
-    flag (:meth:`from_kernel`), so the check costs no launch of its own. :meth:`finish`
-    packs every flag into one integer on the device and reads it in a single host sync,
-    then raises the first failed check's message (built only then, so the details it
-    reads cost nothing on the fast path). The kernels never read out of bounds whatever
-    the values, so the read can come after them. Under ``torch.compile`` the read is an
-    opaque custom op joined to the result. With ``enabled=False`` (``check_inputs=False``)
-    nothing is queued and nothing syncs.
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = bool(enabled)
-        self._checks: List[tuple] = []  # (kind or None, bad tensor or function, message), in queue order
-        self._taken: Dict[str, int] = {}  # kind -> queue index of the check a kernel computes
-        self._kernel: Optional[tuple] = None  # (int flag tensor, {kind: bit})
-
-    def require_not(self, bad: Union[torch.Tensor, Callable[[], torch.Tensor]],
-                    message: Union[str, Callable[[], str]], kind: Optional[str] = None) -> None:
-        if self.enabled:
-            self._checks.append((kind, bad, message))
-
-    def take(self, kinds) -> List[str]:
-        """Mark the first queued check of each of ``kinds`` as computed by the caller's kernel
-        (which reports them to :meth:`from_kernel`); returns the kinds taken."""
-        for i, (kind, _, _) in enumerate(self._checks):
-            if kind in kinds and kind not in self._taken:
-                self._taken[kind] = i
-        return [k for k in self._taken if k in kinds]
-
-    def from_kernel(self, flag: torch.Tensor, bits: Dict[str, int]) -> None:
-        """A kernel's integer flag (0-d, or one per sequence, ORed): bit ``bits[kind]`` set means the
-        taken check ``kind`` failed."""
-        assert self._kernel is None, "one kernel flag per call"
-        self._kernel = (flag, bits)
-
-    def finite(self, t: torch.Tensor, valid: Union[torch.Tensor, Callable[[], torch.Tensor]], name: str,
-               kind: Optional[str] = None) -> None:
-        """Queue "``name`` must be finite at valid (unmasked) positions" (``valid``: a bool tensor
-        broadcastable to ``t``, or a function giving one)."""
-        def bad():
-            v = valid() if callable(valid) else valid
-            return not_finite(torch.where(v.expand(t.shape), t, 0.0)).any()
-
-        self.require_not(bad, f"{name} must be finite at valid (unmasked) positions, got NaN/inf there", kind=kind)
-
-    def finish(self, result: torch.Tensor) -> torch.Tensor:
-        """``result``, after raising the first failed check in queue order (one host sync; none
-        when nothing was queued)."""
-        checks, taken, kernel = self._checks, self._taken, self._kernel
-        self._checks, self._taken, self._kernel = [], {}, None
-        by_kernel = set(taken.values()) if kernel is not None else set()
-        own = [i for i in range(len(checks)) if i not in by_kernel]  # evaluated here; bit j <- check own[j]
-        if not own and kernel is None:
-            return result
-        assert len(own) < 48, "too many queued checks for one int64 flag"
-        code = None
-        if own:
-            flags = [checks[i][1]() if callable(checks[i][1]) else checks[i][1] for i in own]
-            weights = torch.tensor([1 << j for j in range(len(own))], device=flags[0].device)
-            code = (torch.stack([f.reshape(()).to(weights.device) for f in flags]).to(torch.int64) * weights).sum()
-        at = dict(enumerate(own))  # bit of code -> queue index
-        if kernel is not None:
-            flag, bits = kernel
-            if flag.dim() and code is not None:  # per-sequence flags beside own ones: OR them here
-                w = torch.tensor(sorted(1 << b for b in bits.values()), dtype=flag.dtype, device=flag.device)
-                flag = (((flag.unsqueeze(-1) & w) != 0).any(0).to(torch.int64) * w).sum()
-            at.update((len(own) + bits[kind], i) for kind, i in taken.items())
-            code = flag if code is None else code + (flag.to(torch.int64) << len(own))
-        if torch.compiler.is_compiling():  # no fused kernel under compile: the bits are own's, in order
-            text = _SEP.join(m.static if isinstance(m, LazyMessage) else m for _, _, m in (checks[i] for i in own))
-            return result + torch.ops.gspo_kernels.raise_flagged(code, text, result.detach())
-        # the one host sync (per-sequence flags: one copy, ORed here)
-        value = int(code) if code.dim() == 0 else functools.reduce(operator.or_, code.tolist(), 0)
-        failed = [i for bit, i in at.items() if value >> bit & 1]
-        if failed:
-            msg = checks[min(failed)][2]
-            raise InputValueError(msg() if callable(msg) else msg)
-        return result

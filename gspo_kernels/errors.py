@@ -16,6 +16,7 @@ the builtin exception the same mistake raised before these classes existed, so
 Messages name the argument, what was expected and what came, and where one exists, the
 fix (the slice or reshape that fits, the option's right name).
 """
+
 from __future__ import annotations
 
 import difflib

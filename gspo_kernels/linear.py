@@ -26,6 +26,7 @@ Saved for backward (both): hidden, weight, bias, tokens, the per-token
 False give 0 (log-prob and entropy) and a zero gradient, whatever their
 upstream gradient; rows with zero upstream gradient cost no products.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,10 +35,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _kernels_linear, logprobs as _logprobs
-from .logprobs import logprob_bwd, logprob_fwd, masked_sequence_mean
-from ._validate import ValueChecks, check_temperature, check_token_range, check_tokens, resolve_mask
-from .errors import DeviceError, DTypeError, OptionError, ShapeError
+from . import _launch_linear
+from . import vocab_parallel as vp
+from ._checks import ValueChecks
+from ._ops import logprob_bwd, logprob_fwd, use_triton
+from ._validate import check_linear_args, check_mask, check_token_range, resolve_mask
+from .errors import OptionError, ShapeError
+from .sequences import masked_sequence_mean, resolve_packed
 
 # The memory budget (``memory_budget=``, bytes) of the one buffer whose size the op chooses:
 # a chunk of logits (chunked path, when no chunk_size is given) or the fused backward's dz
@@ -96,7 +100,7 @@ def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device, budget:
 
 def uses_fused(hidden: Tensor) -> bool:
     """Whether ``hidden`` (and its head) go through the fused kernels."""
-    return FUSED and _kernels_linear.supported(hidden) and _logprobs._use_triton(hidden)
+    return FUSED and _launch_linear.supported(hidden) and use_triton(hidden)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class LinearOptions:
     inv_temp: float
     chunk_size: Optional[int]  # rows per chunk (chunked path); None: default_chunk_size
     entropy: bool = False
-    shard: Optional[object] = None  # vocab_parallel.Shard: weight holds rows [start, start + width) of V
+    shard: Optional[vp.Shard] = None  # weight holds rows [start, start + width) of V
     threshold: Optional[float] = None  # gradient filtering (fused path), None: exact
     budget: Optional[int] = None  # memory_budget in bytes (chunk / dz slice), None: default_memory_budget
 
@@ -122,12 +126,13 @@ def _chunked_fwd(hidden, weight, bias, tokens, valid, opts, C):
     # Every chunk runs (skipping fully masked ones would cost a host read each); the ids were
     # checked by the caller (ValueChecks), and the logits kernels clamp them anyway.
     for r in range(0, R, C):
-        v = None if valid is None else valid[r:r + C]
-        lp, l, e = logprob_fwd(_logits(hidden[r:r + C], weight, bias), tokens[r:r + C], v, opts.inv_temp,
-                               opts.entropy, check=False)
-        logp[r:r + C], lse[r:r + C] = lp, l
-        if opts.entropy:
-            ent[r:r + C] = e
+        v = None if valid is None else valid[r : r + C]
+        lp, l, e = logprob_fwd(
+            _logits(hidden[r : r + C], weight, bias), tokens[r : r + C], v, opts.inv_temp, opts.entropy, check=False
+        )
+        logp[r : r + C], lse[r : r + C] = lp, l
+        if ent is not None:  # opts.entropy
+            ent[r : r + C] = e
     return logp, lse, ent
 
 
@@ -135,19 +140,28 @@ def _chunked_bwd(hidden, weight, bias, tokens, lse, ent, g, h_ent, opts, C, need
     R = hidden.shape[0]
     need_h, need_w, need_b = need
     grad_h = torch.zeros_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
-                         device=weight.device) if need_w else None
-    grad_b = torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32,
-                         device=bias.device) if (need_b and bias is not None) else None
+    grad_w = (
+        torch.zeros(
+            weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype, device=weight.device
+        )
+        if need_w
+        else None
+    )
+    grad_b = (
+        torch.zeros(bias.shape, dtype=grad_w.dtype if grad_w is not None else torch.float32, device=bias.device)
+        if (need_b and bias is not None)
+        else None
+    )
     for r in range(0, R, C):
-        gc = g[r:r + C]
-        hc = None if h_ent is None else h_ent[r:r + C]
-        hid = hidden[r:r + C]
+        gc = g[r : r + C]
+        hc = None if h_ent is None else h_ent[r : r + C]
+        hid = hidden[r : r + C]
         dl = _logits(hid, weight, bias)
-        logprob_bwd(dl, tokens[r:r + C], lse[r:r + C], gc, None if hc is None else ent[r:r + C], hc,
-                    opts.inv_temp, True)
+        logprob_bwd(
+            dl, tokens[r : r + C], lse[r : r + C], gc, None if hc is None else ent[r : r + C], hc, opts.inv_temp, True
+        )
         if grad_h is not None:
-            grad_h[r:r + C] = dl @ weight
+            grad_h[r : r + C] = dl @ weight
         if grad_w is not None:
             act = gc != 0 if hc is None else (gc != 0) | (hc != 0)
             hid = torch.where(act[:, None], hid, torch.zeros((), dtype=hid.dtype, device=hid.device))  # NaN stays out
@@ -157,8 +171,11 @@ def _chunked_bwd(hidden, weight, bias, tokens, lse, ent, g, h_ent, opts, C, need
                 grad_w += dl.t() @ hid
         if grad_b is not None:
             grad_b += dl.sum(0, dtype=grad_b.dtype)
-    return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype))
+    return (
+        grad_h,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
 
 
 def split_span(R: int, V: int, tiles: dict, programs: int) -> tuple[int, int]:
@@ -169,8 +186,9 @@ def split_span(R: int, V: int, tiles: dict, programs: int) -> tuple[int, int]:
     return span, _cdiv(V, span)
 
 
-def slice_cols(R: int, V: int, dtype: torch.dtype, device: torch.device, tiles: dict,
-               budget: Optional[int] = None) -> int:
+def slice_cols(
+    R: int, V: int, dtype: torch.dtype, device: torch.device, tiles: dict, budget: Optional[int] = None
+) -> int:
     """The fused backward's vocabulary slice ``Vc``: a multiple of the dz tile whose ``R x Vc``
     buffer fits ``budget`` bytes (default :func:`default_memory_budget`), at least one tile."""
     budget = default_memory_budget(device) if budget is None else budget
@@ -190,13 +208,13 @@ def fused_fwd(hidden, weight, bias, tokens, valid, inv_temp: float, entropy: boo
     ent = torch.zeros_like(logp) if entropy else logp.new_empty(0)
     if R == 0:
         return logp, lse, ent
-    tiles = _kernels_linear.tile_set(hidden.dtype, dev, _kernels_linear.aligned_rows(hidden, weight))
-    programs = 2 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" \
-        else SPLIT_PROGRAMS
+    tiles = _launch_linear.tile_set(hidden.dtype, dev, _launch_linear.aligned_rows(hidden, weight))
+    programs = 2 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else SPLIT_PROGRAMS
     span, n_split = split_span(R, V, tiles, programs)
     stats = torch.empty((4, R, n_split), dtype=torch.float32, device=dev)
-    for launch in _kernels_linear.fwd_launches(hidden, weight, bias, tokens, valid, inv_temp, logp, lse,
-                                               ent if entropy else None, stats, span, tiles):
+    for launch in _launch_linear.fwd_launches(
+        hidden, weight, bias, tokens, valid, inv_temp, logp, lse, ent if entropy else None, stats, span, tiles
+    ):
         launch()
     return logp, lse, ent
 
@@ -214,21 +232,43 @@ def fused_bwd(hidden, weight, bias, tokens, c, g, ent, gh, inv_temp: float, need
     if R == 0:
         return tuple(None if x is None else x.zero_() for x in (grad_h, grad_w, grad_b))
     active = ((g != 0) if gh is None else (g != 0) | (gh != 0)).to(torch.int8)
-    tiles = _kernels_linear.tile_set(hidden.dtype, dev, _kernels_linear.aligned_rows(hidden, weight))
+    tiles = _launch_linear.tile_set(hidden.dtype, dev, _launch_linear.aligned_rows(hidden, weight))
     vc = slice_cols(R, V, hidden.dtype, dev, tiles, budget)
     t = tiles["dz"]
     dz = torch.empty((R, vc), dtype=hidden.dtype, device=dev)
     flags = torch.empty((_cdiv(R, t.block_m), _cdiv(vc, t.block_n)), dtype=torch.int8, device=dev)
     acc_h = None  # fp32 running sum of grad_hidden over slices, when grad_h itself is not fp32
     if grad_h is not None:
-        acc_h = grad_h if (hidden.dtype == torch.float32 or vc >= V) else torch.empty((R, K), dtype=torch.float32,
-                                                                                     device=dev)
+        acc_h = (
+            grad_h
+            if (hidden.dtype == torch.float32 or vc >= V)
+            else torch.empty((R, K), dtype=torch.float32, device=dev)
+        )
     for v0 in range(0, V, vc):
         ncols = min(vc, V - v0)
         dst = None if grad_h is None else (grad_h if v0 + ncols >= V else acc_h)
-        dz_launch, *products = _kernels_linear.bwd_launches(
-            hidden, weight, bias, tokens, c, g, ent, gh, inv_temp, threshold, dz, flags, v0, ncols, dst,
-            acc_h if v0 > 0 else None, grad_w, grad_b, active, tiles)
+        dz_launch, *products = _launch_linear.bwd_launches(
+            hidden,
+            weight,
+            bias,
+            tokens,
+            c,
+            g,
+            ent,
+            gh,
+            inv_temp,
+            threshold,
+            dz,
+            flags,
+            v0,
+            ncols,
+            dst,
+            acc_h if v0 > 0 else None,
+            grad_w,
+            grad_b,
+            active,
+            tiles,
+        )
         dz_launch()
         for product in products:  # built after dz ran: their K-block lists come from its flags
             product()()
@@ -244,9 +284,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tokens, valid, opts: LinearOptions):
         fused = uses_fused(hidden)
         if opts.shard is not None:
-            from .vocab_parallel import combine_local, local_ids
-
-            tokens, inside = local_ids(tokens, opts.shard)
+            tokens, inside = vp.local_ids(tokens, opts.shard)
         if fused:
             logp, lse, ent = fused_fwd(hidden, weight, bias, tokens, valid, opts.inv_temp, opts.entropy)
             ent = ent if opts.entropy else None
@@ -254,7 +292,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device, opts.budget)
             logp, lse, ent = _chunked_fwd(hidden, weight, bias, tokens, valid, opts, C)
         if opts.shard is not None:  # this shard's statistics -> global ones (two all-reduces over R floats)
-            logp, lse, ent = combine_local(logp, lse, ent, inside, opts.inv_temp, opts.shard.group)
+            logp, lse, ent = vp.combine_local(logp, lse, ent, inside, opts.inv_temp, opts.shard.group)
         if valid is not None:
             logp = torch.where(valid, logp, torch.zeros_like(logp))
             ent = None if ent is None else torch.where(valid, ent, torch.zeros_like(ent))
@@ -277,8 +315,20 @@ class LinearTokenLogprobs(torch.autograd.Function):
         g = g.contiguous()
         h_ent = None if grad_ent is None else grad_ent.to(lse.dtype).contiguous()
         if ctx.fused:
-            grad_h, grad_w, grad_b = fused_bwd(hidden, weight, bias, tokens, lse, g, None if h_ent is None else ent,
-                                               h_ent, opts.inv_temp, need, opts.threshold, opts.budget)
+            grad_h, grad_w, grad_b = fused_bwd(
+                hidden,
+                weight,
+                bias,
+                tokens,
+                lse,
+                g,
+                None if h_ent is None else ent,
+                h_ent,
+                opts.inv_temp,
+                need,
+                opts.threshold,
+                opts.budget,
+            )
         else:
             C = opts.chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device, opts.budget)
             grad_h, grad_w, grad_b = _chunked_bwd(hidden, weight, bias, tokens, lse, ent, g, h_ent, opts, C, need)
@@ -297,44 +347,10 @@ def _threshold(grad_filter, dtype: torch.dtype) -> Optional[float]:
         return default_threshold(dtype)
     if isinstance(grad_filter, (int, float)) and 0.0 < float(grad_filter) < 1.0:
         return float(grad_filter)
-    raise OptionError(f"grad_filter must be False, True (the dtype's default threshold) or a probability in (0, 1), "
-                     f"got {grad_filter!r}")
-
-
-def _check(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget=None):
-    if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
-        raise DTypeError(f"hidden must be a float tensor (..., T, H), got "
-                        f"{hidden.dtype if isinstance(hidden, Tensor) else type(hidden).__name__}")
-    if hidden.dim() < 2:
-        raise ShapeError(f"hidden must have shape (..., T, H), got {tuple(hidden.shape)}")
-    if hidden.shape[-1] < 1:
-        raise ShapeError(f"hidden must have H >= 1 (last dim), got shape {tuple(hidden.shape)}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ShapeError(f"weight must be the 2-D (V, H) LM head, got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if weight.shape[0] < 1:
-        raise ShapeError(f"weight must have V >= 1 rows (the (V, H) LM head), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ShapeError(f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise DTypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
-        raise ShapeError(f"bias must have shape ({weight.shape[0]},) (V), got "
-                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
-    if bias is not None and bias.dtype != hidden.dtype:
-        raise DTypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise DeviceError(f"{name} is on {t.device} but hidden is on {hidden.device}; put them on one device")
-    check_tokens(tokens, hidden[..., :1], logits_name="hidden")
-    inv_temp = 1.0 / check_temperature(temperature)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise OptionError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                      or memory_budget < 1):
-        raise OptionError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
-    return inv_temp
+    raise OptionError(
+        f"grad_filter must be False, True (the dtype's default threshold) or a probability in (0, 1), "
+        f"got {grad_filter!r}"
+    )
 
 
 def _rows(hidden: Tensor) -> Tensor:
@@ -343,11 +359,22 @@ def _rows(hidden: Tensor) -> Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
-                          temperature: float = 1.0, chunk_size: Optional[int] = None,
-                          valid: Optional[Tensor] = None, return_entropy: bool = False, vocab_group=None,
-                          vocab_size: Optional[int] = None, grad_filter=False, check_inputs: bool = True,
-                          memory_budget: Optional[int] = None):
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    valid: Optional[Tensor] = None,
+    return_entropy: bool = False,
+    vocab_group=None,
+    vocab_size: Optional[int] = None,
+    grad_filter=False,
+    check_inputs: bool = True,
+    memory_budget: Optional[int] = None,
+):
     """Per-token log-probs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
     (and, with ``return_entropy=True``, that distribution's entropy, from the same pass).
 
@@ -375,7 +402,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             (exact). ``True``: skip each (rows x vocabulary) tile whose
             probabilities are all below ``finfo(dtype).eps / 32`` (bf16:
             2**-12) and that holds no sampled token; a float: that threshold.
-            An approximation (error measured in README, "From hidden states");
+            An approximation (error measured in docs/layouts.md, "From hidden states");
             the chunked path ignores it and stays exact.
         check_inputs: check that ids lie in ``[0, V)`` at valid positions, on the device, read
             once after the kernels (one host sync). ``False``: no check, no sync; the kernels
@@ -391,31 +418,51 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     checks = ValueChecks(check_inputs)
-    out = linear_token_logprobs_checked(hidden, weight, tokens, checks, bias=bias, temperature=temperature,
-                                        chunk_size=chunk_size, valid=valid, return_entropy=return_entropy,
-                                        vocab_group=vocab_group, vocab_size=vocab_size, grad_filter=grad_filter,
-                                        memory_budget=memory_budget)
+    out = linear_token_logprobs_checked(
+        hidden,
+        weight,
+        tokens,
+        checks,
+        bias=bias,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        valid=valid,
+        return_entropy=return_entropy,
+        vocab_group=vocab_group,
+        vocab_size=vocab_size,
+        grad_filter=grad_filter,
+        memory_budget=memory_budget,
+    )
     if return_entropy:
         return checks.finish(out[0]), out[1]
     return checks.finish(out)
 
 
-def linear_token_logprobs_checked(hidden: Tensor, weight: Tensor, tokens: Tensor, checks: ValueChecks, *,
-                                  bias: Optional[Tensor] = None, temperature: float = 1.0,
-                                  chunk_size: Optional[int] = None, valid: Optional[Tensor] = None,
-                                  return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
-                                  grad_filter=False, memory_budget: Optional[int] = None):
+def linear_token_logprobs_checked(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    checks: ValueChecks,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    valid: Optional[Tensor] = None,
+    return_entropy: bool = False,
+    vocab_group=None,
+    vocab_size: Optional[int] = None,
+    grad_filter=False,
+    memory_budget: Optional[int] = None,
+):
     """:func:`linear_token_logprobs` with its id check queued on ``checks`` (the caller reads it)."""
-    inv_temp = _check(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget)
+    inv_temp = check_linear_args(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget)
     threshold = _threshold(grad_filter, hidden.dtype)
-    vm = None if valid is None else resolve_mask(valid, None, tokens, name="valid")
+    vm = None if valid is None else check_mask(valid, tokens, name="valid")
     v = None if vm is None else vm.reshape(-1).contiguous()
     shard = None
     if vocab_group is None:
         check_token_range(tokens, weight.shape[0], vm, checks=checks)
     else:
-        from . import vocab_parallel as vp
-
         shard = vp.resolve_shard(vocab_group, weight.shape[0], tokens.numel(), vocab_size, name="weight")
         check_token_range(tokens, shard.vocab, vm, checks=checks, kind=None)  # the global V
     opts = LinearOptions(inv_temp, chunk_size, bool(return_entropy), shard, threshold, memory_budget)
@@ -425,13 +472,25 @@ def linear_token_logprobs_checked(hidden: Tensor, weight: Tensor, tokens: Tensor
     return out.reshape(tokens.shape)
 
 
-def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
-                             lengths: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                             temperature: float = 1.0, normalize: bool = True,
-                             chunk_size: Optional[int] = None, vocab_group=None,
-                             vocab_size: Optional[int] = None, grad_filter=False,
-                             cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                             check_inputs: bool = True, memory_budget: Optional[int] = None) -> Tensor:
+def linear_sequence_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    lengths: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    chunk_size: Optional[int] = None,
+    vocab_group=None,
+    vocab_size: Optional[int] = None,
+    grad_filter=False,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    check_inputs: bool = True,
+    memory_budget: Optional[int] = None,
+) -> Tensor:
     """Masked mean (``normalize=True``, GSPO's 1/L) or sum of :func:`linear_token_logprobs`
     over T: ``(..., T, H) -> (...)`` float32; a sequence with L = 0 gives 0 and zero gradients.
     ``cu_seqlens``: packed sequences, ``hidden`` ``(total, H)`` or ``(1, total, H)``, tokens/mask
@@ -439,20 +498,25 @@ def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, mas
     ``check_inputs``: ids and lengths (and cu_seqlens) checked on one device flag read once;
     ``False``: none, no host sync (with ``max_seqlen`` given when packed). ``memory_budget``: see
     :func:`linear_token_logprobs`."""
-    _check(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget)
+    check_linear_args(hidden, weight, tokens, bias, temperature, chunk_size, memory_budget)
     checks = ValueChecks(check_inputs)
-    kw = dict(bias=bias, temperature=temperature, chunk_size=chunk_size, vocab_group=vocab_group,
-              vocab_size=vocab_size, grad_filter=grad_filter, memory_budget=memory_budget)
+    kw = dict(
+        bias=bias,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        vocab_group=vocab_group,
+        vocab_size=vocab_size,
+        grad_filter=grad_filter,
+        memory_budget=memory_budget,
+    )
     if cu_seqlens is not None:
-        from .sequences import resolve_packed
-
         if lengths is not None:
             raise OptionError("with cu_seqlens, give a mask (total,) or none, not lengths")
         lead = tuple(hidden.shape[:-1])
         if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
             raise ShapeError(f"packed hidden must be (total, H) or (1, total, H), got shape {tuple(hidden.shape)}")
         packed = resolve_packed(cu_seqlens, lead[-1], max_seqlen, checks=checks)
-        valid = None if mask is None else resolve_mask(mask, None, tokens)
+        valid = None if mask is None else check_mask(mask, tokens)
         logp = linear_token_logprobs_checked(hidden, weight, tokens, checks, valid=valid, **kw)
         return checks.finish(packed.sequence_mean(logp, valid, normalize))
     valid = resolve_mask(mask, lengths, tokens, checks=checks)

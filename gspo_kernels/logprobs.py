@@ -9,177 +9,52 @@ Math (``x_t`` a row of logits, ``y_t`` its sampled token, tau the temperature)::
 
 Forward reads the logits once and saves only the per-token logsumexp
 (O(N*T) floats); backward reads them once and writes the gradient once, in
-the logits' dtype. The kernels are registered as ``torch.library`` custom ops
-(so ``torch.compile(fullgraph=True)`` traces through them) and wrapped in
+the logits' dtype. The kernels are ``torch.library`` custom ops (:mod:`._ops`, so
+``torch.compile(fullgraph=True)`` traces through them), wrapped here in
 ``torch.autograd.Function`` s: :class:`TokenLogprobs`, :class:`SequenceLogprobs`.
-
-Devices: CUDA tensors run the Triton kernels; CPU tensors run them too when
-``TRITON_INTERPRET=1`` was set before import, else the chunked PyTorch path
-(``_torch_path``), same semantics, bounded memory.
+A vocabulary sharded over a process group goes through :mod:`.vocab_parallel`; packed
+sequences through :mod:`.sequences`.
 """
+
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _torch_path
-from ._kernels import HAS_TRITON, seq_shrink
-from ._validate import (ValueChecks, check_index_dtype, check_logits, check_no_overlap, check_temperature,
-                        check_token_range, check_tokens, resolve_mask)
+from . import vocab_parallel as vp
+from ._checks import ValueChecks
+from ._kernels import HAS_TRITON
+from ._ops import LogprobOptions, logits_grad, logprob_fwd, seq_reduce, use_triton
+from ._validate import (
+    check_index_dtype,
+    check_logits,
+    check_mask,
+    check_no_overlap,
+    check_temperature,
+    check_token_range,
+    check_tokens,
+    resolve_mask,
+)
 from .errors import DTypeError, OptionError, ShapeError
+from .sequences import masked_sequence_mean, resolve_packed
 
 if HAS_TRITON:
-    from . import _kernels
+    from . import _kernels_seq
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LogprobOptions",
+    "SequenceLogprobs",
+    "TokenLogprobs",
+    "masked_sequence_mean",
+    "sequence_logprobs",
+    "token_logprobs",
+    "token_logprobs_checked",
+]
 
 IGNORE_INDEX = -100  # Hugging Face's label padding: such positions count as masked (as in the losses)
-
-# Which implementation CPU tensors use: the Triton kernels through the
-# interpreter (TRITON_INTERPRET=1 must be set before triton is imported) or
-# the chunked PyTorch path. Tests switch it to cover both.
-CPU_BACKEND = "triton" if (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1") else "torch"
-
-
-def _use_triton(t: Tensor) -> bool:
-    if not HAS_TRITON:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and CPU_BACKEND == "triton")
-
-
-# ---------------------------------------------------------------- custom ops
-# Eager calls run the implementations directly; under torch.compile they go
-# through the ``torch.library`` custom ops below, which the compiler treats as
-# opaque nodes (no graph break). Going through the op in eager too would cost
-# its first dispatch in a process an import of torch._dynamo (~1 s).
-def _fwd_impl(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float,
-              entropy: bool, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    # The range check lives inside the op so it also runs under torch.compile. A vocab
-    # shard's local ids lie outside [0, V) for other shards' tokens: the kernels clamp
-    # them (never read out of bounds) and the caller masks those rows.
-    if check:
-        check_token_range(tokens, logits.shape[-1], valid)
-    impl = _kernels.triton_fwd if _use_triton(logits) else _torch_path.torch_fwd
-    return impl(logits, tokens, inv_temp, entropy)
-
-
-def _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out):
-    impl = _kernels.triton_bwd if _use_triton(logits) else _torch_path.torch_bwd
-    return impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out)
-
-
-def _bwd_out(logits, tokens, lse, grad, ent, grad_ent, inv_temp):
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, out)
-
-
-def _seq_reduce_impl(logp, maskf, normalize):
-    if _use_triton(logp):
-        return _kernels.triton_seq_reduce(logp, maskf, normalize)
-    return _torch_path.torch_seq_reduce(logp, maskf, normalize)
-
-
-@torch.library.custom_op("gspo_kernels::logprob_fwd", mutates_args=())
-def _logprob_fwd(logits: Tensor, tokens: Tensor, valid: Optional[Tensor], inv_temp: float,
-                 entropy: bool, check: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _fwd_impl(logits, tokens, valid, inv_temp, entropy, check)
-
-
-@_logprob_fwd.register_fake
-def _(logits, tokens, valid, inv_temp, entropy, check):
-    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    out = logits.new_empty(logits.shape[:-1], dtype=dt)
-    return out, torch.empty_like(out), torch.empty_like(out) if entropy else out.new_empty(0)
-
-
-@torch.library.custom_op("gspo_kernels::logprob_bwd", mutates_args=())
-def _logprob_bwd(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, ent: Optional[Tensor],
-                 grad_ent: Optional[Tensor], inv_temp: float) -> Tensor:
-    return _bwd_out(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
-
-
-@_logprob_bwd.register_fake
-def _(logits, tokens, lse, grad, ent, grad_ent, inv_temp):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-
-
-@torch.library.custom_op("gspo_kernels::logprob_bwd_inplace", mutates_args=("logits",))
-def _logprob_bwd_inplace(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, ent: Optional[Tensor],
-                         grad_ent: Optional[Tensor], inv_temp: float) -> None:
-    _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, logits)
-
-
-@_logprob_bwd_inplace.register_fake
-def _(logits, tokens, lse, grad, ent, grad_ent, inv_temp):
-    return None
-
-
-@torch.library.custom_op("gspo_kernels::seq_reduce", mutates_args=())
-def _seq_reduce(logp: Tensor, maskf: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
-    return _seq_reduce_impl(logp, maskf, normalize)
-
-
-@_seq_reduce.register_fake
-def _(logp, maskf, normalize):
-    out = logp.new_empty(logp.shape[:-1])
-    return out, torch.empty_like(out)
-
-
-def logprob_fwd(logits, tokens, valid, inv_temp, entropy=False, check=True):
-    """``(logp, c, ent)`` per row (``c = tau * logsumexp(x / tau)``); ``ent`` is empty unless
-    ``entropy``. ``check=False`` skips the id range check here (vocab shards; the public ops,
-    which queue it on their :class:`ValueChecks` flag instead)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.gspo_kernels.logprob_fwd(logits, tokens, valid, inv_temp, entropy, check)
-    return _fwd_impl(logits, tokens, valid, inv_temp, entropy, check)
-
-
-def logprob_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp, inplace: bool):
-    """Gradient w.r.t. the logits, into a fresh buffer or (``inplace``) into the logits."""
-    if torch.compiler.is_compiling():
-        if inplace:
-            torch.ops.gspo_kernels.logprob_bwd_inplace(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
-            return logits
-        return torch.ops.gspo_kernels.logprob_bwd(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
-    if inplace:
-        return _bwd_impl(logits, tokens, lse, grad, ent, grad_ent, inv_temp, logits)
-    return _bwd_out(logits, tokens, lse, grad, ent, grad_ent, inv_temp)
-
-
-def seq_reduce(logp, maskf, normalize):
-    if torch.compiler.is_compiling():
-        return torch.ops.gspo_kernels.seq_reduce(logp, maskf, normalize)
-    return _seq_reduce_impl(logp, maskf, normalize)
-
-
-# ---------------------------------------------------------------- autograd
-@dataclass(frozen=True)
-class LogprobOptions:
-    """Options of one call, kept on ``ctx`` for backward."""
-
-    inv_temp: float = 1.0
-    normalize: bool = True
-    inplace_backward: bool = False
-    entropy: bool = False
-    check_ids: bool = False  # read the id range check in the forward (else the caller queued it)
-
-
-def _logits_grad(ctx, logits: Tensor, tokens: Tensor, lse: Tensor, grad_tok: Tensor,
-                 ent: Optional[Tensor] = None, grad_ent: Optional[Tensor] = None) -> Tensor:
-    opts: LogprobOptions = ctx.opts
-    if not opts.inplace_backward:
-        return logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, False)
-    if torch.compiler.is_compiling():  # the custom op declares the mutation; the compiler tracks it
-        return logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, True)
-    version = logits._version
-    logprob_bwd(logits, tokens, lse, grad_tok, ent, grad_ent, opts.inv_temp, True)
-    if logits._version == version:
-        # The logits now hold their gradient: any other saved use of them must
-        # fail autograd's version check instead of reading garbage.
-        torch.autograd.graph.increment_version(logits)
-    return logits
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -207,13 +82,13 @@ class TokenLogprobs(torch.autograd.Function):
                 return None, None, None, None
             grad_logp = torch.zeros_like(lse)
         grad_ent = None if grad_ent is None else grad_ent.contiguous()
-        return _logits_grad(ctx, logits, tokens, lse, grad_logp.contiguous(), ent, grad_ent), None, None, None
+        return logits_grad(ctx, logits, tokens, lse, grad_logp.contiguous(), ent, grad_ent), None, None, None
 
 
 class SequenceLogprobs(torch.autograd.Function):
     """``(logits (..., T, V), tokens (..., T), maskf (..., T) float, options) -> (...)``:
     masked mean (or sum) of per-token log-probs per sequence. With ``checks``
-    (:class:`~gspo_kernels._kernels.SeqChecks`, Triton path, eager) the reduction kernel also
+    (:class:`~gspo_kernels._kernels_seq.SeqChecks`, Triton path, eager) the reduction kernel also
     computes those value checks: ``-> (values, flags)``, flags int32 per sequence."""
 
     @staticmethod
@@ -221,11 +96,11 @@ class SequenceLogprobs(torch.autograd.Function):
         valid = maskf != 0 if opts.check_ids else None  # only the eager id check reads it
         logp, lse, _ = logprob_fwd(logits, tokens, valid, opts.inv_temp, False, opts.check_ids)
         # eager Triton: the reduction kernel also gives the backward's per-sequence factor
-        ctx.direct = _use_triton(logp) and not torch.compiler.is_compiling()
+        ctx.direct = use_triton(logp) and not torch.compiler.is_compiling()
         if checks is not None and not ctx.direct:
             raise ValueError("SequenceLogprobs computes value checks only on the eager Triton path")
         if ctx.direct:
-            seq, length, *flags = _kernels.triton_seq_reduce(logp, maskf, opts.normalize, checks, grad_scale=True)
+            seq, length, *flags = _kernels_seq.triton_seq_reduce(logp, maskf, opts.normalize, checks, grad_scale=True)
         else:
             seq, length = seq_reduce(logp, maskf, opts.normalize)
         ctx.opts = opts
@@ -243,26 +118,11 @@ class SequenceLogprobs(torch.autograd.Function):
         logits, tokens, maskf, lse, length = ctx.saved_tensors
         if ctx.direct:  # length holds d seq / d (mask * logp) per sequence; masked tokens get exact 0
             grad_tok = torch.where(maskf != 0, (grad_seq * length).unsqueeze(-1), 0.0)
-            return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None
+            return logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None
         if ctx.opts.normalize:
             grad_seq = torch.where(length > 0, grad_seq / length.clamp(min=1), torch.zeros_like(grad_seq))
         grad_tok = grad_seq.unsqueeze(-1) * maskf
-        return _logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None
-
-
-# ---------------------------------------------------------------- public API
-def masked_sequence_mean(logp: Tensor, valid: Tensor, normalize: bool = True) -> Tensor:
-    """Differentiable ``(..., T) -> (...)``: the sum of ``logp`` over valid tokens, divided by
-    their count when ``normalize`` (0 for an empty sequence); invalid entries never reach it."""
-    # summed as logp * 2^-ceil(log2 T), then scaled back: T finite terms near the float limit
-    # (logits ~1e38 at a small temperature) give a finite mean, not an overflowed sum
-    shrink = seq_shrink(logp.shape[-1])
-    total = torch.where(valid, logp * shrink, torch.zeros_like(logp)).sum(-1)
-    if not normalize:
-        return total / shrink
-    L = valid.sum(-1).to(logp.dtype)
-    return torch.where(L > 0, (total / L.clamp(min=1)) / shrink, torch.zeros_like(total))
-
+        return logits_grad(ctx, logits, tokens, lse, grad_tok), None, None, None, None
 
 
 def _kept(tokens, ignore_index) -> Optional[Tensor]:
@@ -283,10 +143,19 @@ def _check_common(logits, tokens, temperature, inplace_backward=False) -> float:
     return check_temperature(temperature)
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   inplace_backward: bool = False, valid: Optional[Tensor] = None,
-                   return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
-                   ignore_index: Optional[int] = IGNORE_INDEX, check_inputs: bool = True):
+def token_logprobs(
+    logits: Tensor,
+    tokens: Tensor,
+    *,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+    valid: Optional[Tensor] = None,
+    return_entropy: bool = False,
+    vocab_group=None,
+    vocab_size: Optional[int] = None,
+    ignore_index: Optional[int] = IGNORE_INDEX,
+    check_inputs: bool = True,
+):
     """Per-token log-probabilities ``log softmax(logits / temperature)[tokens]``,
     and (``return_entropy=True``) the entropy of ``softmax(logits / temperature)``
     from the same single read of the logits.
@@ -329,10 +198,18 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     if kept is not None:
         check_logits(logits)
         check_tokens(tokens, logits)
-        valid = kept if valid is None else resolve_mask(valid, None, tokens, name="valid") & kept
-    out = token_logprobs_checked(logits, tokens, checks, temperature=temperature, inplace_backward=inplace_backward,
-                                 valid=valid, return_entropy=return_entropy, vocab_group=vocab_group,
-                                 vocab_size=vocab_size)
+        valid = kept if valid is None else check_mask(valid, tokens, name="valid") & kept
+    out = token_logprobs_checked(
+        logits,
+        tokens,
+        checks,
+        temperature=temperature,
+        inplace_backward=inplace_backward,
+        valid=valid,
+        return_entropy=return_entropy,
+        vocab_group=vocab_group,
+        vocab_size=vocab_size,
+    )
     if kept is not None:  # masked: 0, and a zero gradient (where's backward) into the kernel's backward
         out = tuple(torch.where(kept, o, 0.0) for o in out) if return_entropy else torch.where(kept, out, 0.0)
     if return_entropy:
@@ -340,13 +217,22 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     return checks.finish(out)
 
 
-def token_logprobs_checked(logits: Tensor, tokens: Tensor, checks: ValueChecks, *, temperature: float = 1.0,
-                           inplace_backward: bool = False, valid: Optional[Tensor] = None,
-                           return_entropy: bool = False, vocab_group=None, vocab_size: Optional[int] = None):
+def token_logprobs_checked(
+    logits: Tensor,
+    tokens: Tensor,
+    checks: ValueChecks,
+    *,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+    valid: Optional[Tensor] = None,
+    return_entropy: bool = False,
+    vocab_group=None,
+    vocab_size: Optional[int] = None,
+):
     """:func:`token_logprobs` with its value checks queued on ``checks`` (the caller reads them)."""
     inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
     if valid is not None:
-        valid = resolve_mask(valid, None, tokens, name="valid")
+        valid = check_mask(valid, tokens, name="valid")
     opts = LogprobOptions(inv_temp, True, bool(inplace_backward), bool(return_entropy))
     if vocab_group is not None:
         return _vocab_parallel(logits, tokens, opts, valid, vocab_group, vocab_size, checks)
@@ -357,18 +243,27 @@ def token_logprobs_checked(logits: Tensor, tokens: Tensor, checks: ValueChecks, 
 def _vocab_parallel(logits, tokens, opts, valid, group, vocab_size, checks: ValueChecks):
     """Layout checked across ranks (one metadata all-gather), ids queued on ``checks`` (global
     ids, the same tensor on every rank: every rank raises alike), then the sharded op."""
-    from . import vocab_parallel as vp
-
     shard = vp.resolve_shard(group, logits.shape[-1], tokens.numel(), vocab_size)
     check_token_range(tokens, shard.vocab, valid, checks=checks, kind=None)  # V is the global one
     return vp.VocabParallelTokenLogprobs.apply(logits, tokens, opts, shard, valid)
 
 
-def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = None, *,
-                      lengths: Optional[Tensor] = None, temperature: float = 1.0, normalize: bool = True,
-                      inplace_backward: bool = False, vocab_group=None, vocab_size: Optional[int] = None,
-                      cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                      ignore_index: Optional[int] = IGNORE_INDEX, check_inputs: bool = True) -> Tensor:
+def sequence_logprobs(
+    logits: Tensor,
+    tokens: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    lengths: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    inplace_backward: bool = False,
+    vocab_group=None,
+    vocab_size: Optional[int] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    ignore_index: Optional[int] = IGNORE_INDEX,
+    check_inputs: bool = True,
+) -> Tensor:
     """Per-sequence log-probability: the masked mean over T of the per-token
     log-probs (GSPO's ``1/L`` geometric normalisation), or the masked sum.
 
@@ -396,10 +291,21 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
         ``L = 0`` gives 0 and a zero gradient.
     """
     if cu_seqlens is not None:
-        return _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize,
-                                         check_inputs, ignore_index, temperature=temperature,
-                                         inplace_backward=inplace_backward, vocab_group=vocab_group,
-                                         vocab_size=vocab_size)
+        return _packed_sequence_logprobs(
+            logits,
+            tokens,
+            mask,
+            lengths,
+            cu_seqlens,
+            max_seqlen,
+            normalize,
+            check_inputs,
+            ignore_index,
+            temperature=temperature,
+            inplace_backward=inplace_backward,
+            vocab_group=vocab_group,
+            vocab_size=vocab_size,
+        )
     inv_temp = 1.0 / _check_common(logits, tokens, temperature, inplace_backward)
     checks = ValueChecks(check_inputs)
     valid = resolve_mask(mask, lengths, tokens, checks=checks)
@@ -410,19 +316,23 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     if vocab_group is not None:  # per-token results from the sharded op, then the O(N*T) masked mean
         v = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if valid is None else valid
         opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
-        out = masked_sequence_mean(_vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size, checks), v,
-                                   normalize)
+        out = masked_sequence_mean(
+            _vocab_parallel(logits, tokens, opts, v, vocab_group, vocab_size, checks), v, normalize
+        )
         return checks.finish(out)
     check_token_range(tokens, logits.shape[-1], valid, checks=checks)
     maskf = torch.ones(tokens.shape, dtype=acc, device=tokens.device) if valid is None else valid.to(acc)
     opts = LogprobOptions(inv_temp, bool(normalize), bool(inplace_backward))
     seq_checks = None
     # eager Triton: the reduction kernel computes the checks (no token, no kernel: finish does)
-    if _use_triton(logits) and not torch.compiler.is_compiling() and tokens.numel():
+    if use_triton(logits) and not torch.compiler.is_compiling() and tokens.numel():
         taken = checks.take({"lengths", "ids"} if lengths is not None else {"ids"})
         if taken:
-            seq_checks = _kernels.SeqChecks(tokens=tokens if "ids" in taken else None, vocab=logits.shape[-1],
-                                            lengths=lengths if "lengths" in taken else None)
+            seq_checks = _kernels_seq.SeqChecks(
+                tokens=tokens if "ids" in taken else None,
+                vocab=logits.shape[-1],
+                lengths=lengths if "lengths" in taken else None,
+            )
     if seq_checks is None:
         return checks.finish(SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts))
     seq, flags = SequenceLogprobs.apply(logits, tokens, maskf.contiguous(), opts, seq_checks)
@@ -430,12 +340,11 @@ def sequence_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor] = N
     return checks.finish(seq)
 
 
-def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize, check_inputs,
-                              ignore_index=IGNORE_INDEX, **kw):
+def _packed_sequence_logprobs(
+    logits, tokens, mask, lengths, cu_seqlens, max_seqlen, normalize, check_inputs, ignore_index=IGNORE_INDEX, **kw
+):
     """The token op on the packed rows as they are, then the per-sequence masked mean over
     ``cu_seqlens`` (the O(total) log-probs laid out per sequence; see :class:`~gspo_kernels.sequences.Packed`)."""
-    from .sequences import resolve_packed
-
     check_logits(logits)
     if lengths is not None:
         raise OptionError("with cu_seqlens, give a mask (total,) or none, not lengths")
@@ -445,7 +354,7 @@ def _packed_sequence_logprobs(logits, tokens, mask, lengths, cu_seqlens, max_seq
     total = lead[-1]
     checks = ValueChecks(check_inputs)
     packed = resolve_packed(cu_seqlens, total, max_seqlen, checks=checks)
-    valid = resolve_mask(mask, None, tokens, checks=checks) if mask is not None else None
+    valid = check_mask(mask, tokens) if mask is not None else None
     kept = _kept(tokens, ignore_index)
     if kept is not None:
         valid = kept if valid is None else valid & kept

@@ -14,6 +14,7 @@ treats exactly as padded rows. ``T_max`` is the longest sequence: pass
 ``max_seqlen`` (flash-attention's companion argument) to save the one host read
 it otherwise costs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,18 +23,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import LazyMessage
+from ._kernels import seq_shrink
 from .errors import DTypeError, InputValueError, OptionError, ShapeError
 
-__all__ = ["Packed", "cu_seqlens_from_position_ids", "resolve_packed"]
+__all__ = ["Packed", "cu_seqlens_from_position_ids", "masked_sequence_mean", "resolve_packed"]
 
 
 @dataclass(frozen=True)
 class Packed:
     """``N`` sequences over ``total`` packed tokens."""
 
-    cu_seqlens: Tensor   # (N+1,) int64
-    seq_id: Tensor       # (total,) int64: the sequence of each token
-    pos: Tensor          # (total,) int64: the token's position inside its sequence
+    cu_seqlens: Tensor  # (N+1,) int64
+    seq_id: Tensor  # (total,) int64: the sequence of each token
+    pos: Tensor  # (total,) int64: the token's position inside its sequence
     n: int
     t_max: int
     total: int
@@ -47,8 +50,6 @@ class Packed:
     def sequence_mean(self, logp: Tensor, valid: Optional[Tensor], normalize: bool = True) -> Tensor:
         """``(total,)`` per-token log-probs -> ``(N,)`` masked mean over each sequence's valid tokens
         (sum when not ``normalize``; 0 for an empty sequence)."""
-        from .logprobs import masked_sequence_mean
-
         logp = logp.reshape(self.total)
         v = torch.ones(self.total, dtype=torch.bool, device=logp.device) if valid is None else valid.reshape(self.total)
         return masked_sequence_mean(self.pad(torch.where(v, logp, 0)), self.pad(v), normalize)
@@ -56,6 +57,19 @@ class Packed:
     def unpad(self, x: Tensor) -> Tensor:
         """``(N, T_max)`` rows -> ``(total,)`` packed tokens."""
         return x[self.seq_id, self.pos]
+
+
+def masked_sequence_mean(logp: Tensor, valid: Tensor, normalize: bool = True) -> Tensor:
+    """Differentiable ``(..., T) -> (...)``: the sum of ``logp`` over valid tokens, divided by
+    their count when ``normalize`` (0 for an empty sequence); invalid entries never reach it."""
+    # summed as logp * 2^-ceil(log2 T), then scaled back: T finite terms near the float limit
+    # (logits ~1e38 at a small temperature) give a finite mean, not an overflowed sum
+    shrink = seq_shrink(logp.shape[-1])
+    total = torch.where(valid, logp * shrink, torch.zeros_like(logp)).sum(-1)
+    if not normalize:
+        return total / shrink
+    L = valid.sum(-1).to(logp.dtype)
+    return torch.where(L > 0, (total / L.clamp(min=1)) / shrink, torch.zeros_like(total))
 
 
 def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
@@ -76,8 +90,14 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
-def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, group_size: Optional[int] = None,
-                   check_inputs: bool = True, checks=None) -> Packed:
+def resolve_packed(
+    cu_seqlens,
+    total: int,
+    max_seqlen: Optional[int] = None,
+    group_size: Optional[int] = None,
+    check_inputs: bool = True,
+    checks=None,
+) -> Packed:
     """Check ``cu_seqlens`` against ``total`` tokens and lay out the packed batch.
 
     Shape, dtype and ``group_size`` errors raise at once; the value checks (starts at 0,
@@ -99,8 +119,9 @@ def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, gro
     n = cu_seqlens.numel() - 1
     if n == 0:
         raise ShapeError("cu_seqlens holds no sequence (shape (1,)): the loss is a mean over sequences")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                   or group_size < 1 or n % group_size):
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or n % group_size
+    ):
         raise OptionError(f"cu_seqlens holds N = {n} sequences, not a multiple of group_size={group_size!r}")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise OptionError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
@@ -139,12 +160,13 @@ def resolve_packed(cu_seqlens, total: int, max_seqlen: Optional[int] = None, gro
 
 def _queue_checks(checks, cu: Tensor, lengths: Tensor, total: int, max_seqlen: int) -> None:
     """resolve_packed's value checks as flags on ``checks``, with the same messages."""
-    from ._validate import LazyMessage
-
     checks.require_not(lambda: cu[0] != 0, LazyMessage("cu_seqlens must start at 0", lambda: f", got {int(cu[0])}"))
-    checks.require_not(lambda: (lengths < 0).any(),
-                       "cu_seqlens must be non-decreasing (each sequence's length >= 0)")
-    checks.require_not(lambda: cu[-1] != total, LazyMessage(f"cu_seqlens must end at the token count {total}",
-                                                            lambda: f", got {int(cu[-1])}"))
-    checks.require_not(lambda: (lengths > max_seqlen).any(),
-                       f"max_seqlen={max_seqlen} is shorter than the longest sequence of cu_seqlens")
+    checks.require_not(lambda: (lengths < 0).any(), "cu_seqlens must be non-decreasing (each sequence's length >= 0)")
+    checks.require_not(
+        lambda: cu[-1] != total,
+        LazyMessage(f"cu_seqlens must end at the token count {total}", lambda: f", got {int(cu[-1])}"),
+    )
+    checks.require_not(
+        lambda: (lengths > max_seqlen).any(),
+        f"max_seqlen={max_seqlen} is shorter than the longest sequence of cu_seqlens",
+    )

@@ -29,6 +29,7 @@ write: no collective at all. The hidden-state path all-reduces the gradient
 of ``hidden`` over the group (the input of a column-parallel layer, as
 Megatron does): done inside this package's backward; ``grad_weight`` stays local.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._ops import logits_grad, logprob_fwd
 from .errors import OptionError, ShapeError
 
 
@@ -71,14 +73,18 @@ def resolve_shard(group, width: int, rows: int, vocab_size: Optional[int] = None
     widths = [int(t[0]) for t in everyone]
     counts = [int(t[1]) for t in everyone]
     if len(set(widths)) != 1:
-        raise ShapeError(f"vocab_group: every rank must hold an equal shard of the vocabulary (V/P ids, rank "
-                         f"order); {name}' last dims per rank are {widths}. Pad the vocabulary to a multiple "
-                         f"of P = {P} (Megatron does) so that the shards are equal")
+        raise ShapeError(
+            f"vocab_group: every rank must hold an equal shard of the vocabulary (V/P ids, rank "
+            f"order); {name}' last dims per rank are {widths}. Pad the vocabulary to a multiple "
+            f"of P = {P} (Megatron does) so that the shards are equal"
+        )
     if len(set(counts)) != 1:
         raise ShapeError(f"vocab_group: every rank must pass the same tokens; token counts per rank are {counts}")
     if vocab_size is not None and width * P != vocab_size:
-        raise ShapeError(f"{name} shard has {width} ids and vocab_group has P = {P} ranks: {width} * {P} = "
-                         f"{width * P}, but vocab_size = {vocab_size}; each rank must hold V/P ids")
+        raise ShapeError(
+            f"{name} shard has {width} ids and vocab_group has P = {P} ranks: {width} * {P} = "
+            f"{width * P}, but vocab_size = {vocab_size}; each rank must hold V/P ids"
+        )
     return Shard(group, r * width, width, P * width)
 
 
@@ -110,8 +116,9 @@ def combine(lse_r: Tensor, target: Tensor, ent_r: Optional[Tensor], group) -> tu
     return logp, lse, ent
 
 
-def combine_local(logp_l: Tensor, c_l: Tensor, ent_l: Optional[Tensor], inside: Tensor, inv_temp: float,
-                  group) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def combine_local(
+    logp_l: Tensor, c_l: Tensor, ent_l: Optional[Tensor], inside: Tensor, inv_temp: float, group
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """The fused forward's per-row outputs on this shard (local log-prob, ``c = tau * lse_r``,
     local entropy) -> global ``(logp, tau * lse, entropy)``, equal on every rank."""
     lse_r = c_l * inv_temp
@@ -126,12 +133,9 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, opts, shard: Shard, valid: Optional[Tensor] = None):
-        from .logprobs import logprob_fwd
-
         y, inside = local_ids(tokens, shard)
         lp_l, c_l, ent_l = logprob_fwd(logits, y, None, opts.inv_temp, opts.entropy, check=False)
-        logp, c, ent = combine_local(lp_l, c_l, ent_l if opts.entropy else None, inside, opts.inv_temp,
-                                     shard.group)
+        logp, c, ent = combine_local(lp_l, c_l, ent_l if opts.entropy else None, inside, opts.inv_temp, shard.group)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         # Saved: the global logsumexp in logit units (tau * lse) and entropy: backward needs no collective.
@@ -140,12 +144,15 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp: Optional[Tensor], grad_ent: Optional[Tensor] = None):
-        from .logprobs import _logits_grad
-
         logits, y, c, ent = ctx.saved_tensors
         if grad_logp is None and grad_ent is None:
             return None, None, None, None, None
         grad_logp = torch.zeros_like(c) if grad_logp is None else grad_logp.contiguous()
         grad_ent = None if grad_ent is None else grad_ent.contiguous()
-        return _logits_grad(ctx, logits, y, c, grad_logp, ent if grad_ent is not None else None,
-                            grad_ent), None, None, None, None
+        return (
+            logits_grad(ctx, logits, y, c, grad_logp, ent if grad_ent is not None else None, grad_ent),
+            None,
+            None,
+            None,
+            None,
+        )

@@ -1,4 +1,5 @@
 """Naive log-probs from hidden states: materialise ``hidden @ weight.T + bias``, then the naive op."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,9 @@ def naive_linear_token_logprobs(hidden, weight, tokens, bias=None, temperature=1
     return naive_token_logprobs(torch.nn.functional.linear(hidden, weight, bias), tokens, temperature, dtype)
 
 
-def naive_linear_sequence_logprobs(hidden, weight, tokens, mask=None, lengths=None, bias=None, temperature=1.0,
-                                   normalize=True, dtype=torch.float32):
+def naive_linear_sequence_logprobs(
+    hidden, weight, tokens, mask=None, lengths=None, bias=None, temperature=1.0, normalize=True, dtype=torch.float32
+):
     """``(..., T, H), (V, H) -> (...)`` masked mean (or sum) through the full logits."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return naive_sequence_logprobs(logits, tokens, mask, lengths, temperature, normalize, dtype)
@@ -23,8 +25,7 @@ def naive_linear_token_entropy(hidden, weight, bias=None, temperature=1.0, dtype
     return naive_token_entropy(torch.nn.functional.linear(hidden, weight, bias), temperature, dtype)
 
 
-def naive_linear_token_outputs(hidden, weight, tokens, bias=None, temperature=1.0, valid=None,
-                               dtype=torch.float32):
+def naive_linear_token_outputs(hidden, weight, tokens, bias=None, temperature=1.0, valid=None, dtype=torch.float32):
     """``(logp, entropy)`` ``(..., T)`` through the full logits in ``dtype``, exact zeros where ``valid`` is
     False (the contract of ``linear_token_logprobs(valid=...)``: those outputs are constants)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)

@@ -1,10 +1,11 @@
-"""Plain PyTorch GSPO / GRPO losses, written from the math in README.md.
+"""Plain PyTorch GSPO / GRPO losses, written from the math in docs/losses.md.
 
 Deliberately naive: the full log-softmax is materialised (via
 ``naive_token_logprobs``) and advantages are computed with Python loops over
 groups, so that they share no code path with ``gspo_kernels.losses``.
 Shapes: logits ``(B, G, T, V)``, tokens/mask ``(B, G, T)``, rewards ``(B, G)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,10 +68,25 @@ def _den(denominator, old, ref):
     return {"old": old, "ref": ref, "detached": None}[denominator]
 
 
-def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
-                        advantage="group_norm", epsilon=3e-4, epsilon_high=4e-4, beta=0.0, kl="k3",
-                        temperature=1.0, level="sequence", entropy_coef=0.0, denominator=None,
-                        dtype=torch.float64):
+def gspo_loss_reference(
+    logits,
+    tokens,
+    rewards=None,
+    mask=None,
+    *,
+    ref_logprobs=None,
+    old_logprobs=None,
+    advantage="group_norm",
+    epsilon=3e-4,
+    epsilon_high=4e-4,
+    beta=0.0,
+    kl="k3",
+    temperature=1.0,
+    level="sequence",
+    entropy_coef=0.0,
+    denominator=None,
+    dtype=torch.float64,
+):
     """GSPO loss (and metrics dict) with everything materialised. Returns (loss, metrics).
     ``entropy_coef``: ``loss -= coef * mean entropy over the valid tokens``; ``metrics["kl"]``
     is the mean per-token KL over the valid tokens."""
@@ -107,17 +123,36 @@ def gspo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs
     n_valid = mask.sum().clamp(min=1)
     loss = (policy + beta * kl_seq).mean() - entropy_coef * ent.sum() / n_valid
     kl_tok = _kl_tokens(logp, ref_logprobs.to(dtype), kl) if ref_logprobs is not None else torch.zeros_like(logp)
-    metrics = {"ratio": s.detach(), "advantage": A_seq.detach(),
-               "kl": torch.where(mask, kl_tok, 0).detach().sum() / n_valid,
-               "entropy": ent.detach().sum() / mask.sum().clamp(min=1),
-               "policy_loss": policy.detach().mean(), "policy_per_sequence": policy.detach()}
+    metrics = {
+        "ratio": s.detach(),
+        "advantage": A_seq.detach(),
+        "kl": torch.where(mask, kl_tok, 0).detach().sum() / n_valid,
+        "entropy": ent.detach().sum() / mask.sum().clamp(min=1),
+        "policy_loss": policy.detach().mean(),
+        "policy_per_sequence": policy.detach(),
+    }
     return loss, metrics
 
 
-def grpo_loss_reference(logits, tokens, rewards=None, mask=None, *, ref_logprobs=None, old_logprobs=None,
-                        advantage="group_norm", epsilon=0.2, epsilon_high=None, beta=0.0, kl="k3",
-                        temperature=1.0, loss_agg="seq-mean-token-mean", entropy_coef=0.0, denominator=None,
-                        dtype=torch.float64):
+def grpo_loss_reference(
+    logits,
+    tokens,
+    rewards=None,
+    mask=None,
+    *,
+    ref_logprobs=None,
+    old_logprobs=None,
+    advantage="group_norm",
+    epsilon=0.2,
+    epsilon_high=None,
+    beta=0.0,
+    kl="k3",
+    temperature=1.0,
+    loss_agg="seq-mean-token-mean",
+    entropy_coef=0.0,
+    denominator=None,
+    dtype=torch.float64,
+):
     """Token-level GRPO loss with every aggregation, materialised. Returns (loss, metrics).
     ``entropy_coef``: ``loss -= coef * mean entropy over the valid tokens``."""
     eh = epsilon if epsilon_high is None else epsilon_high

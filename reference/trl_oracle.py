@@ -28,6 +28,7 @@ on its own.
 
 This module imports TRL (slow); ``reference/__init__.py`` does not import it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ TRL_VERSION_TESTED = "1.16.0"
 def _trl():
     import trl
     from trl import GRPOConfig, GRPOTrainer
+
     return trl, GRPOConfig, GRPOTrainer
 
 
@@ -63,6 +65,7 @@ def grpo_config_defaults() -> dict:
 
 class _Accelerator:
     """Single-process stand-in for ``accelerate.Accelerator`` as used by ``_compute_loss``."""
+
     num_processes = 1
     process_index = 0
     is_main_process = True
@@ -144,9 +147,20 @@ def _bare_trainer(args: SimpleNamespace, use_vllm: bool, per_token_logps, entrop
     return obj
 
 
-def trl_compute_loss(per_token_logps, entropies, completion_mask, advantages, *, old_per_token_logps=None,
-                     ref_per_token_logps=None, sampling_per_token_logps=None, importance_sampling_ratio=None,
-                     num_items_in_batch=None, tool_mask=None, **config):
+def trl_compute_loss(
+    per_token_logps,
+    entropies,
+    completion_mask,
+    advantages,
+    *,
+    old_per_token_logps=None,
+    ref_per_token_logps=None,
+    sampling_per_token_logps=None,
+    importance_sampling_ratio=None,
+    num_items_in_batch=None,
+    tool_mask=None,
+    **config,
+):
     """TRL's GRPO loss on given per-token tensors.
 
     per_token_logps, entropies: (B, T), may require grad. completion_mask: (B, T), 0/1
@@ -182,9 +196,13 @@ def trl_compute_loss(per_token_logps, entropies, completion_mask, advantages, *,
         "advantages": advantages,
         "num_items_in_batch": num_items_in_batch,
     }
-    optional = {"old_per_token_logps": old_per_token_logps, "ref_per_token_logps": ref_per_token_logps,
-                "sampling_per_token_logps": sampling_per_token_logps,
-                "importance_sampling_ratio": importance_sampling_ratio, "tool_mask": tool_mask}
+    optional = {
+        "old_per_token_logps": old_per_token_logps,
+        "ref_per_token_logps": ref_per_token_logps,
+        "sampling_per_token_logps": sampling_per_token_logps,
+        "importance_sampling_ratio": importance_sampling_ratio,
+        "tool_mask": tool_mask,
+    }
     inputs.update({k: v for k, v in optional.items() if v is not None})
     if args.beta != 0.0 and ref_per_token_logps is None:
         raise ValueError("beta != 0 needs ref_per_token_logps")
@@ -195,8 +213,15 @@ def trl_compute_loss(per_token_logps, entropies, completion_mask, advantages, *,
     return loss, metrics
 
 
-def trl_importance_sampling_ratio(old_per_token_logps, sampling_per_token_logps, completion_mask,
-                                  mode="sequence_mask", clip_min=None, clip_max=3.0, tool_mask=None):
+def trl_importance_sampling_ratio(
+    old_per_token_logps,
+    sampling_per_token_logps,
+    completion_mask,
+    mode="sequence_mask",
+    clip_min=None,
+    clip_max=3.0,
+    tool_mask=None,
+):
     """TRL's rollout-correction ratio pi_old / pi_sampler, transcribed from
     ``GRPOTrainer._generate_and_score_completions`` (trl 1.16.0, grpo_trainer.py lines 2659-2707).
 
@@ -229,5 +254,6 @@ def trl_importance_sampling_ratio(old_per_token_logps, sampling_per_token_logps,
     else:
         raise ValueError(
             f"Unknown vLLM importance sampling level: {mode}. Possible values are 'token_truncate', "
-            "'token_mask', 'sequence_truncate', and 'sequence_mask'.")
+            "'token_mask', 'sequence_truncate', and 'sequence_mask'."
+        )
     return ratio

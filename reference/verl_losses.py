@@ -44,6 +44,7 @@ global_batch_size / loss_scale_factor, passed on to ``agg_loss``.
 Every loss returns ``(loss, metrics)`` with verl's metric names. The rollout-correction
 diagnostics (``rollout_corr/*`` metrics) are not transcribed: only the weights and masks.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -51,18 +52,24 @@ import inspect
 import torch
 
 # verl_F.masked_sum / masked_mean and the rollout correction: reference/verl_rollout.py
-from .verl_rollout import (masked_mean, masked_sum, parse_rollout_is_threshold,  # noqa: F401
-                           parse_rollout_rs_thresholds, rollout_correction_and_rejection_mask,
-                           rollout_correction_weights, rollout_rejection_mask)
+from .verl_rollout import (  # noqa: F401
+    masked_mean,
+    masked_sum,
+    parse_rollout_is_threshold,
+    parse_rollout_rs_thresholds,
+    rollout_correction_and_rejection_mask,
+    rollout_correction_weights,
+    rollout_rejection_mask,
+)
 
 VERL_VERSION = "0.9.1"
 
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
-                  "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
 
-def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-             loss_scale_factor=None):
+def agg_loss(
+    loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None
+):
     """core_algos.agg_loss: reduce a (B, T) loss matrix to a scalar.
 
     token-mean:  sum(L*m) / batch_num_tokens * dp_size   (batch_num_tokens default: sum(m))
@@ -115,6 +122,7 @@ def _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high):
 
 # --------------------------------------------------------------------------- KL estimators
 
+
 def kl_penalty_forward(logprob, ref_logprob, kl_penalty):
     """core_algos.kl_penalty_forward: per-token KL estimate between policy and reference.
 
@@ -150,10 +158,22 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
 
 # --------------------------------------------------------------------------- policy losses
 
-def policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                        clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                        rollout_is_weights=None, **global_batch_info):
-    """"vanilla": PPO clip with dual clip (Ye et al. 2019) on negative advantages.
+
+def policy_loss_vanilla(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_ratio_c=3.0,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "vanilla": PPO clip with dual clip (Ye et al. 2019) on negative advantages.
 
     r = exp(clamp(lp - old, -20, 20));  L1 = -A r;  L2 = -A clip(r, 1-low, 1+high);  C = max(L1, L2)
     loss_t = min(-A clip_ratio_c, C) if A < 0 else C;  times rollout_is_weights; agg_loss(loss_agg_mode).
@@ -177,12 +197,27 @@ def policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode, **global_batch_info)
-    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
-                     "actor/pg_clipfrac_lower": pg_clipfrac_lower.item()}
+    return pg_loss, {
+        "actor/pg_clipfrac": pg_clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": pg_clipfrac_lower.item(),
+    }
 
 
-def _dppo(kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip_ratio, clip_ratio_low,
-          clip_ratio_high, clip_ratio_c, rollout_is_weights, global_batch_info):
+def _dppo(
+    kind,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode,
+    clip_ratio,
+    clip_ratio_low,
+    clip_ratio_high,
+    clip_ratio_c,
+    rollout_is_weights,
+    global_batch_info,
+):
     # Shared body of dppo_tv / dppo_kl: truncated-IS policy gradient on tokens inside a
     # divergence trust region (clip_ratio* are divergence thresholds, not ratio ranges).
     div_low, div_high = _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high)
@@ -198,7 +233,8 @@ def _dppo(kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode
         valid_negative_mask = (prob - old_prob) >= -div_low
     else:
         binary_kl = old_prob * (old_log_prob - log_prob) + (1 - old_prob) * torch.log(
-            (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+            (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+        )
         valid_positive_mask = (binary_kl <= div_high) | (prob <= old_prob)
         valid_negative_mask = (binary_kl <= div_low) | (prob >= old_prob)
     valid_mask = torch.where(advantages > 0, valid_positive_mask, valid_negative_mask).detach().float()
@@ -209,34 +245,93 @@ def _dppo(kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode, **global_batch_info)
     pg_clipfrac = masked_mean((1.0 - valid_mask).float(), response_mask)
     pg_clipfrac_lower = masked_mean((ratio > clip_ratio_c).float() * valid_mask, response_mask)
-    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
-                     "actor/pg_clipfrac_lower": pg_clipfrac_lower.item()}
+    return pg_loss, {
+        "actor/pg_clipfrac": pg_clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": pg_clipfrac_lower.item(),
+    }
 
 
-def policy_loss_dppo_tv(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                        clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                        rollout_is_weights=None, **global_batch_info):
-    """"dppo_tv" (DPPO-Binary-TV): loss_t = -A * sg(min(r, clip_ratio_c)) * lp * sg(valid),
+def policy_loss_dppo_tv(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_ratio_c=3.0,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "dppo_tv" (DPPO-Binary-TV): loss_t = -A * sg(min(r, clip_ratio_c)) * lp * sg(valid),
     valid = (p - p_old <= high) if A > 0 else (p - p_old >= -low), p = exp(lp).
     verl reads clip_ratio_c with fallback 20.0, but ActorConfig always carries clip_ratio_c (3.0)."""
-    return _dppo("tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip_ratio,
-                 clip_ratio_low, clip_ratio_high, clip_ratio_c, rollout_is_weights, global_batch_info)
+    return _dppo(
+        "tv",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        clip_ratio,
+        clip_ratio_low,
+        clip_ratio_high,
+        clip_ratio_c,
+        rollout_is_weights,
+        global_batch_info,
+    )
 
 
-def policy_loss_dppo_kl(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                        clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                        rollout_is_weights=None, **global_batch_info):
-    """"dppo_kl" (DPPO-Binary-KL): as dppo_tv with the binary KL
+def policy_loss_dppo_kl(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_ratio_c=3.0,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "dppo_kl" (DPPO-Binary-KL): as dppo_tv with the binary KL
     D = p_old (lp_old - lp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8)):
     valid = (D <= high or p <= p_old) if A > 0 else (D <= low or p >= p_old)."""
-    return _dppo("kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip_ratio,
-                 clip_ratio_low, clip_ratio_high, clip_ratio_c, rollout_is_weights, global_batch_info)
+    return _dppo(
+        "kl",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        clip_ratio,
+        clip_ratio_low,
+        clip_ratio_high,
+        clip_ratio_c,
+        rollout_is_weights,
+        global_batch_info,
+    )
 
 
-def policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean", *,
-                     clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, rollout_is_weights=None,
-                     **global_batch_info):
-    """"gspo": sequence ratio with token gradients (GSPO-token).
+def policy_loss_gspo(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="seq-mean-token-mean",
+    *,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "gspo": sequence ratio with token gradients (GSPO-token).
 
     log s_it = lp - sg(lp) + sg(sum_t m (lp - old) / max(|m_i|, 1)), clamped max=10; s = exp(.)
     loss_t = max(-A s, -A clip(s, 1-low, 1+high)); no dual clip; agg_loss(loss_agg_mode)
@@ -258,13 +353,26 @@ def policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode, **global_batch_info)
     pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
     ppo_kl = masked_mean(-negative_approx_kl, response_mask)
-    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
-                     "actor/pg_clipfrac_lower": 0.0}
+    return pg_loss, {
+        "actor/pg_clipfrac": pg_clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": 0.0,
+    }
 
 
-def policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean", *,
-                     tau_pos=1.0, tau_neg=1.05, rollout_is_weights=None, **global_batch_info):
-    """"sapo": soft gate instead of clipping.
+def policy_loss_sapo(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="seq-mean-token-mean",
+    *,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "sapo": soft gate instead of clipping.
 
     r = exp(clamp(lp - old, -20, 20)); tau = tau_pos if A > 0 else tau_neg;
     loss_t = -A * sigmoid(tau (r - 1)) * 4 / tau.  Always aggregated with "seq-mean-token-mean":
@@ -284,20 +392,41 @@ def policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg
     return pg_loss, {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": ppo_kl.item(), "actor/pg_clipfrac_lower": 0.0}
 
 
-def policy_loss_gpg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                    rollout_is_weights=None, **global_batch_info):
-    """"gpg": plain policy gradient, loss_t = -lp * A (old_log_prob unused); no metrics."""
+def policy_loss_gpg(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "gpg": plain policy gradient, loss_t = -lp * A (old_log_prob unused); no metrics."""
     pg_losses = -log_prob * advantages
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     return agg_loss(pg_losses, response_mask, loss_agg_mode, **global_batch_info), {}
 
 
-def policy_loss_clip_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                         clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_cov_ratio=0.0002,
-                         clip_cov_lb=1.0, clip_cov_ub=5.0, rollout_is_weights=None, generator=None,
-                         **global_batch_info):
-    """"clip_cov": PPO clip (no ratio clamp, no dual clip) with the gradient of a random subset of
+def policy_loss_clip_cov(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_cov_ratio=0.0002,
+    clip_cov_lb=1.0,
+    clip_cov_ub=5.0,
+    rollout_is_weights=None,
+    generator=None,
+    **global_batch_info,
+):
+    """ "clip_cov": PPO clip (no ratio clamp, no dual clip) with the gradient of a random subset of
     high-covariance tokens removed.
 
     cov_t = (A - mean_m A) (lp - mean_m sg(lp)), set to -inf on padding and PPO-clipped tokens;
@@ -317,7 +446,8 @@ def policy_loss_clip_cov(old_log_prob, log_prob, advantages, response_mask, loss
     clip_by_origin = (pg_losses2 > pg_losses1) & (response_mask > 0)
 
     cov_all = (advantages - masked_mean(advantages, response_mask)) * (
-        log_prob - masked_mean(log_prob.detach(), response_mask))
+        log_prob - masked_mean(log_prob.detach(), response_mask)
+    )
     cov_all[response_mask == 0] = -torch.inf
     cov_all[clip_by_origin] = -torch.inf
 
@@ -338,9 +468,19 @@ def policy_loss_clip_cov(old_log_prob, log_prob, advantages, response_mask, loss
     return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item()}
 
 
-def policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                       kl_cov_ratio=0.0002, ppo_kl_coef=0.1, rollout_is_weights=None, **global_batch_info):
-    """"kl_cov": unclipped policy-gradient ratio loss, plus a |log-ratio| penalty on the top
+def policy_loss_kl_cov(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    kl_cov_ratio=0.0002,
+    ppo_kl_coef=0.1,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "kl_cov": unclipped policy-gradient ratio loss, plus a |log-ratio| penalty on the top
     max(1, int(kl_cov_ratio * N)) valid tokens by covariance (A - mean A)(sg(lp) - mean sg(lp)).
 
     r = exp(lp - old) (no clamp); loss_t = -A r, or -A r + ppo_kl_coef |lp - old| on selected tokens.
@@ -374,10 +514,20 @@ def policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_a
     return pg_loss, {"actor/ppo_kl": ppo_kl_abs.item()}
 
 
-def policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                         clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, rollout_is_weights=None,
-                         **global_batch_info):
-    """"geo_mean" (GMPO): geometric mean of token ratios, clipped in log space, per sequence.
+def policy_loss_geo_mean(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "geo_mean" (GMPO): geometric mean of token ratios, clipped in log space, per sequence.
 
     d = lp - old (no clamp); s = sign(A); d' = s * min(s d, s clamp(d, -low, high));
     R_i = exp(sum_t m d' / (|m_i| + 1e-8)); A_i = sum_t m A / (|m_i| + 1e-8); loss = mean_i(-A_i R_i)
@@ -402,20 +552,33 @@ def policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_mask, loss
     pg_losses = -advantage * ratio
     if rollout_is_weights is not None:
         seq_is_weights = torch.exp(
-            (torch.log(rollout_is_weights + 1e-10) * response_mask).sum(dim=-1) / (response_mask_sum + 1e-8))
+            (torch.log(rollout_is_weights + 1e-10) * response_mask).sum(dim=-1) / (response_mask_sum + 1e-8)
+        )
         pg_losses = pg_losses * seq_is_weights
     pg_loss = torch.mean(pg_losses)
 
     clipped = torch.ne(negative_approx_kl, negative_approx_kl_clamp)
     pg_clipfrac = masked_mean((clipped * (advantages > 0)).float(), response_mask)
     pg_clipfrac_lower = masked_mean((clipped * (advantages < 0)).float(), response_mask)
-    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
-                     "actor/pg_clipfrac_lower": pg_clipfrac_lower.item()}
+    return pg_loss, {
+        "actor/pg_clipfrac": pg_clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": pg_clipfrac_lower.item(),
+    }
 
 
-def policy_loss_dro(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                    dro_beta=None, rollout_is_weights=None, **global_batch_info):
-    """"dro": loss_t = -(lp A - 0.5 dro_beta (lp - old)^2); dro_beta (policy_loss.dro_beta) must be > 0."""
+def policy_loss_dro(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    dro_beta=None,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "dro": loss_t = -(lp A - 0.5 dro_beta (lp - old)^2); dro_beta (policy_loss.dro_beta) must be > 0."""
     if dro_beta is None or dro_beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
     log_ratio = log_prob - old_log_prob
@@ -426,10 +589,20 @@ def policy_loss_dro(old_log_prob, log_prob, advantages, response_mask, loss_agg_
     return pg_loss, {"actor/ppo_kl": masked_mean(-log_ratio, response_mask).item()}
 
 
-def policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                      clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, rollout_is_weights=None,
-                      **global_batch_info):
-    """"cispo": loss_t = -sg(clip(r, 1-low, 1+high)) * A * lp, r = exp(clamp(lp - old, -20, 20))
+def policy_loss_cispo(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "cispo": loss_t = -sg(clip(r, 1-low, 1+high)) * A * lp, r = exp(clamp(lp - old, -20, 20))
     (two-sided clamp of the detached weight, unlike TRL's upper-only epsilon_high cap)."""
     low, high = _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high)
     negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
@@ -441,12 +614,23 @@ def policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_ag
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode, **global_batch_info)
-    return pg_loss, {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
-                     "actor/pg_clipfrac_lower": 0.0}
+    return pg_loss, {
+        "actor/pg_clipfrac": pg_clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": 0.0,
+    }
 
 
-def policy_loss_reinforce(rollout_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-sum",
-                          *, rollout_is_weights=None, **global_batch_info):
+def policy_loss_reinforce(
+    rollout_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="seq-mean-token-sum",
+    *,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
     """compute_policy_loss_reinforce (not registered; bypass_mode's "reinforce" branch):
     loss_t = -A lp (times rollout_is_weights, detached by the caller); ppo_kl = mean_m(rollout - lp)."""
     if rollout_is_weights is not None:
@@ -458,12 +642,27 @@ def policy_loss_reinforce(rollout_log_prob, log_prob, advantages, response_mask,
     return pg_loss, {"actor/ppo_kl": kl_divergence.item()}
 
 
-def policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", *,
-                            loss_type="ppo_clip", rollout_is=None, rollout_is_threshold=2.0,
-                            rollout_is_batch_normalize=False, rollout_rs=None, rollout_rs_threshold=None,
-                            clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                            rollout_is_weights=None, **global_batch_info):
-    """"bypass_mode": old_log_prob *is* the rollout log-prob. Under no_grad, IS weights and a
+def policy_loss_bypass_mode(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    *,
+    loss_type="ppo_clip",
+    rollout_is=None,
+    rollout_is_threshold=2.0,
+    rollout_is_batch_normalize=False,
+    rollout_rs=None,
+    rollout_rs_threshold=None,
+    clip_ratio=0.2,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_ratio_c=3.0,
+    rollout_is_weights=None,
+    **global_batch_info,
+):
+    """ "bypass_mode": old_log_prob *is* the rollout log-prob. Under no_grad, IS weights and a
     rejection mask are computed from (log_prob, old_log_prob) (see rollout_correction_and_rejection_mask);
     then loss_type "reinforce" -> policy_loss_reinforce(mask = rejection mask, weights = IS weights),
     "ppo_clip" -> policy_loss_vanilla(mask = rejection mask, no IS weights). The incoming
@@ -472,32 +671,63 @@ def policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response_mask, l
     """
     with torch.no_grad():
         computed_is_weights, effective_mask = rollout_correction_and_rejection_mask(
-            log_prob, old_log_prob, response_mask, rollout_is=rollout_is, rollout_is_threshold=rollout_is_threshold,
-            rollout_is_batch_normalize=rollout_is_batch_normalize, rollout_rs=rollout_rs,
-            rollout_rs_threshold=rollout_rs_threshold)
+            log_prob,
+            old_log_prob,
+            response_mask,
+            rollout_is=rollout_is,
+            rollout_is_threshold=rollout_is_threshold,
+            rollout_is_batch_normalize=rollout_is_batch_normalize,
+            rollout_rs=rollout_rs,
+            rollout_rs_threshold=rollout_rs_threshold,
+        )
     if loss_type == "reinforce":
-        return policy_loss_reinforce(old_log_prob, log_prob, advantages, effective_mask, loss_agg_mode,
-                                     rollout_is_weights=computed_is_weights, **global_batch_info)
+        return policy_loss_reinforce(
+            old_log_prob,
+            log_prob,
+            advantages,
+            effective_mask,
+            loss_agg_mode,
+            rollout_is_weights=computed_is_weights,
+            **global_batch_info,
+        )
     if loss_type == "ppo_clip":
-        return policy_loss_vanilla(old_log_prob, log_prob, advantages, effective_mask, loss_agg_mode,
-                                   clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
-                                   clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
-                                   rollout_is_weights=None, **global_batch_info)
+        return policy_loss_vanilla(
+            old_log_prob,
+            log_prob,
+            advantages,
+            effective_mask,
+            loss_agg_mode,
+            clip_ratio=clip_ratio,
+            clip_ratio_low=clip_ratio_low,
+            clip_ratio_high=clip_ratio_high,
+            clip_ratio_c=clip_ratio_c,
+            rollout_is_weights=None,
+            **global_batch_info,
+        )
     raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
 
 
 POLICY_LOSSES = {
-    "vanilla": policy_loss_vanilla, "dppo_tv": policy_loss_dppo_tv, "dppo_kl": policy_loss_dppo_kl,
-    "gspo": policy_loss_gspo, "sapo": policy_loss_sapo, "gpg": policy_loss_gpg, "clip_cov": policy_loss_clip_cov,
-    "kl_cov": policy_loss_kl_cov, "geo_mean": policy_loss_geo_mean, "dro": policy_loss_dro,
-    "cispo": policy_loss_cispo, "bypass_mode": policy_loss_bypass_mode,
+    "vanilla": policy_loss_vanilla,
+    "dppo_tv": policy_loss_dppo_tv,
+    "dppo_kl": policy_loss_dppo_kl,
+    "gspo": policy_loss_gspo,
+    "sapo": policy_loss_sapo,
+    "gpg": policy_loss_gpg,
+    "clip_cov": policy_loss_clip_cov,
+    "kl_cov": policy_loss_kl_cov,
+    "geo_mean": policy_loss_geo_mean,
+    "dro": policy_loss_dro,
+    "cispo": policy_loss_cispo,
+    "bypass_mode": policy_loss_bypass_mode,
 }
 
 _GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
-def verl_policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                     **config):
+def verl_policy_loss(
+    loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", **config
+):
     """Dispatch like verl's actor (``get_policy_loss_fn(loss_mode)`` called with config.loss_agg_mode).
 
     ``config`` may hold any actor / policy_loss / rollout_correction key; those the chosen loss
@@ -515,17 +745,31 @@ def verl_policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mas
     return fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, **kwargs)
 
 
-def verl_actor_loss(old_log_prob, log_prob, advantages, response_mask, *, loss_mode="vanilla",
-                    loss_agg_mode="token-mean", entropy=None, entropy_coeff=0.0, ref_log_prob=None,
-                    use_kl_loss=False, kl_loss_coef=0.001, kl_loss_type="low_var_kl", **config):
+def verl_actor_loss(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    *,
+    loss_mode="vanilla",
+    loss_agg_mode="token-mean",
+    entropy=None,
+    entropy_coeff=0.0,
+    ref_log_prob=None,
+    use_kl_loss=False,
+    kl_loss_coef=0.001,
+    kl_loss_type="low_var_kl",
+    **config,
+):
     """workers/utils/losses.py ``ppo_loss``: the actor's total loss
     pg_loss - entropy_coeff * agg_loss(entropy) + kl_loss_coef * agg_loss(kl_penalty(lp, ref, kl_loss_type)),
     both terms aggregated with loss_agg_mode (also for sapo/geo_mean, whose pg term ignores it).
     The response mask is used as bool, as verl does."""
     response_mask = response_mask.to(bool)
     gbi = {k: config[k] for k in _GLOBAL_BATCH_KEYS if k in config}
-    policy_loss, metrics = verl_policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask,
-                                            loss_agg_mode, **config)
+    policy_loss, metrics = verl_policy_loss(
+        loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, **config
+    )
     metrics = dict(metrics)
     metrics["actor/pg_loss"] = policy_loss.item()
     if entropy is not None:
@@ -539,4 +783,3 @@ def verl_actor_loss(old_log_prob, log_prob, advantages, response_mask, *, loss_m
         metrics["kl_loss"] = kl_loss.item()
         metrics["kl_coef"] = kl_loss_coef
     return policy_loss, metrics
-

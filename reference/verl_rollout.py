@@ -1,6 +1,7 @@
 """verl 0.9.1's rollout correction (``verl/trainer/ppo/rollout_corr_helper.py``), transcribed
 into plain PyTorch: importance weights (TIS, IcePop) and rejection masks, without verl's
 diagnostic metrics. Source and line numbers: see :mod:`reference.verl_losses`."""
+
 from __future__ import annotations
 
 import math
@@ -22,6 +23,7 @@ def masked_mean(values, mask, axis=None):
 
 
 # --------------------------------------------------------------------------- rollout correction
+
 
 def parse_rollout_is_threshold(threshold_spec):
     """_parse_rollout_is_threshold: float / "x" -> (upper=x, lower=None) = TIS;
@@ -51,8 +53,9 @@ def parse_rollout_is_threshold(threshold_spec):
     return upper, lower
 
 
-def rollout_correction_weights(log_ratio, response_mask, rollout_is="token", rollout_is_threshold=2.0,
-                               rollout_is_batch_normalize=False):
+def rollout_correction_weights(
+    log_ratio, response_mask, rollout_is="token", rollout_is_threshold=2.0, rollout_is_batch_normalize=False
+):
     """compute_rollout_correction_weights (single process), without metrics. log_ratio = lp_train - lp_rollout.
 
     token:    w_t = exp(clamp(log_ratio_t, -20, 20)) * m_t
@@ -89,8 +92,19 @@ def rollout_correction_weights(log_ratio, response_mask, rollout_is="token", rol
     return weights
 
 
-SUPPORTED_ROLLOUT_RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
-                                "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+SUPPORTED_ROLLOUT_RS_OPTIONS = (
+    "token_k1",
+    "token_k2",
+    "token_k3",
+    "seq_sum_k1",
+    "seq_sum_k2",
+    "seq_sum_k3",
+    "seq_mean_k1",
+    "seq_mean_k2",
+    "seq_mean_k3",
+    "seq_max_k2",
+    "seq_max_k3",
+)
 
 
 def parse_rollout_rs_thresholds(options, threshold_spec):
@@ -158,8 +172,11 @@ def rollout_rejection_mask(log_ratio, response_mask, rollout_rs="token_k1", roll
     specs = parse_rollout_rs_thresholds(options, rollout_rs_threshold)
 
     log_ratio_safe = torch.clamp(log_ratio, min=-SAFETY_BOUND, max=SAFETY_BOUND)
-    token_stats = {"k1": -log_ratio_safe, "k2": 0.5 * log_ratio_safe**2,
-                   "k3": torch.exp(log_ratio_safe) - 1.0 - log_ratio_safe}
+    token_stats = {
+        "k1": -log_ratio_safe,
+        "k2": 0.5 * log_ratio_safe**2,
+        "k3": torch.exp(log_ratio_safe) - 1.0 - log_ratio_safe,
+    }
     combined_mask = torch.ones_like(response_mask, dtype=log_ratio.dtype)
 
     def seq_max(values):
@@ -187,9 +204,16 @@ def rollout_rejection_mask(log_ratio, response_mask, rollout_rs="token_k1", roll
     return (response_mask * combined_mask).to(dtype=response_mask.dtype)
 
 
-def rollout_correction_and_rejection_mask(old_log_prob, rollout_log_prob, response_mask, rollout_is=None,
-                                          rollout_is_threshold=2.0, rollout_is_batch_normalize=False,
-                                          rollout_rs=None, rollout_rs_threshold=None):
+def rollout_correction_and_rejection_mask(
+    old_log_prob,
+    rollout_log_prob,
+    response_mask,
+    rollout_is=None,
+    rollout_is_threshold=2.0,
+    rollout_is_batch_normalize=False,
+    rollout_rs=None,
+    rollout_rs_threshold=None,
+):
     """compute_rollout_correction_and_rejection_mask without metrics: log_ratio = old - rollout;
     returns (IS weights (B, T) or None when rollout_is or its threshold is None, modified response mask)."""
     if not response_mask.any():
@@ -199,8 +223,9 @@ def rollout_correction_and_rejection_mask(old_log_prob, rollout_log_prob, respon
     log_ratio = old_log_prob - rollout_log_prob
     weights = None
     if rollout_is is not None and rollout_is_threshold is not None:
-        weights = rollout_correction_weights(log_ratio, response_mask, rollout_is, rollout_is_threshold,
-                                             rollout_is_batch_normalize)
+        weights = rollout_correction_weights(
+            log_ratio, response_mask, rollout_is, rollout_is_threshold, rollout_is_batch_normalize
+        )
     modified_response_mask = response_mask.clone()
     if rollout_rs is not None:
         if rollout_rs_threshold is None:

@@ -1,6 +1,7 @@
 """Test set-up: without a CUDA GPU, the Triton kernels run in Triton's CPU
 interpreter. TRITON_INTERPRET must be set before triton is first imported,
 hence here, before any test module imports gspo_kernels."""
+
 import contextlib
 import os
 
@@ -90,34 +91,42 @@ TOLERANCE = {
 # TRL itself, tests/test_tail.py the fused tail against the torch composition).
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 POLICY_VARIANTS = {
-    "plain": dict(epsilon=0.15, epsilon_high=0.28),   # asymmetric: a swapped clip side shows
+    "plain": dict(epsilon=0.15, epsilon_high=0.28),  # asymmetric: a swapped clip side shows
     "delta": dict(delta=1.3),
     "kl_bias_corrected": dict(beta=0.07, use_bias_correction_kl=True),
     "kl_k3": dict(beta=0.07, use_bias_correction_kl=False),
     "off_policy_mask": dict(off_policy_mask_threshold=0.05),
     "top_entropy": dict(top_entropy_quantile=0.4, entropy_coef=0.02),
-    "token_truncate": dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=0.5,
-                           vllm_importance_sampling_clip_max=1.2),
-    "token_mask": dict(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.7,
-                       vllm_importance_sampling_clip_max=1.3),
-    "sequence_truncate": dict(vllm_importance_sampling_mode="sequence_truncate",
-                              vllm_importance_sampling_clip_max=1.5),
-    "sequence_mask": dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.3,
-                          vllm_importance_sampling_clip_max=2.0),
+    "token_truncate": dict(
+        vllm_importance_sampling_mode="token_truncate",
+        vllm_importance_sampling_clip_min=0.5,
+        vllm_importance_sampling_clip_max=1.2,
+    ),
+    "token_mask": dict(
+        vllm_importance_sampling_mode="token_mask",
+        vllm_importance_sampling_clip_min=0.7,
+        vllm_importance_sampling_clip_max=1.3,
+    ),
+    "sequence_truncate": dict(vllm_importance_sampling_mode="sequence_truncate", vllm_importance_sampling_clip_max=1.5),
+    "sequence_mask": dict(
+        vllm_importance_sampling_mode="sequence_mask",
+        vllm_importance_sampling_clip_min=0.3,
+        vllm_importance_sampling_clip_max=2.0,
+    ),
 }
 
 
 @contextlib.contextmanager
 def torch_composition():
     """Run core.compose's torch composition (same log-prob kernels) instead of the fused tail."""
-    from gspo_kernels.losses import _tail_fn
+    from gspo_kernels.losses.tail import autograd as tail_autograd
 
-    saved = _tail_fn.applies
-    _tail_fn.applies = lambda *a, **k: False
+    saved = tail_autograd.applies
+    tail_autograd.applies = lambda *a, **k: False
     try:
         yield
     finally:
-        _tail_fn.applies = saved
+        tail_autograd.applies = saved
 
 
 def rl_batch(seed: int = 0, B: int = 2, G: int = 3, T: int = 8, V: int = 33) -> dict:

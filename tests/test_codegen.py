@@ -27,6 +27,7 @@ reports global accesses by width, registers and local memory. Asserted here:
   ``MAX_REGS`` registers a thread on sm_80/90/100: headroom under ptxas's 255
   (the table is printed in the run's terminal summary).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ SUMMARY: list[str] = []  # registers and accesses per kernel, shown in the run's
 def probe():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, os.path.join(HERE, "codegen_probe.py")], capture_output=True, text=True,
-                         env=env, timeout=1800)
+    res = subprocess.run(
+        [sys.executable, os.path.join(HERE, "codegen_probe.py")], capture_output=True, text=True, env=env, timeout=1800
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout)
 
@@ -59,8 +61,10 @@ def test_aligned_rows_use_16_byte_accesses(probe):
     assert len(aligned) == 3 * 4 * 3 * 2 * 2  # archs x kernels x dtypes x V x layouts
     SUMMARY.append("kernel   dtype     arch  V        layout      regs  v4 loads  scalar loads  v4 stores")
     for c in aligned:
-        line = (f"{c['kind']:<8} {c['dtype']:<9} sm{c['arch']:<3} {c['V']:<8} {c['layout']:<11} {c['regs']:<5} "
-                f"{c['loads_v4']:<9} {c['loads_scalar']:<13} {c['stores_v4']}")
+        line = (
+            f"{c['kind']:<8} {c['dtype']:<9} sm{c['arch']:<3} {c['V']:<8} {c['layout']:<11} {c['regs']:<5} "
+            f"{c['loads_v4']:<9} {c['loads_scalar']:<13} {c['stores_v4']}"
+        )
         print(line)
         if c["arch"] == 90 and c["V"] == 151_936 and c["layout"] == "sliced":
             SUMMARY.append(line)  # printed at the end of the run by tests/conftest.py
@@ -103,8 +107,10 @@ def test_linear_kernels_use_tensor_cores_without_spills(probe):
     SUMMARY.append("kernel         dtype     arch  tile         warps  stages  regs  tensor-core instr  smem KB")
     print()
     for c in lin:
-        line = (f"{c['kind']:<14} {c['dtype']:<9} sm{c['arch']:<3} {c['tile']:<12} {c['num_warps']:<6} "
-                f"{c['num_stages']:<7} {c['regs']:<5} {c['tensor_core']:<18} {c['shared'] // 1024} {c['shape']}")
+        line = (
+            f"{c['kind']:<14} {c['dtype']:<9} sm{c['arch']:<3} {c['tile']:<12} {c['num_warps']:<6} "
+            f"{c['num_stages']:<7} {c['regs']:<5} {c['tensor_core']:<18} {c['shared'] // 1024} {c['shape']}"
+        )
         print(line)
         if c["arch"] == 90 and c["shape"] == "aligned":
             SUMMARY.append(line)

@@ -21,6 +21,7 @@ casts follow it. Run in a subprocess (Triton's JIT must not be in interpreter mo
 
     python tests/test_codegen_offsets.py --probe     # prints one JSON document
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _DEF = re.compile(r"^(%[\w$.-]+)(?::(\d+))?\s*=\s*(.*)$")
 _VAL = re.compile(r"%[\w$.-]+(?:#\d+)?")
 _ARG = re.compile(r"(%[\w$.-]+): (i32|i64|i1|!tt\.ptr<[^>]*>|f32|f64|bf16|f16)")
-_FOR = re.compile(r"scf\.for (%[\w$.-]+) = (%[\w$.#-]+) to (%[\w$.#-]+) step (%[\w$.#-]+)"
-                  r"(?: iter_args\((.*?)\))?")
+_FOR = re.compile(
+    r"scf\.for (%[\w$.-]+) = (%[\w$.#-]+) to (%[\w$.#-]+) step (%[\w$.#-]+)"
+    r"(?: iter_args\((.*?)\))?"
+)
 # Values that carry no runtime size: ids, ranges, constants, loaded data, comparisons.
-_STOP = ("tt.get_program_id", "tt.get_num_programs", "tt.make_range", "arith.constant", "tt.load", "arith.cmpi",
-         "arith.cmpf")
+_STOP = (
+    "tt.get_program_id",
+    "tt.get_num_programs",
+    "tt.make_range",
+    "arith.constant",
+    "tt.load",
+    "arith.cmpi",
+    "arith.cmpf",
+)
 
 
 def _strip_loc(text: str) -> str:
@@ -113,7 +123,7 @@ def narrow_products(text: str) -> list[str]:
                 entry = (results, [])
             else:
                 operands, _, typ = body.partition(" : ")
-                vals = _VAL.findall(operands[len(op) + 1:] if operands.startswith(op) else operands)
+                vals = _VAL.findall(operands[len(op) + 1 :] if operands.startswith(op) else operands)
                 for r in results:
                     defs[r] = (op, vals, typ, loc)
                 if op == "tt.addptr":
@@ -180,20 +190,35 @@ def logits_launches():
 def seq_reduce_launches(N=4, T=100):
     import torch
 
-    from gspo_kernels import _kernels as k
+    from gspo_kernels import _kernels_seq as k
 
     for dt in (torch.float32, torch.float64):
         for normalize in (False, True):
             for grad_scale in (False, True):
                 for tok, lens in ((None, None), (True, None), (None, True), (True, True)):
-                    checks = None if tok is None and lens is None else k.SeqChecks(
-                        torch.zeros(N, T, dtype=torch.long) if tok else None, 1000,
-                        torch.zeros(N, dtype=torch.long) if lens else None)
+                    checks = (
+                        None
+                        if tok is None and lens is None
+                        else k.SeqChecks(
+                            torch.zeros(N, T, dtype=torch.long) if tok else None,
+                            1000,
+                            torch.zeros(N, dtype=torch.long) if lens else None,
+                        )
+                    )
                     out = torch.empty(N, dtype=dt)
-                    yield (f"seq_reduce {dt} normalize={normalize} grad_scale={grad_scale} checks={tok, lens}",
-                           k.seq_reduce_launch(torch.empty(N, T, dtype=dt), torch.empty(N, T, dtype=dt), normalize,
-                                               checks, grad_scale, out, torch.empty_like(out),
-                                               torch.empty(N, dtype=torch.int32)))
+                    yield (
+                        f"seq_reduce {dt} normalize={normalize} grad_scale={grad_scale} checks={tok, lens}",
+                        k.seq_reduce_launch(
+                            torch.empty(N, T, dtype=dt),
+                            torch.empty(N, T, dtype=dt),
+                            normalize,
+                            checks,
+                            grad_scale,
+                            out,
+                            torch.empty_like(out),
+                            torch.empty(N, dtype=torch.int32),
+                        ),
+                    )
 
 
 def slice_width(R: int, V: int, dtype, bn: int) -> int:
@@ -204,15 +229,16 @@ def slice_width(R: int, V: int, dtype, bn: int) -> int:
     return max(bn, min(cols, -(-V // bn) * bn))
 
 
-def linear_launches(dtype, H: int, V: int, R: int, arch: int, on: bool, last_slice: bool = False,
-                    transposed: bool = False):
+def linear_launches(
+    dtype, H: int, V: int, R: int, arch: int, on: bool, last_slice: bool = False, transposed: bool = False
+):
     """Every launch of one fused forward and backward (first or last vocabulary slice) with the
     switches all on (bias, valid rows, entropy, filtering) or all off; the backward twice: all
     gradients (first slice: no accumulator), and grad_bias without grad_weight with the
     grad_hidden accumulator (a later slice)."""
     import torch
 
-    from gspo_kernels import _kernels_linear as kl
+    from gspo_kernels import _launch_linear as kl
     from gspo_kernels import linear
 
     hid = torch.empty(H, R, dtype=dtype).t() if transposed else torch.empty(R, H, dtype=dtype)
@@ -222,8 +248,20 @@ def linear_launches(dtype, H: int, V: int, R: int, arch: int, on: bool, last_sli
     f = torch.zeros(R)
     tiles = kl.tile_set(dtype, torch.device("cpu"), kl.aligned_rows(hid, w), arch)
     span, n = linear.split_span(R, V, tiles, 264)
-    fwd, comb = kl.fwd_launches(hid, w, b, y, torch.ones(R, dtype=torch.bool) if on else None, 0.7, f, f.clone(),
-                                f.clone() if on else None, torch.empty(4, R, n), span, tiles)
+    fwd, comb = kl.fwd_launches(
+        hid,
+        w,
+        b,
+        y,
+        torch.ones(R, dtype=torch.bool) if on else None,
+        0.7,
+        f,
+        f.clone(),
+        f.clone() if on else None,
+        torch.empty(4, R, n),
+        span,
+        tiles,
+    )
     out = {"fwd": fwd, "combine": comb}
     t = tiles["dz"]
     vc = slice_width(R, V, dtype, t.block_n)
@@ -232,14 +270,33 @@ def linear_launches(dtype, H: int, V: int, R: int, arch: int, on: bool, last_sli
     dz = torch.empty(R, vc, dtype=dtype)
     flags = torch.ones(-(-R // t.block_m), -(-vc // t.block_n), dtype=torch.int8)
     ent = f if on else None
-    thr = 2.0 ** -12 if on else None
+    thr = 2.0**-12 if on else None
     for grads in ("all", "bias+hidden"):
         gw = torch.empty_like(w) if grads == "all" else None
         gb = torch.empty(V, dtype=dtype) if b is not None or grads != "all" else None
         acc = torch.empty(R, H) if grads != "all" else None
-        dzl, *prods = kl.bwd_launches(hid, w, b if b is not None else (gb if grads != "all" else None), y, f, f,
-                                      ent, ent, 0.7, thr, dz, flags, v0, ncols, torch.empty(R, H, dtype=dtype), acc,
-                                      gw, gb, torch.ones(R, dtype=torch.int8), tiles)
+        dzl, *prods = kl.bwd_launches(
+            hid,
+            w,
+            b if b is not None else (gb if grads != "all" else None),
+            y,
+            f,
+            f,
+            ent,
+            ent,
+            0.7,
+            thr,
+            dz,
+            flags,
+            v0,
+            ncols,
+            torch.empty(R, H, dtype=dtype),
+            acc,
+            gw,
+            gb,
+            torch.ones(R, dtype=torch.int8),
+            tiles,
+        )
         out["dz"] = dzl
         built = [p() for p in prods]
         out[f"grad_weight ({grads})"] = built[0]
@@ -256,7 +313,7 @@ def linear_cases():
                 if dtype == torch.float16 and (arch, H) != (90, 4096):
                     continue  # bf16's code with another element type
                 for on in (True, False):
-                    for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+                    for tf32 in (False, True) if dtype == torch.float32 else (False,):
                         torch.backends.cuda.matmul.allow_tf32 = tf32
                         for name, launch in linear_launches(dtype, H, V, 48, arch, on).items():
                             yield f"{name} {dtype} H={H} sm_{arch} switches={on} tf32={tf32}", launch
@@ -272,41 +329,80 @@ def tail_specs():
     specs, the i-th taking each switch's (i mod count)-th value), fp32 and fp64, checks on and off."""
     import torch
 
-    from gspo_kernels.losses import _tail_fn
+    from gspo_kernels.losses.tail import launch
 
     values = dict(level=3, den=3, adv_mode=4, obj=4, kl=6, offpol=3, isr_mode=5, agg=6)
-    flags = ("has_delta", "has_clipc", "bias_kl", "add_kl", "entmask", "isr_mask", "has_cmin", "has_cmax",
-             "clip_tok", "pass1", "has_nib", "ent_bonus")
+    flags = (
+        "has_delta",
+        "has_clipc",
+        "bias_kl",
+        "add_kl",
+        "entmask",
+        "isr_mask",
+        "has_cmin",
+        "has_cmax",
+        "clip_tok",
+        "pass1",
+        "has_nib",
+        "ent_bonus",
+    )
     for i in range(12):
         f = {k: i % n for k, n in values.items()}
         f.update({k: (i + j) % 2 == 0 for j, k in enumerate(flags)})
         acc = torch.float64 if i % 4 == 3 else torch.float32
         wide = torch.float64 if i % 3 == 1 else acc
-        yield i, _tail_fn.TailSpec(**f, acc=acc, ps=wide, pr=wide, rd=wide, vd=acc, ld=acc,
-                                   check=(1 << 8) - 1 if i % 3 != 2 else 0)
+        yield (
+            i,
+            launch.TailSpec(
+                **f, acc=acc, ps=wide, pr=wide, rd=wide, vd=acc, ld=acc, check=(1 << 8) - 1 if i % 3 != 2 else 0
+            ),
+        )
 
 
 def tail_launches(spec, n=64, t=4096):
     """The fused tail's three launches for ``spec`` on (n, t) inputs (real CPU tensors)."""
     import torch
 
-    from gspo_kernels.losses import _tail as k
-    from gspo_kernels.losses import _tail_math as tm
+    from gspo_kernels.losses.tail import launch as k
+    from gspo_kernels.losses.tail import math as tm
 
     acc = spec.acc
-    tok = lambda dt=acc: torch.empty(n, t, dtype=dt)
-    tensors = dict(lp=tok(), ent=tok(), mask=tok(torch.uint8), old=tok(torch.float64), ref=tok(), samp=tok(),
-                   isr=tok() if spec.isr_mode == 1 else torch.empty(n, 1, dtype=acc),
-                   adv=tok() if spec.adv_mode == 1 else torch.empty(n, 1), rew=torch.empty(n, dtype=torch.float64),
-                   sorted=torch.empty(n * t), nib=torch.empty(()), prm=torch.empty(tm.N_PRM, dtype=torch.float64),
-                   tok=tok(torch.int64), fmask=tok(), lens=torch.empty(n, dtype=torch.int64), vocab=151_936)
-    out = dict(part=torch.empty(n, k.K, dtype=spec.ld), seqm=torch.empty(3, n, dtype=acc), ratio=tok(),
-               scal=torch.empty(4, dtype=torch.float64), loss=torch.empty((), dtype=spec.ld),
-               pl=torch.empty((), dtype=spec.ld), met=torch.empty(tm.N_MET, dtype=acc),
-               flag=torch.empty((), dtype=torch.int32))
+
+    def tok(dt=acc):
+        return torch.empty(n, t, dtype=dt)
+
+    tensors = dict(
+        lp=tok(),
+        ent=tok(),
+        mask=tok(torch.uint8),
+        old=tok(torch.float64),
+        ref=tok(),
+        samp=tok(),
+        isr=tok() if spec.isr_mode == 1 else torch.empty(n, 1, dtype=acc),
+        adv=tok() if spec.adv_mode == 1 else torch.empty(n, 1),
+        rew=torch.empty(n, dtype=torch.float64),
+        sorted=torch.empty(n * t),
+        nib=torch.empty(()),
+        prm=torch.empty(tm.N_PRM, dtype=torch.float64),
+        tok=tok(torch.int64),
+        fmask=tok(),
+        lens=torch.empty(n, dtype=torch.int64),
+        vocab=151_936,
+    )
+    out = dict(
+        part=torch.empty(n, k.K, dtype=spec.ld),
+        seqm=torch.empty(3, n, dtype=acc),
+        ratio=tok(),
+        scal=torch.empty(4, dtype=torch.float64),
+        loss=torch.empty((), dtype=spec.ld),
+        pl=torch.empty((), dtype=spec.ld),
+        met=torch.empty(tm.N_MET, dtype=acc),
+        flag=torch.empty((), dtype=torch.int32),
+    )
     fwd, red = k.fwd_launches(spec, tensors, out, n, t, 8, n * t)
-    bwd = k.bwd_launch(spec, tensors, out["part"], out["scal"], torch.empty(()), tok(),
-                       tok() if spec.ent_bonus else None, n, t)
+    bwd = k.bwd_launch(
+        spec, tensors, out["part"], out["scal"], torch.empty(()), tok(), tok() if spec.ent_bonus else None, n, t
+    )
     return {"fwd": fwd, "reduce": red, "bwd": bwd}
 
 
@@ -317,7 +413,13 @@ def package_kernels() -> dict:
     from triton.runtime.jit import JITFunction
 
     out = {}
-    for mod in ("gspo_kernels._kernels", "gspo_kernels._kernels_linear", "gspo_kernels.losses._tail"):
+    for mod in (
+        "gspo_kernels._kernels",
+        "gspo_kernels._kernels_seq",
+        "gspo_kernels._kernels_linear",
+        "gspo_kernels.losses.tail.kernels",
+        "gspo_kernels.losses.tail.kernels_bwd",
+    ):
         for name, fn in vars(importlib.import_module(mod)).items():
             if isinstance(fn, JITFunction) and name.endswith("_kernel"):
                 out[name] = fn
@@ -353,11 +455,16 @@ def probe_offsets():
     names = [name for name, fn in package_kernels().items() if id(fn) in covered]
     # spawn, not fork: the parent has imported torch (threads) already; Launches pickle by value
     # except the kernel, so the workers rebuild them from the descriptions' order.
-    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1),
-                             mp_context=multiprocessing.get_context("spawn")) as ex:
+    with ProcessPoolExecutor(
+        max_workers=min(2, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")
+    ) as ex:
         rows = list(ex.map(_check_index, range(len(uniq)), chunksize=4))
-    return dict(kernels=sorted(names), all_kernels=sorted(package_kernels()), compiled=len(uniq),
-                violations={desc: bad for desc, _, bad in rows if bad})
+    return dict(
+        kernels=sorted(names),
+        all_kernels=sorted(package_kernels()),
+        compiled=len(uniq),
+        violations={desc: bad for desc, _, bad in rows if bad},
+    )
 
 
 def probe_variants() -> dict:
@@ -367,8 +474,10 @@ def probe_variants() -> dict:
     import torch
     from codegen_probe import variant_key
 
-    classes = {"aligned": ((896, 32_000), (2048, 151_936), (4096, 128_256)),
-               "unaligned": ((897, 50_257), (904, 151_655), (1000, 32_001))}  # 904, 1000: 8 mod 16
+    classes = {
+        "aligned": ((896, 32_000), (2048, 151_936), (4096, 128_256)),
+        "unaligned": ((897, 50_257), (904, 151_655), (1000, 32_001)),
+    }  # 904, 1000: 8 mod 16
     out: dict = {}
     for dtype in (torch.bfloat16, torch.float32):
         for cls, shapes in classes.items():
@@ -432,12 +541,17 @@ _NARROW = """
 
 def test_reader_flags_a_32_bit_stride_product():
     assert narrow_products(_NARROW) == ["_kernels_linear.py:370"]  # not j * 64 (line 364): bounded
-    wide = (_NARROW.replace("%b_61 = tt.expand_dims %kk_30 {axis = 1 : i32} : tensor<64xi32> -> tensor<64x1xi32>",
-                            "%b_61 = arith.extsi %kk_30 : tensor<64xi32> to tensor<64x1xi64>")
-            .replace("%b_62 = tt.splat %sbk : i32 -> tensor<64x1xi32>",
-                     "%b_62 = arith.extsi %sbk : i32 to tensor<64x1xi64>")
-            .replace(": tensor<64x1xi32> loc(#loc3)", ": tensor<64x1xi64> loc(#loc3)")
-            .replace("tensor<64x1x!tt.ptr<bf16>>, tensor<64x1xi32>", "tensor<64x1x!tt.ptr<bf16>>, tensor<64x1xi64>"))
+    wide = (
+        _NARROW.replace(
+            "%b_61 = tt.expand_dims %kk_30 {axis = 1 : i32} : tensor<64xi32> -> tensor<64x1xi32>",
+            "%b_61 = arith.extsi %kk_30 : tensor<64xi32> to tensor<64x1xi64>",
+        )
+        .replace(
+            "%b_62 = tt.splat %sbk : i32 -> tensor<64x1xi32>", "%b_62 = arith.extsi %sbk : i32 to tensor<64x1xi64>"
+        )
+        .replace(": tensor<64x1xi32> loc(#loc3)", ": tensor<64x1xi64> loc(#loc3)")
+        .replace("tensor<64x1x!tt.ptr<bf16>>, tensor<64x1xi32>", "tensor<64x1x!tt.ptr<bf16>>, tensor<64x1xi64>")
+    )
     assert narrow_products(wide) == []
 
 
@@ -445,8 +559,9 @@ def test_reader_flags_a_32_bit_stride_product():
 def probe():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE, env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe"], capture_output=True, text=True,
-                         env=env, timeout=1800)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--probe"], capture_output=True, text=True, env=env, timeout=1800
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -481,12 +596,12 @@ def test_offsets_past_2_31_in_the_interpreter(monkeypatch):
     import torch
     from conftest import TOLERANCE
 
-    from gspo_kernels import linear, linear_token_logprobs, logprobs
+    from gspo_kernels import _ops, linear, linear_token_logprobs
     from reference.linear import naive_linear_token_outputs
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("interpreter test (a GPU's allocation would be real)")
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", "triton")
+    monkeypatch.setattr(_ops, "CPU_BACKEND", "triton")
     monkeypatch.setattr(linear, "FUSED", True)
     R, H, step = 3, 16, 1 << 30
     big = torch.empty(2 * step + 2 * H, dtype=torch.float16)  # 4 GiB, never touched but for 3 pages
@@ -516,7 +631,7 @@ def test_offsets_past_2_31_in_the_interpreter(monkeypatch):
     # dz is written in fp16 and the gradient rounded once more: two fp16 roundings, relative
     # to max(1, max |reference|) (tests/test_linear_fused.py's TOLERANCE, and its reasons)
     for got, ref in ((far[2], gh), (far[3], gw)):
-        torch.testing.assert_close(got.double(), ref, atol=2.0 ** -9 * max(1.0, ref.abs().max().item()), rtol=0)
+        torch.testing.assert_close(got.double(), ref, atol=2.0**-9 * max(1.0, ref.abs().max().item()), rtol=0)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--probe"]:

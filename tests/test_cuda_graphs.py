@@ -9,6 +9,7 @@ on a machine without one they are skipped (tests/test_graph_safety.py checks on 
 machine what they rely on). The host-sync count that makes capture possible is tested on every
 machine in tests/test_syncs.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -109,11 +110,19 @@ def test_hidden_state_loss_captured_in_a_cuda_graph_replays_the_same_result():
     H = 256
     x, y, mask, r, old = _batch()
     hidden = torch.randn(B, G, T, H, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
-    weight = (torch.randn(V, H, device="cuda", generator=g) / H ** 0.5).to(torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(torch.bfloat16).requires_grad_(True)
 
     def step():
-        loss, _ = gspo_kernels.gspo_loss(hidden=hidden, weight=weight, tokens=y, rewards=r, mask=mask,
-                                         old_logprobs=old, check_inputs=False, memory_budget=1 << 20)
+        loss, _ = gspo_kernels.gspo_loss(
+            hidden=hidden,
+            weight=weight,
+            tokens=y,
+            rewards=r,
+            mask=mask,
+            old_logprobs=old,
+            check_inputs=False,
+            memory_budget=1 << 20,
+        )
         return (loss, *torch.autograd.grad(loss, (hidden, weight)))
 
     want = step()

@@ -1,6 +1,7 @@
 """Data parallel: gspo_loss / grpo_loss under DistributedDataParallel (gloo, two CPU
 processes) give the same averaged gradients as one process over the whole batch,
 with whole groups per rank, and with groups split across ranks (process_group)."""
+
 from __future__ import annotations
 
 import os
@@ -36,11 +37,21 @@ def _model():
 def _loss(kind, model, hidden, tokens, mask, rewards, ref, pg=None):
     logits = model(hidden)
     if kind == "gspo_contrast":
-        return gspo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", advantage="contrast",
-                         process_group=pg)[0]
+        return gspo_loss(
+            logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", advantage="contrast", process_group=pg
+        )[0]
     if kind == "gspo_group_norm":
-        return gspo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", advantage="group_norm",
-                         kl="k3", process_group=pg)[0]
+        return gspo_loss(
+            logits,
+            tokens,
+            rewards,
+            mask,
+            ref_logprobs=ref,
+            denominator="ref",
+            advantage="group_norm",
+            kl="k3",
+            process_group=pg,
+        )[0]
     return grpo_loss(logits, tokens, rewards, mask, ref_logprobs=ref, denominator="ref", process_group=pg)[0]
 
 
@@ -50,10 +61,10 @@ def _worker(rank, kind, layout, out_dir):
         model = torch.nn.parallel.DistributedDataParallel(_model())
         data = _data()
         if layout == "whole_groups":  # rank r holds prompt r: every group's completions on one rank
-            local = [t[rank:rank + 1] for t in data]
+            local = [t[rank : rank + 1] for t in data]
             pg = None
         else:  # each prompt's G completions are split: rank r holds columns [2r, 2r + 2)
-            local = [t[:, 2 * rank:2 * rank + 2] for t in data]
+            local = [t[:, 2 * rank : 2 * rank + 2] for t in data]
             pg = dist.group.WORLD
         loss = _loss(kind, model, *local, pg=pg)
         loss.backward()  # DDP all-reduces (averages) the gradients
@@ -89,8 +100,10 @@ def test_split_groups_without_process_group_differ():
     model = _model()
     with torch.no_grad():
         logits = model(half[0])
-        _, local = gspo_loss(logits, half[1], half[3], half[2], ref_logprobs=half[4], denominator="ref",
-                             advantage="group_norm")
-        _, full = gspo_loss(model(data[0]), data[1], data[3], data[2], ref_logprobs=data[4], denominator="ref",
-                            advantage="group_norm")
+        _, local = gspo_loss(
+            logits, half[1], half[3], half[2], ref_logprobs=half[4], denominator="ref", advantage="group_norm"
+        )
+        _, full = gspo_loss(
+            model(data[0]), data[1], data[3], data[2], ref_logprobs=data[4], denominator="ref", advantage="group_norm"
+        )
     assert not torch.allclose(local["advantage"], full["advantage"][:, :2])

@@ -29,6 +29,7 @@ quick tier.
 Beside the blocks, docs/losses.md's "Every option" table is checked against
 ``LossOptions``: every field listed, with the default the code has.
 """
+
 from __future__ import annotations
 
 import re
@@ -45,11 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 # pages whose session runs in a few seconds on a 2-core CPU (interpreter kernels), imports aside: the
 # quick tier. Any other page (a new one included) is slow until measured and listed here.
-QUICK = {"README.md", "edges.md", "losses.md", "layouts.md", "verl.md"}
-MARKERS = {"requires": {"cuda"}, "distributed": None}   # None: any value (a description of the job)
+QUICK = {"README.md", "architecture.md", "edges.md", "losses.md", "layouts.md", "verl.md"}
+MARKERS = {"requires": {"cuda"}, "distributed": None}  # None: any value (a description of the job)
 
-FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
-                   re.MULTILINE | re.DOTALL)
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.MULTILINE | re.DOTALL
+)
 MARKER = re.compile(r"<!--\s*([a-z_-]+)\s*:\s*(.*?)\s*-->\s*\Z")
 PYTHON_ALIASES = {"py", "python3", "py3", "pycon", "ipython", "pytho", "{python}", "python-repl"}
 
@@ -60,7 +62,7 @@ def blocks(path: Path):
     text = path.read_text()
     out = []
     for m in FENCE.finditer(text):
-        before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
         marker = MARKER.search(before)
         markers = {marker.group(1): marker.group(2)} if marker else {}
         line = text.count("\n", 0, m.start("body")) + 1
@@ -89,17 +91,19 @@ def test_every_python_block_is_one_the_test_runs(path):
     for line, info, _, markers in blocks(path):
         lang = info.split()[0].lower() if info else ""
         assert lang not in PYTHON_ALIASES and not (lang == "python" and info != "python"), (
-            f"{path.name}:{line}: a Python block fenced as ```{info}: fence it as ```python so that it runs")
+            f"{path.name}:{line}: a Python block fenced as ```{info}: fence it as ```python so that it runs"
+        )
         for key, value in markers.items():
             assert key in MARKERS, f"{path.name}:{line}: unknown marker {key!r}; known: {sorted(MARKERS)}"
             assert MARKERS[key] is None or value in MARKERS[key], (
-                f"{path.name}:{line}: marker {key}: {value!r}; known values: {sorted(MARKERS[key])}")
+                f"{path.name}:{line}: marker {key}: {value!r}; known values: {sorted(MARKERS[key])}"
+            )
             assert info == "python", f"{path.name}:{line}: a marker above a ```{info} block, which is never run"
 
 
 @pytest.mark.parametrize("path", [_param(p) for p in PAGES])
 def test_page_runs_as_one_session(path, tmp_path, monkeypatch):
-    pytest.importorskip("trl")   # the docs use TRL's GRPOConfig and transformers' models: the [trl] extra
+    pytest.importorskip("trl")  # the docs use TRL's GRPOConfig and transformers' models: the [trl] extra
     import torch.distributed as dist
 
     todo = python_blocks(path)
@@ -107,11 +111,11 @@ def test_page_runs_as_one_session(path, tmp_path, monkeypatch):
         pytest.skip(f"{path.name} has no python block")
     assert not (dist.is_available() and dist.is_initialized()), "a process group exists before the page runs"
     monkeypatch.chdir(tmp_path)
-    namespace = types.ModuleType(f"docs_{path.stem}").__dict__   # fresh: only __name__ and __doc__
+    namespace = types.ModuleType(f"docs_{path.stem}").__dict__  # fresh: only __name__ and __doc__
     ran, not_run = 0, []
     try:
         for line, _, src, markers in todo:
-            code = compile("\n" * (line - 1) + src, str(path), "exec")   # the page's own line numbers
+            code = compile("\n" * (line - 1) + src, str(path), "exec")  # the page's own line numbers
             if markers.get("requires") == "cuda" and not torch.cuda.is_available():
                 not_run.append(f"{path.name}:{line}")
                 continue
@@ -124,7 +128,7 @@ def test_page_runs_as_one_session(path, tmp_path, monkeypatch):
     assert not left, f"{path.name} left a torch.distributed process group behind: destroy it at the end"
     assert ran + len(not_run) == len(todo)
     if not_run:
-        warnings.warn(f"{path.name}: blocks marked 'requires: cuda' not run without a GPU: {not_run}")
+        warnings.warn(f"{path.name}: blocks marked 'requires: cuda' not run without a GPU: {not_run}", stacklevel=2)
     # what the blocks leave behind is what they promise: a finite loss
     loss = namespace.get("loss")
     if isinstance(loss, torch.Tensor):
@@ -137,15 +141,15 @@ def test_option_table_lists_every_option_with_its_default():
     import dataclasses
 
     text = (ROOT / "docs" / "losses.md").read_text()
-    section = text[text.index("## Every option"):]
-    section = section[:section.index("\n\n", section.index("| option |"))]
+    section = text[text.index("## Every option") :]
+    section = section[: section.index("\n\n", section.index("| option |"))]
     documented = {}
     for row in section.splitlines():
         cells = [c.strip() for c in row.strip("|").split(" | ")]
         if len(cells) < 2 or not cells[0].startswith("`"):
             continue
         names = re.findall(r"`([a-z_]+)`", cells[0])
-        defaults = re.findall(r"`([^`]+)`", cells[1])[:len(names)]
+        defaults = re.findall(r"`([^`]+)`", cells[1])[: len(names)]
         documented.update(zip(names, defaults))
     for field in dataclasses.fields(gspo_kernels.LossOptions):
         want = f'"{field.default}"' if isinstance(field.default, str) else str(field.default)

@@ -1,12 +1,13 @@
 """Per-token entropy from the same pass as the log-probs: values and gradients
 against the float64 reference, every backend, dtypes, shapes, masks,
 temperature, strides; gradcheck in fp64; unaligned vocabularies; long T."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gspo_kernels import _kernels, _torch_path, logprobs, token_logprobs
+from gspo_kernels import _kernels, _ops, _torch_path, token_logprobs
 from reference import naive_token_entropy, naive_token_logprobs
 from tests.test_logprobs import DEVICE, TOLERANCE, _close, _inputs
 
@@ -17,7 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return "cpu" if request.param == "torch" else DEVICE
 
 
@@ -112,6 +113,7 @@ def test_gradcheck_float64(backend):
     def f(x):
         lp, ent = token_logprobs(x, y, temperature=0.7, return_entropy=True)
         return lp, ent
+
     assert torch.autograd.gradcheck(f, (x,))
 
 

@@ -9,6 +9,7 @@
   the losses (log-prob 0, out of ``L``, exact zero gradient), on both CPU backends.
 - Unsliced logits get the slice to take; shape errors show the reshape that fits.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,6 +27,7 @@ from gspo_kernels import (
     OptionError,
     ShapeError,
     UnknownOptionError,
+    _ops,
     logprobs,
 )
 from gspo_kernels.losses.verl import VERL_IGNORED_KEYS, options_from_verl
@@ -39,21 +41,30 @@ def backend(request, monkeypatch):
     """Both CPU backends: the Triton kernels (interpreter) and the chunked PyTorch path."""
     if request.param == "triton" and not logprobs.HAS_TRITON:
         pytest.skip("triton not installed")
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return request.param
 
 
 def _loss_batch(T=4):
     g = torch.Generator().manual_seed(0)
-    return dict(x=torch.randn(2, 3, T, V, generator=g), y=torch.randint(0, V, (2, 3, T), generator=g),
-                r=torch.randn(2, 3, generator=g), old=-torch.rand(2, 3, T, generator=g))
+    return dict(
+        x=torch.randn(2, 3, T, V, generator=g),
+        y=torch.randint(0, V, (2, 3, T), generator=g),
+        r=torch.randn(2, 3, generator=g),
+        old=-torch.rand(2, 3, T, generator=g),
+    )
 
 
 # ---------------------------------------------------------------- one class per kind
 def test_classes_are_the_builtins_they_replace():
-    for cls, builtins in [(ShapeError, (ValueError,)), (DTypeError, (TypeError, ValueError)),
-                          (DeviceError, (ValueError,)), (InputValueError, (ValueError,)),
-                          (OptionError, (ValueError,)), (UnknownOptionError, (OptionError, TypeError))]:
+    for cls, builtins in [
+        (ShapeError, (ValueError,)),
+        (DTypeError, (TypeError, ValueError)),
+        (DeviceError, (ValueError,)),
+        (InputValueError, (ValueError,)),
+        (OptionError, (ValueError,)),
+        (UnknownOptionError, (OptionError, TypeError)),
+    ]:
         assert issubclass(cls, GSPOKernelsError) and all(issubclass(cls, b) for b in builtins), cls
         assert cls.__name__ in gspo_kernels.__all__ and cls.__doc__
     assert not issubclass(ShapeError, TypeError) and not issubclass(OptionError, TypeError)
@@ -71,29 +82,51 @@ def _kinds():
         ("tokens shape", ShapeError, lambda: gspo_kernels.token_logprobs(x, y[..., :3])),
         ("logits dims", ShapeError, lambda: gspo_kernels.token_logprobs(x[0, 0, 0], y[0, 0, 0])),
         ("old_logprobs shape", ShapeError, lambda: gspo_kernels.grpo_loss(x, y, r, old_logprobs=d["old"][0])),
-        ("cu_seqlens dims", ShapeError,
-         lambda: gspo_kernels.sequence_logprobs(x[0, 0], y[0, 0], cu_seqlens=torch.tensor([[0, 4]]))),
+        (
+            "cu_seqlens dims",
+            ShapeError,
+            lambda: gspo_kernels.sequence_logprobs(x[0, 0], y[0, 0], cu_seqlens=torch.tensor([[0, 4]])),
+        ),
         ("tokens dtype", DTypeError, lambda: gspo_kernels.token_logprobs(x, y.to(torch.int16))),
         ("logits dtype", DTypeError, lambda: gspo_kernels.token_logprobs(y, y)),
-        ("cu_seqlens dtype", DTypeError, lambda: gspo_kernels.sequence_logprobs(
-            x[0, 0], y[0, 0], cu_seqlens=torch.tensor([0, 4], dtype=torch.int16))),
+        (
+            "cu_seqlens dtype",
+            DTypeError,
+            lambda: gspo_kernels.sequence_logprobs(
+                x[0, 0], y[0, 0], cu_seqlens=torch.tensor([0, 4], dtype=torch.int16)
+            ),
+        ),
         ("rewards type", DTypeError, lambda: gspo_kernels.grpo_loss(x, y, [1.0] * 6)),
         ("tokens device", DeviceError, lambda: gspo_kernels.token_logprobs(x, meta)),
         ("id out of range", InputValueError, lambda: gspo_kernels.token_logprobs(x, bad_ids)),
-        ("lengths out of range", InputValueError,
-         lambda: gspo_kernels.sequence_logprobs(x, y, lengths=torch.full((2, 3), 5))),
+        (
+            "lengths out of range",
+            InputValueError,
+            lambda: gspo_kernels.sequence_logprobs(x, y, lengths=torch.full((2, 3), 5)),
+        ),
         ("NaN old log-probs", InputValueError, lambda: gspo_kernels.grpo_loss(x, y, r, old_logprobs=nan_old)),
-        ("cu_seqlens values", InputValueError,
-         lambda: gspo_kernels.sequence_logprobs(x[0, 0], y[0, 0], cu_seqlens=torch.tensor([1, 4]))),
+        (
+            "cu_seqlens values",
+            InputValueError,
+            lambda: gspo_kernels.sequence_logprobs(x[0, 0], y[0, 0], cu_seqlens=torch.tensor([1, 4])),
+        ),
         ("epsilon range", OptionError, lambda: gspo_kernels.policy_loss(x, y, "group_norm", rewards=r, epsilon=1.5)),
         ("loss_type", OptionError, lambda: gspo_kernels.LossOptions(loss_type="ppo2")),
         ("temperature", OptionError, lambda: gspo_kernels.token_logprobs(x, y, temperature=0.0)),
-        ("mask and lengths", OptionError,
-         lambda: gspo_kernels.sequence_logprobs(x, y, torch.ones_like(y), lengths=torch.ones(2, 3, dtype=torch.long))),
+        (
+            "mask and lengths",
+            OptionError,
+            lambda: gspo_kernels.sequence_logprobs(
+                x, y, torch.ones_like(y), lengths=torch.ones(2, 3, dtype=torch.long)
+            ),
+        ),
         ("beta without reference", OptionError, lambda: gspo_kernels.grpo_loss(x, y, r, beta=0.1)),
         ("verl key", UnknownOptionError, lambda: options_from_verl({"clip_ratio_lo": 0.1})),
-        ("option name", UnknownOptionError, lambda: gspo_kernels.policy_loss(x, y, "group_norm", rewards=r,
-                                                                             epsilon_hi=0.3)),
+        (
+            "option name",
+            UnknownOptionError,
+            lambda: gspo_kernels.policy_loss(x, y, "group_norm", rewards=r, epsilon_hi=0.3),
+        ),
     ]
 
 
@@ -108,8 +141,11 @@ def test_each_kind_of_mistake_raises_its_class(case):
 
 # ---------------------------------------------------------------- options_from_verl
 def test_options_from_verl_refuses_unknown_keys_with_the_nearest():
-    with pytest.raises(UnknownOptionError, match=r"unknown verl actor config key 'clip_ratio_lo'; "
-                                                 r"did you mean 'clip_ratio_low'\?"):
+    with pytest.raises(
+        UnknownOptionError,
+        match=r"unknown verl actor config key 'clip_ratio_lo'; "
+        r"did you mean 'clip_ratio_low'\?",
+    ):
         options_from_verl({"clip_ratio_lo": 0.1})
     with pytest.raises(UnknownOptionError, match=r"'policy_loss\.loss_mod'; did you mean 'policy_loss\.loss_mode'"):
         options_from_verl({"policy_loss": {"loss_mod": "gspo"}})
@@ -120,14 +156,22 @@ def test_options_from_verl_refuses_unknown_keys_with_the_nearest():
 def test_options_from_verl_dotted_and_nested_forms():
     want = options_from_verl({"policy_loss": {"loss_mode": "gspo"}, "clip_ratio_high": 0.28})
     assert want["loss_type"] == "verl_gspo" and want["epsilon_high"] == 0.28
-    for cfg in ({"actor.policy_loss.loss_mode": "gspo", "actor.clip_ratio_high": 0.28},
-                {"actor_rollout_ref.actor.policy_loss.loss_mode": "gspo", "clip_ratio_high": 0.28},
-                {"policy_loss.loss_mode": "gspo", "clip_ratio_high": 0.28},
-                {"actor_rollout_ref": {"actor": {"policy_loss": {"loss_mode": "gspo"}, "clip_ratio_high": 0.28,
-                                                 "optim": {"lr": 1e-6}}}}):
+    for cfg in (
+        {"actor.policy_loss.loss_mode": "gspo", "actor.clip_ratio_high": 0.28},
+        {"actor_rollout_ref.actor.policy_loss.loss_mode": "gspo", "clip_ratio_high": 0.28},
+        {"policy_loss.loss_mode": "gspo", "clip_ratio_high": 0.28},
+        {
+            "actor_rollout_ref": {
+                "actor": {"policy_loss": {"loss_mode": "gspo"}, "clip_ratio_high": 0.28, "optim": {"lr": 1e-6}}
+            }
+        },
+    ):
         assert options_from_verl(cfg) == want, cfg
-    with pytest.raises(OptionError, match=r"takes verl's actor section, got 'actor_rollout_ref\.rollout\.n': "
-                                          r"pass cfg\.actor_rollout_ref\.actor"):
+    with pytest.raises(
+        OptionError,
+        match=r"takes verl's actor section, got 'actor_rollout_ref\.rollout\.n': "
+        r"pass cfg\.actor_rollout_ref\.actor",
+    ):
         options_from_verl({"actor_rollout_ref": {"actor": {}, "rollout": {"n": 8}}})
     with pytest.raises(OptionError, match=r"'policy_loss\.loss_mode' is given twice"):
         options_from_verl({"actor.policy_loss.loss_mode": "gspo", "policy_loss": {"loss_mode": "vanilla"}})
@@ -135,8 +179,11 @@ def test_options_from_verl_dotted_and_nested_forms():
 
 def test_options_from_verl_ignores_the_documented_keys():
     cfg = {k: 1 for k in VERL_IGNORED_KEYS if "." not in k}
-    cfg.update(optim={"lr": 1e-6, "weight_decay": 0.01}, checkpoint={"save_contents": ["model"]},
-               policy_loss={"_target_": "verl.workers.config.PolicyLossConfig", "loss_mode": "gpg"})
+    cfg.update(
+        optim={"lr": 1e-6, "weight_decay": 0.01},
+        checkpoint={"save_contents": ["model"]},
+        policy_loss={"_target_": "verl.workers.config.PolicyLossConfig", "loss_mode": "gpg"},
+    )
     assert options_from_verl(cfg) == options_from_verl({"policy_loss": {"loss_mode": "gpg"}})
     assert {"ppo_mini_batch_size", "optim", "use_dynamic_bsz", "ppo_epochs"} <= VERL_IGNORED_KEYS
 
@@ -144,8 +191,11 @@ def test_options_from_verl_ignores_the_documented_keys():
 # ---------------------------------------------------------------- option hints
 def test_loss_type_gspo_says_how_to_ask_for_gspo():
     for name in ("gspo", "GSPO", "gspo_token"):
-        with pytest.raises(OptionError, match=r"loss_type must be one of .*, got '.*'; GSPO is loss_type='grpo' "
-                                              r"with importance_sampling_level='sequence'.*loss_type='verl_gspo'"):
+        with pytest.raises(
+            OptionError,
+            match=r"loss_type must be one of .*, got '.*'; GSPO is loss_type='grpo' "
+            r"with importance_sampling_level='sequence'.*loss_type='verl_gspo'",
+        ):
             gspo_kernels.LossOptions(loss_type=name)
     with pytest.raises(OptionError, match=r"got 'gpro'; did you mean 'grpo'\?"):
         gspo_kernels.LossOptions(loss_type="gpro")
@@ -153,9 +203,12 @@ def test_loss_type_gspo_says_how_to_ask_for_gspo():
 
 def test_verl_names_passed_to_policy_loss_point_to_options_from_verl():
     d = _loss_batch()
-    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['clip_ratio_low'\]; clip_ratio_low is verl's "
-                                        r"name: pass epsilon \(or convert a whole verl actor config: "
-                                        r"policy_loss\(\.\.\., \*\*options_from_verl\(cfg\)\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"unknown loss option\(s\) \['clip_ratio_low'\]; clip_ratio_low is verl's "
+        r"name: pass epsilon \(or convert a whole verl actor config: "
+        r"policy_loss\(\.\.\., \*\*options_from_verl\(cfg\)\)",
+    ):
         gspo_kernels.policy_loss(d["x"], d["y"], "group_norm", rewards=d["r"], clip_ratio_low=0.2)
     with pytest.raises(UnknownOptionError, match=r"entropy_coeff is verl's name: pass entropy_coef"):
         gspo_kernels.PolicyLoss(entropy_coeff=0.01)
@@ -185,8 +238,11 @@ def test_token_logprobs_ignore_index(backend):
     (grad,) = torch.autograd.grad(lp.sum() + ent.sum(), xg)
     assert torch.equal(grad[ign], torch.zeros_like(grad[ign])) and grad[~ign].abs().sum() > 0
     xr = x.clone().requires_grad_(True)
-    ref = torch.where(ign, 0.0, naive_token_logprobs(xr, y.clamp(min=0), dtype=torch.float64)
-                      + naive_token_entropy(xr, dtype=torch.float64))
+    ref = torch.where(
+        ign,
+        0.0,
+        naive_token_logprobs(xr, y.clamp(min=0), dtype=torch.float64) + naive_token_entropy(xr, dtype=torch.float64),
+    )
     (want_grad,) = torch.autograd.grad(ref.sum(), xr)
     torch.testing.assert_close(grad, want_grad, **tol["grad"])
     with pytest.raises(InputValueError, match=r"tokens must lie in \[0, V\) = \[0, 11\), got values in \[-100, "):
@@ -224,10 +280,12 @@ def test_unsliced_logits_name_the_slice():
     P, T = 5, 7
     full = torch.randn(2, P + T, V, generator=g)  # a causal LM's logits over prompt + completion
     y = torch.randint(0, V, (2, T), generator=g)
-    msg = (r"tokens must have shape \(2, 12\) \(logits\.shape\[:-1\]\), got \(2, 7\): logits have 12 positions for "
-           r"T = 7 tokens, so they look unsliced \(prompt \+ completion\)\. Keep the 7 positions that predict the "
-           r"completion tokens \(position t predicts token t \+ 1\): logits\[\.\.\., -8:-1, :\], i\.e\. "
-           r"logits\[\.\.\., P-1:-1, :\] for a prompt of P = 5 tokens")
+    msg = (
+        r"tokens must have shape \(2, 12\) \(logits\.shape\[:-1\]\), got \(2, 7\): logits have 12 positions for "
+        r"T = 7 tokens, so they look unsliced \(prompt \+ completion\)\. Keep the 7 positions that predict the "
+        r"completion tokens \(position t predicts token t \+ 1\): logits\[\.\.\., -8:-1, :\], i\.e\. "
+        r"logits\[\.\.\., P-1:-1, :\] for a prompt of P = 5 tokens"
+    )
     with pytest.raises(ShapeError, match=msg):
         gspo_kernels.token_logprobs(full, y)
     with pytest.raises(ShapeError, match=r"logits\[\.\.\., -8:-1, :\]"):
@@ -236,8 +294,8 @@ def test_unsliced_logits_name_the_slice():
         gspo_kernels.policy_loss(full, y, torch.zeros(2))
     with pytest.raises(ShapeError, match=r"hidden have 12 positions for T = 7 tokens.*hidden\[\.\.\., -8:-1, :\]"):
         gspo_kernels.linear_token_logprobs(torch.randn(2, P + T, 4), torch.randn(V, 4), y)
-    sliced = full[..., -T - 1:-1, :]  # the slice the message names fits
-    torch.testing.assert_close(gspo_kernels.token_logprobs(sliced, y), naive_token_logprobs(full[:, P - 1:-1], y))
+    sliced = full[..., -T - 1 : -1, :]  # the slice the message names fits
+    torch.testing.assert_close(gspo_kernels.token_logprobs(sliced, y), naive_token_logprobs(full[:, P - 1 : -1], y))
 
 
 def test_shape_errors_show_the_reshape_that_fits():
@@ -246,16 +304,27 @@ def test_shape_errors_show_the_reshape_that_fits():
     cases = [
         (lambda: gspo_kernels.token_logprobs(x, y.reshape(6, 7)), r"tokens\.reshape\(2, 3, 7\) fits"),
         (lambda: gspo_kernels.grpo_loss(x, y.reshape(6, 7), r), r"tokens\.reshape\(2, 3, 7\) fits"),
-        (lambda: gspo_kernels.grpo_loss(x, y, r, old_logprobs=old.reshape(6, 7)),
-         r"old_logprobs must have shape \(2, 3, 7\), got \(6, 7\); old_logprobs\.reshape\(2, 3, 7\) fits"),
-        (lambda: gspo_kernels.grpo_loss(x, y, r.reshape(6)), r"rewards must have shape \(2, 3\), got \(6,\); "
-                                                             r"rewards\.reshape\(2, 3\) fits"),
-        (lambda: gspo_kernels.grpo_loss(x, y, r, torch.ones(42, dtype=torch.bool)),
-         r"mask must have shape \(2, 3, 7\) \(tokens' shape\), got \(42,\); mask\.reshape\(2, 3, 7\) fits"),
-        (lambda: gspo_kernels.sequence_logprobs(x, y, lengths=torch.ones(6, dtype=torch.long)),
-         r"lengths\.reshape\(2, 3\) fits"),
-        (lambda: gspo_kernels.policy_loss(x.reshape(6, 7, V), y.reshape(6, 7), r),
-         r"advantages must have shape \(6,\) or \(6, 1\) or \(6, 7\), got \(2, 3\); advantages\.reshape\(6\) fits"),
+        (
+            lambda: gspo_kernels.grpo_loss(x, y, r, old_logprobs=old.reshape(6, 7)),
+            r"old_logprobs must have shape \(2, 3, 7\), got \(6, 7\); old_logprobs\.reshape\(2, 3, 7\) fits",
+        ),
+        (
+            lambda: gspo_kernels.grpo_loss(x, y, r.reshape(6)),
+            r"rewards must have shape \(2, 3\), got \(6,\); "
+            r"rewards\.reshape\(2, 3\) fits",
+        ),
+        (
+            lambda: gspo_kernels.grpo_loss(x, y, r, torch.ones(42, dtype=torch.bool)),
+            r"mask must have shape \(2, 3, 7\) \(tokens' shape\), got \(42,\); mask\.reshape\(2, 3, 7\) fits",
+        ),
+        (
+            lambda: gspo_kernels.sequence_logprobs(x, y, lengths=torch.ones(6, dtype=torch.long)),
+            r"lengths\.reshape\(2, 3\) fits",
+        ),
+        (
+            lambda: gspo_kernels.policy_loss(x.reshape(6, 7, V), y.reshape(6, 7), r),
+            r"advantages must have shape \(6,\) or \(6, 1\) or \(6, 7\), got \(2, 3\); advantages\.reshape\(6\) fits",
+        ),
     ]
     for call, match in cases:
         with pytest.raises(ShapeError, match=match):

@@ -3,11 +3,12 @@ gspo_loss / grpo_loss and the policy learns. The full run is its own command
 (`python -m examples.train_gspo`); here the losses use the chunked PyTorch path
 (the Triton kernels are covered by the other tests; the interpreter would take
 minutes for 40 training steps)."""
+
 import pytest
 import torch
 
 from examples.train_gspo import EOS, PAD, reward, summarize, train
-from gspo_kernels import logprobs
+from gspo_kernels import _ops
 
 
 def test_reward_counts_digits_before_the_end_token():
@@ -18,7 +19,7 @@ def test_reward_counts_digits_before_the_end_token():
 
 @pytest.mark.parametrize("loss", ["gspo", pytest.param("grpo", marks=pytest.mark.slow)])
 def test_short_run_raises_reward(monkeypatch, loss):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", "torch")
+    monkeypatch.setattr(_ops, "CPU_BACKEND", "torch")
     history, _ = train(loss, 40, B=8, G=4, lr=3e-3, log_every=0, seed=0)
     first, last = summarize(history, 5)
     assert last > first + 0.15, (first, last)

@@ -2,6 +2,7 @@
 a typo: it is valid bash, every test file has its time budget in it, every python step it
 runs (GPU and dry-run variants) parses its arguments with the module's own parser, and
 (slow) the whole dry run completes on this CPU and writes every result file."""
+
 from __future__ import annotations
 
 import importlib
@@ -18,8 +19,9 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 
 
 def _bash(*args, env=None, timeout=60):
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_script_is_valid_bash():
@@ -48,7 +50,7 @@ def test_python_steps_parse_their_arguments(mode):
     for line in steps:
         words = shlex.split(line)
         i = words.index("-m")
-        name, args = words[i + 1], [w.replace("OUT/", "/tmp/") for w in words[i + 2:]]
+        name, args = words[i + 1], [w.replace("OUT/", "/tmp/") for w in words[i + 2 :]]
         modules.add(name)
         importlib.import_module(name).parser().parse_args(args)  # a typo exits here (SystemExit)
     assert modules == {"benchmarks.gpu", "benchmarks.step", "benchmarks.summary"}
@@ -58,8 +60,13 @@ def test_python_steps_parse_their_arguments(mode):
 def test_a_typo_in_a_step_fails_at_parse_time():
     gpu = importlib.import_module("benchmarks.gpu")
     step = importlib.import_module("benchmarks.step")
-    for mod, args in ((gpu, ["--providers", "gspo_kernel"]), (gpu, ["--ops", "gspo_los"]),
-                      (gpu, ["--hidden", "4096,8g6"]), (step, ["--providers", "tlr"]), (step, ["--cases", "1024:of"])):
+    for mod, args in (
+        (gpu, ["--providers", "gspo_kernel"]),
+        (gpu, ["--ops", "gspo_los"]),
+        (gpu, ["--hidden", "4096,8g6"]),
+        (step, ["--providers", "tlr"]),
+        (step, ["--cases", "1024:of"]),
+    ):
         with pytest.raises(SystemExit):
             mod.parser().parse_args(args)
 

@@ -9,6 +9,7 @@
 Capture itself needs a GPU (tests/test_cuda_graphs.py); here the capture is simulated by
 what the package reads to detect it.
 """
+
 from __future__ import annotations
 
 import gc
@@ -19,16 +20,17 @@ import pytest
 import torch
 
 import gspo_kernels
-from gspo_kernels import _kernels_linear as kl
-from gspo_kernels import linear, logprobs
-from gspo_kernels.losses import _tail_fn
+from gspo_kernels import _launch_linear as kl
+from gspo_kernels import _ops, linear
 from gspo_kernels.losses.options import LossOptions
+from gspo_kernels.losses.tail import launch as tail_launch
 from tests.conftest import rl_batch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_kernels = pytest.mark.skipif(
     not kl.HAS_TRITON or (DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="the fused kernels need a GPU or Triton's interpreter")
+    reason="the fused kernels need a GPU or Triton's interpreter",
+)
 
 
 @pytest.fixture
@@ -36,35 +38,37 @@ def fresh_params(monkeypatch):
     """Empty parameter caches for the test (the module's own are restored afterwards)."""
     from collections import OrderedDict
 
-    monkeypatch.setattr(_tail_fn, "_PRM_CACHE", OrderedDict())
-    monkeypatch.setattr(_tail_fn, "_PRM_PINNED", {})
+    monkeypatch.setattr(tail_launch, "_PRM_CACHE", OrderedDict())
+    monkeypatch.setattr(tail_launch, "_PRM_PINNED", {})
 
 
 def _spy_params(monkeypatch):
     seen = []
-    real = _tail_fn._params
+    real = tail_launch._params
 
     def spy(opt, device):
         seen.append((opt, real(opt, device)))
         return seen[-1][1]
-    monkeypatch.setattr(_tail_fn, "_params", spy)
+
+    monkeypatch.setattr(tail_launch, "_params", spy)
     return seen
 
 
 def _loss(d, **opts):
     x = d["x"].clone().requires_grad_(True)
-    loss, _ = gspo_kernels.gspo_loss(x, d["y"], d["rewards"], d["mask"], old_logprobs=d["old"], check_inputs=False,
-                                     **opts)
+    loss, _ = gspo_kernels.gspo_loss(
+        x, d["y"], d["rewards"], d["mask"], old_logprobs=d["old"], check_inputs=False, **opts
+    )
     return x, loss
 
 
 def test_capture_fill_gives_the_eager_parameters():
-    v = _tail_fn._param_values(LossOptions(epsilon=0.13, epsilon_high=0.27, beta=0.05, entropy_coef=0.01))
-    eager = _tail_fn._build_params(v, DEVICE, capturing=False)
-    filled = _tail_fn._build_params(v, DEVICE, capturing=True)
-    assert eager.dtype == filled.dtype == torch.float64 and eager.shape == (_tail_fn.tm.N_PRM,)
+    v = tail_launch._param_values(LossOptions(epsilon=0.13, epsilon_high=0.27, beta=0.05, entropy_coef=0.01))
+    eager = tail_launch._build_params(v, DEVICE, capturing=False)
+    filled = tail_launch._build_params(v, DEVICE, capturing=True)
+    assert eager.dtype == filled.dtype == torch.float64 and eager.shape == (tail_launch.tm.N_PRM,)
     assert torch.equal(eager, filled)
-    assert eager[int(_tail_fn.tm.R_BETA)].item() == 0.05
+    assert eager[int(tail_launch.tm.R_BETA)].item() == 0.05
 
 
 @needs_kernels
@@ -72,9 +76,9 @@ def test_parameters_a_capture_read_outlive_100_other_option_sets(fresh_params, m
     d = rl_batch()
     seen = _spy_params(monkeypatch)
     _, want = _loss(d, epsilon=0.11)
-    monkeypatch.setattr(_tail_fn, "_capturing", lambda device: True)
+    monkeypatch.setattr(tail_launch, "_capturing", lambda device: True)
     _, got = _loss(d, epsilon=0.11)  # "captured": the graph would hold seen[-1]'s address
-    monkeypatch.setattr(_tail_fn, "_capturing", lambda device: False)
+    monkeypatch.setattr(tail_launch, "_capturing", lambda device: False)
     opt, captured = seen[-1]
     assert captured is seen[0][1]  # the eager warm-up's tensor, now pinned (no copy at capture)
     assert torch.equal(got.detach(), want.detach())
@@ -82,25 +86,25 @@ def test_parameters_a_capture_read_outlive_100_other_option_sets(fresh_params, m
     del captured, got, want
     seen.clear()
     for i in range(100):  # a schedule: a new option set per step, eager
-        _tail_fn._params(LossOptions(epsilon=0.2 + 1e-3 * i, beta=1e-3 * i), DEVICE)
+        tail_launch._params(LossOptions(epsilon=0.2 + 1e-3 * i, beta=1e-3 * i), DEVICE)
     gc.collect()
     alive = ref()
     assert alive is not None, "the tensor a captured call read was freed"
     assert alive.data_ptr() == ptr and torch.equal(alive, values)
-    assert len(_tail_fn._PRM_CACHE) <= _tail_fn.PRM_CACHE_SIZE  # eager entries stay bounded
-    assert _tail_fn._params(opt, DEVICE) is alive  # and later calls reuse it
+    assert len(tail_launch._PRM_CACHE) <= tail_launch.PRM_CACHE_SIZE  # eager entries stay bounded
+    assert tail_launch._params(opt, DEVICE) is alive  # and later calls reuse it
 
 
 def test_eager_parameters_are_evicted_but_live_while_a_graph_of_autograd_needs_them(fresh_params):
     opt = LossOptions(epsilon=0.3)
-    t = _tail_fn._params(opt, DEVICE)
+    t = tail_launch._params(opt, DEVICE)
     held = t  # what FusedTail.save_for_backward keeps until backward
     ref = weakref.ref(t)
     del t
     for i in range(100):
-        _tail_fn._params(LossOptions(epsilon=0.5 + 0.004 * i), DEVICE)
-    assert len(_tail_fn._PRM_CACHE) == _tail_fn.PRM_CACHE_SIZE and not _tail_fn._PRM_PINNED
-    assert (opt, DEVICE) not in _tail_fn._PRM_CACHE  # evicted (least recently used) ...
+        tail_launch._params(LossOptions(epsilon=0.5 + 0.004 * i), DEVICE)
+    assert len(tail_launch._PRM_CACHE) == tail_launch.PRM_CACHE_SIZE and not tail_launch._PRM_PINNED
+    assert (opt, DEVICE) not in tail_launch._PRM_CACHE  # evicted (least recently used) ...
     assert ref() is held  # ... yet alive while its holder lives
     del held
     gc.collect()
@@ -109,10 +113,10 @@ def test_eager_parameters_are_evicted_but_live_while_a_graph_of_autograd_needs_t
 
 def test_recently_used_parameters_survive_eviction(fresh_params):
     keep = LossOptions(epsilon=0.3)
-    t = _tail_fn._params(keep, DEVICE)
-    for i in range(3 * _tail_fn.PRM_CACHE_SIZE):
-        _tail_fn._params(LossOptions(epsilon=0.5 + 0.002 * i), DEVICE)
-        assert _tail_fn._params(keep, DEVICE) is t  # used every step: never the least recent
+    t = tail_launch._params(keep, DEVICE)
+    for i in range(3 * tail_launch.PRM_CACHE_SIZE):
+        tail_launch._params(LossOptions(epsilon=0.5 + 0.002 * i), DEVICE)
+        assert tail_launch._params(keep, DEVICE) is t  # used every step: never the least recent
 
 
 # ---------------------------------------------------------------- hidden-state ops: no free-memory query
@@ -120,6 +124,7 @@ def test_recently_used_parameters_survive_eviction(fresh_params):
 def no_mem_query(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("torch.cuda.mem_get_info called inside a forward/backward")
+
     monkeypatch.setattr(torch.cuda, "mem_get_info", refuse)
 
 
@@ -140,7 +145,7 @@ def test_slicing_depends_on_the_budget_alone(no_mem_query):
 def _head(R=8, H=16, V=100, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(R, H, generator=g, dtype=dtype).to(DEVICE).requires_grad_(True)
-    w = (torch.randn(V, H, generator=g, dtype=dtype) / H ** 0.5).to(DEVICE).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g, dtype=dtype) / H**0.5).to(DEVICE).requires_grad_(True)
     y = torch.randint(0, V, (R,), generator=g).to(DEVICE)
     return h, w, y
 
@@ -152,7 +157,7 @@ def _grads(h, w, y, **kw):
 
 @needs_kernels
 def test_fused_backward_slices_follow_memory_budget(no_mem_query, monkeypatch):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", "triton")
+    monkeypatch.setattr(_ops, "CPU_BACKEND", "triton")
     monkeypatch.setattr(linear, "FUSED", True)
     calls = []
     real = kl.bwd_launches
@@ -192,8 +197,9 @@ def test_losses_pass_memory_budget_to_the_hidden_state_path(monkeypatch):
     H = 6
     hidden = torch.randn(*d["x"].shape[:-1], H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(d["x"].shape[-1], H, dtype=torch.float64)
-    loss, _ = gspo_kernels.gspo_loss(None, d["y"], d["rewards"], d["mask"], hidden=hidden, weight=weight,
-                                     memory_budget=12_345, check_inputs=False)
+    loss, _ = gspo_kernels.gspo_loss(
+        None, d["y"], d["rewards"], d["mask"], hidden=hidden, weight=weight, memory_budget=12_345, check_inputs=False
+    )
     loss.backward()
     assert budgets == [12_345, 12_345]
     module = gspo_kernels.GSPOLoss(memory_budget=4096)

@@ -2,15 +2,20 @@
 materialises the logits: values and the three gradients, on the fused
 kernels and on both chunked paths (``tests/test_linear_fused.py`` covers the
 fused kernels' own edges)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gspo_kernels import grpo_loss, gspo_loss, linear, linear_sequence_logprobs, linear_token_logprobs, logprobs
+from gspo_kernels import _ops, grpo_loss, gspo_loss, linear, linear_sequence_logprobs, linear_token_logprobs
 from gspo_kernels.linear import default_chunk_size
-from reference import (gspo_loss_reference, naive_linear_sequence_logprobs, naive_linear_token_entropy,
-                       naive_linear_token_logprobs)
+from reference import (
+    gspo_loss_reference,
+    naive_linear_sequence_logprobs,
+    naive_linear_token_entropy,
+    naive_linear_token_logprobs,
+)
 
 # Errors relative to the largest reference magnitude, against float64 on the same inputs.
 # fp32: GEMM + fp32 log-softmax, ~1e-6. bf16/fp16: the logits themselves are
@@ -31,21 +36,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def backend(request, monkeypatch):
     """The fused hidden-state kernels; the chunked path over the Triton logits kernels; the
     chunked path over the chunked PyTorch path (on a CUDA machine the first two run on the GPU)."""
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", "torch" if request.param == "chunked_torch" else "triton")
+    monkeypatch.setattr(_ops, "CPU_BACKEND", "torch" if request.param == "chunked_torch" else "triton")
     monkeypatch.setattr(linear, "FUSED", request.param == "fused")
     return request.param
 
 
 def _close(actual, expected, rel, what):
     scale = expected.abs().max().clamp(min=1.0).item()
-    torch.testing.assert_close(actual.double(), expected.double(), atol=rel * scale, rtol=0,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=rel * scale, rtol=0, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _inputs(shape, H, V, dtype, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*shape, H, generator=g).to(dtype).to(DEVICE)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 2).to(dtype).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(dtype).to(DEVICE)
     b = (torch.randn(V, generator=g) * 0.5).to(dtype).to(DEVICE) if bias else None
     tokens = torch.randint(0, V, shape, generator=g).to(DEVICE)
     return hidden, weight, b, tokens
@@ -107,8 +113,9 @@ def test_lengths_normalize_and_strided_hidden(backend):
     h, w = _leaves(hidden, weight)
     out = linear_sequence_logprobs(h, w, tokens, lengths=lengths, normalize=False, temperature=1.7, chunk_size=5)
     h64, w64 = _leaves64(hidden, weight)
-    ref = naive_linear_sequence_logprobs(h64, w64, tokens, lengths=lengths, temperature=1.7, normalize=False,
-                                         dtype=torch.float64)
+    ref = naive_linear_sequence_logprobs(
+        h64, w64, tokens, lengths=lengths, temperature=1.7, normalize=False, dtype=torch.float64
+    )
     _close(out, ref, TOLERANCE[torch.float32]["value"], "values")
     for got, exp in zip(_grads(out, (h, w)), _grads(ref, (h64, w64))):
         _close(got, exp, TOLERANCE[torch.float32]["grad"], "grad")
@@ -122,8 +129,10 @@ def test_tied_weights_accumulate():
     ids = torch.randint(0, V, (2, 5), generator=g).to(DEVICE)
     tokens = torch.randint(0, V, (2, 5), generator=g).to(DEVICE)
     grads = []
-    for fn in (lambda h, w: linear_sequence_logprobs(h, w, tokens, chunk_size=3),
-               lambda h, w: naive_linear_sequence_logprobs(h, w, tokens, dtype=torch.float64)):
+    for fn in (
+        lambda h, w: linear_sequence_logprobs(h, w, tokens, chunk_size=3),
+        lambda h, w: naive_linear_sequence_logprobs(h, w, tokens, dtype=torch.float64),
+    ):
         w = emb.detach().requires_grad_(True)
         hidden = torch.tanh(w[ids])  # embedding lookup -> "model" -> hidden states
         (gw,) = torch.autograd.grad(fn(hidden, w).sum(), w)
@@ -134,19 +143,22 @@ def test_tied_weights_accumulate():
 def test_losses_from_hidden_states():
     B, G, T, H, V = 2, 3, 4, 6, 17
     hidden, weight, _, tokens = _inputs((B, G, T), H, V, torch.float64, seed=7, bias=False)
-    ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(8),
-                                            dtype=torch.float64).to(DEVICE)
+    ref_hidden = hidden + 0.1 * torch.randn(
+        hidden.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64
+    ).to(DEVICE)
     rewards = torch.tensor([[1.0, 0.0, 2.0], [3.0, 3.0, 1.0]], device=DEVICE)
     mask = torch.ones(B, G, T, dtype=torch.bool, device=DEVICE)
     mask[0, 1, 2:] = False
     h, w = _leaves(hidden, weight)
-    loss, m = gspo_loss(None, tokens, rewards, mask, hidden=h, weight=w, ref_hidden=ref_hidden, chunk_size=5,
-                        denominator="ref")
+    loss, m = gspo_loss(
+        None, tokens, rewards, mask, hidden=h, weight=w, ref_hidden=ref_hidden, chunk_size=5, denominator="ref"
+    )
     logits = torch.nn.functional.linear(hidden, weight)
     h64, w64 = _leaves64(hidden, weight)
     ref_lp = naive_linear_token_logprobs(ref_hidden, weight, tokens, dtype=torch.float64)
-    ref_loss, _ = gspo_loss_reference(torch.nn.functional.linear(h64, w64), tokens, rewards, mask, ref_logprobs=ref_lp,
-                                      denominator="ref")
+    ref_loss, _ = gspo_loss_reference(
+        torch.nn.functional.linear(h64, w64), tokens, rewards, mask, ref_logprobs=ref_lp, denominator="ref"
+    )
     _close(loss, ref_loss, 1e-12, "gspo loss")
     for got, exp in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref_loss, (h64, w64))):
         _close(got, exp, 1e-12, "gspo grad")
@@ -162,15 +174,18 @@ def test_default_chunk_size_is_a_power_of_two_within_budget():
     assert default_chunk_size(10**9, torch.float32, torch.device("cpu")) == 1
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("h_mismatch", ValueError, r"weight must have shape \(V, H\) with H = hidden.shape\[-1\] = 8, got \(5, 7\)"),
-    ("weight_1d", ValueError, r"weight must be the 2-D \(V, H\) LM head, got \(40,\)"),
-    ("bias_shape", ValueError, r"bias must have shape \(5,\) \(V\), got \(4,\)"),
-    ("dtype", TypeError, r"weight must have hidden's dtype torch.float32, got torch.float64"),
-    ("tokens", ValueError, r"tokens must lie in \[0, V\) = \[0, 5\)"),
-    ("chunk", ValueError, r"chunk_size must be a positive int"),
-    ("int_hidden", TypeError, r"hidden must be a float tensor"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("h_mismatch", ValueError, r"weight must have shape \(V, H\) with H = hidden.shape\[-1\] = 8, got \(5, 7\)"),
+        ("weight_1d", ValueError, r"weight must be the 2-D \(V, H\) LM head, got \(40,\)"),
+        ("bias_shape", ValueError, r"bias must have shape \(5,\) \(V\), got \(4,\)"),
+        ("dtype", TypeError, r"weight must have hidden's dtype torch.float32, got torch.float64"),
+        ("tokens", ValueError, r"tokens must lie in \[0, V\) = \[0, 5\)"),
+        ("chunk", ValueError, r"chunk_size must be a positive int"),
+        ("int_hidden", TypeError, r"hidden must be a float tensor"),
+    ],
+)
 def test_bad_input(case, exc, match):
     hidden, weight, tokens, kw = torch.zeros(2, 3, 8), torch.zeros(5, 8), torch.zeros(2, 3, dtype=torch.long), {}
     if case == "h_mismatch":
@@ -201,8 +216,9 @@ def test_linear_entropy_values_and_grads(backend, dtype, which):
     valid = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     valid.view(-1)[3:6] = False
     h, w, b = _leaves(hidden, weight, bias)
-    lp, ent = linear_token_logprobs(h, w, tokens, bias=b, temperature=0.8, chunk_size=3, valid=valid,
-                                    return_entropy=True)
+    lp, ent = linear_token_logprobs(
+        h, w, tokens, bias=b, temperature=0.8, chunk_size=3, valid=valid, return_entropy=True
+    )
     h64, w64, b64 = _leaves64(hidden, weight, bias)
     lp_r = naive_linear_token_logprobs(h64, w64, tokens, b64, 0.8, dtype=torch.float64)
     ent_r = naive_linear_token_entropy(h64, w64, b64, 0.8, dtype=torch.float64)
@@ -214,8 +230,10 @@ def test_linear_entropy_values_and_grads(backend, dtype, which):
     assert torch.count_nonzero(ent.view(-1)[~keep]) == 0
     outs = [ent] if which == "entropy_only" else [lp, ent]
     outs_r = [ent_r] if which == "entropy_only" else [lp_r, ent_r]
-    gs = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(DEVICE)
-          for i, o in enumerate(outs)]
+    gs = [
+        torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(DEVICE)
+        for i, o in enumerate(outs)
+    ]
     got = torch.autograd.grad(outs, [h, w, b], [g.to(o.dtype) for g, o in zip(gs, outs)])
     ref = torch.autograd.grad(outs_r, [h64, w64, b64], gs)
     for name, a, e in zip(("hidden", "weight", "bias"), got, ref):

@@ -6,6 +6,7 @@ temperature, bias, tied weights, determinism, gradient filtering (and its
 error on a peaked head), tensor parallel over gloo. Without a GPU the kernels
 run in Triton's interpreter, with small tiles (16 x 32) so that these tiny
 shapes still cross several of them."""
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gspo_kernels import _kernels_linear as kl
-from gspo_kernels import linear, linear_sequence_logprobs, linear_token_logprobs, logprobs
+from gspo_kernels import _launch_linear as kl
+from gspo_kernels import _ops, linear, linear_sequence_logprobs, linear_token_logprobs
 from reference.linear import naive_linear_grads, naive_linear_sequence_logprobs, naive_linear_token_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
     not kl.HAS_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="the fused kernels need a GPU or Triton's interpreter")
+    reason="the fused kernels need a GPU or Triton's interpreter",
+)
 
 # Errors relative to max(1, max |reference|), against float64 on the same (rounded) inputs.
 # value: the logits stay fp32 (never rounded to the input dtype), so log-probs and
@@ -35,8 +37,8 @@ pytestmark = pytest.mark.skipif(
 #   round to nearest). A wrong sign, temperature or missing row is off by O(1).
 TOLERANCE = {
     torch.float32: dict(value=2e-6, grad=2e-5),
-    torch.bfloat16: dict(value=2e-6, grad=2.0 ** -6),
-    torch.float16: dict(value=2e-6, grad=2.0 ** -9),
+    torch.bfloat16: dict(value=2e-6, grad=2.0**-6),
+    torch.float16: dict(value=2e-6, grad=2.0**-9),
 }
 DTYPES = list(TOLERANCE)
 
@@ -45,7 +47,7 @@ DTYPES = list(TOLERANCE)
 def fused(monkeypatch):
     """Fused path on, several forward splits (3 programs' worth) and 64-column backward slices;
     counts the fused calls so that every test can check it ran them."""
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", "triton")
+    monkeypatch.setattr(_ops, "CPU_BACKEND", "triton")
     monkeypatch.setattr(linear, "FUSED", True)
     monkeypatch.setattr(linear, "MIN_SPLIT_BLOCKS", 1)
     monkeypatch.setattr(linear, "SPLIT_PROGRAMS", 3)
@@ -57,20 +59,22 @@ def fused(monkeypatch):
         def spy(*a, _real=real, _name=name, **k):
             calls[_name] += 1
             return _real(*a, **k)
+
         monkeypatch.setattr(linear, f"fused_{name}", spy)
     return calls
 
 
 def _close(actual, expected, rel, what):
     scale = expected.abs().max().clamp(min=1.0).item()
-    torch.testing.assert_close(actual.double(), expected.double(), atol=rel * scale, rtol=0,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=rel * scale, rtol=0, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _inputs(shape, H, V, dtype, seed=0, bias=True, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*shape, H, generator=g).to(dtype).to(DEVICE)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * scale).to(dtype).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * scale).to(dtype).to(DEVICE)
     b = (torch.randn(V, generator=g) * 0.5).to(dtype).to(DEVICE) if bias else None
     tokens = torch.randint(0, V, shape, generator=g).to(DEVICE)
     return hidden, weight, b, tokens
@@ -89,8 +93,9 @@ def _check(hidden, weight, bias, tokens, valid=None, tau=1.0, which="both", grad
     dtype = hidden.dtype
     tol = TOLERANCE[dtype]
     h, w, b = _leaves(hidden, weight, bias)
-    lp, ent = linear_token_logprobs(h, w, tokens, bias=b, temperature=tau, valid=valid, return_entropy=True,
-                                    grad_filter=grad_filter)
+    lp, ent = linear_token_logprobs(
+        h, w, tokens, bias=b, temperature=tau, valid=valid, return_entropy=True, grad_filter=grad_filter
+    )
     h64, w64, b64 = _leaves(hidden, weight, bias, dtype=torch.float64)
     lp_r, ent_r = naive_linear_token_outputs(h64, w64, tokens, b64, tau, valid, dtype=torch.float64)
     assert lp.dtype == ent.dtype == torch.float32
@@ -109,9 +114,11 @@ def _check(hidden, weight, bias, tokens, valid=None, tau=1.0, which="both", grad
 
 # (leading shape, H, V, bias, tau, which): odd H and V; V = 300 over 10 column tiles, 2 forward
 # splits and 5 backward slices; 21 rows over two row tiles with a partial one.
-CASES = [((3, 7), 37, 101, True, 0.8, "both"),
-         ((21,), 16, 300, False, 1.3, "entropy"),
-         ((2, 5), 48, 33, True, 1.0, "logp")]
+CASES = [
+    ((3, 7), 37, 101, True, 0.8, "both"),
+    ((21,), 16, 300, False, 1.3, "entropy"),
+    ((2, 5), 48, 33, True, 1.0, "logp"),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -176,10 +183,15 @@ def test_tied_weights_and_sequence_mean(fused):
     tokens = torch.randint(0, V, (3, 6), generator=g).to(DEVICE)
     lengths = torch.tensor([6, 0, 4], device=DEVICE)
     grads = []
-    for fn, dt in ((lambda h, w: linear_sequence_logprobs(h, w, tokens, lengths=lengths, temperature=0.9),
-                    torch.float32),
-                   (lambda h, w: naive_linear_sequence_logprobs(h, w, tokens, lengths=lengths, temperature=0.9,
-                                                                dtype=torch.float64), torch.float64)):
+    for fn, dt in (
+        (lambda h, w: linear_sequence_logprobs(h, w, tokens, lengths=lengths, temperature=0.9), torch.float32),
+        (
+            lambda h, w: naive_linear_sequence_logprobs(
+                h, w, tokens, lengths=lengths, temperature=0.9, dtype=torch.float64
+            ),
+            torch.float64,
+        ),
+    ):
         w = emb.to(dt).requires_grad_(True)
         out = fn(torch.tanh(w[ids]), w)
         grads.append((out, torch.autograd.grad(out, w, torch.tensor([1.0, 2.0, -1.0], dtype=dt, device=DEVICE))[0]))
@@ -242,7 +254,7 @@ def zipf_head(R, H, V, dtype=torch.float64, shuffle=False, s=1.1, noise=1.0, k=3
     bias = -s * torch.log1p(rank.double())
     ctx = torch.multinomial(torch.softmax(bias, -1).expand(R, V), k, generator=g)
     hidden = torch.randn(R, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * noise / H ** 0.5
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * noise / H**0.5
     logits = hidden @ weight.T + bias
     logits.scatter_add_(1, ctx, torch.full((R, k), boost, dtype=torch.float64))
     probs = torch.softmax(logits, -1)
@@ -270,8 +282,9 @@ def skipped_tiles(hidden, weight, bias, tokens, g, gh, threshold):
     counts = []
     for thr in (None, threshold):
         flags = torch.zeros((-(-R // t.block_m), -(-V // t.block_n)), dtype=torch.int8, device=hidden.device)
-        kl.bwd_launches(hidden, weight, bias, tokens, c, g, ent, gh, 1.0, thr, dz, flags, 0, V, None, None, None,
-                        None, None, tiles)[0]()
+        kl.bwd_launches(
+            hidden, weight, bias, tokens, c, g, ent, gh, 1.0, thr, dz, flags, 0, V, None, None, None, None, None, tiles
+        )[0]()
         counts.append(int(flags.sum()))
     return 1.0 - counts[1] / counts[0]
 
@@ -284,12 +297,13 @@ def test_filtered_gradient_equals_the_float64_rule(fused):
     ups = [_upstream((48,), 14).float(), 0.2 * _upstream((48,), 15).float()]
     ups[0][:16] = 0.0  # a row tile without log-prob gradient, its entropy gradient still flows
     h, w, b = _leaves(hidden, weight, bias)
-    lp, ent = linear_token_logprobs(h, w, tokens, bias=b, return_entropy=True, grad_filter=2.0 ** -9)
+    lp, ent = linear_token_logprobs(h, w, tokens, bias=b, return_entropy=True, grad_filter=2.0**-9)
     got = torch.autograd.grad([lp, ent], [h, w, b], ups)
-    skipped = skipped_tiles(hidden, weight, bias, tokens, ups[0], ups[1], 2.0 ** -9)
+    skipped = skipped_tiles(hidden, weight, bias, tokens, ups[0], ups[1], 2.0**-9)
     t = kl.tile_set(torch.float32, hidden.device)["dz"]
-    exp, dropped = naive_linear_grads(hidden, weight, bias, tokens, ups[0], ups[1], tile=(t.block_m, t.block_n),
-                                      threshold=2.0 ** -9)
+    exp, dropped = naive_linear_grads(
+        hidden, weight, bias, tokens, ups[0], ups[1], tile=(t.block_m, t.block_n), threshold=2.0**-9
+    )
     assert skipped == pytest.approx(dropped) and 0.2 < skipped < 0.95
     for name, a, e_ in zip(("hidden", "weight", "bias"), got, exp):
         _close(a, e_, TOLERANCE[torch.float32]["grad"], f"filtered grad {name}")
@@ -298,7 +312,7 @@ def test_filtered_gradient_equals_the_float64_rule(fused):
 @pytest.mark.slow
 def test_filtering_error_on_a_peaked_head(fused):
     """The kernels in the interpreter (16 x 32 dz tiles), bf16, R = 64, H = 32, V = 2,048,
-    frequent ids first, the default threshold 2**-12 (figures in the README): filtering
+    frequent ids first, the default threshold 2**-12 (figures in docs/layouts.md): filtering
     skips tiles and the error it adds stays below the bf16 rounding error the exact path
     already has against float64."""
     R, V = 64, 2048
@@ -311,12 +325,16 @@ def test_filtering_error_on_a_peaked_head(fused):
         lp, ent = linear_token_logprobs(h, w, tokens, bias=b, return_entropy=True, grad_filter=filt)
         grads[filt] = torch.autograd.grad([lp, ent], [h, w, b], ups)
     ref, _ = naive_linear_grads(hidden, weight, bias, tokens, ups[0], ups[1])
-    skipped = skipped_tiles(hidden, weight, bias, tokens, ups[0], ups[1], 2.0 ** -12)
+    skipped = skipped_tiles(hidden, weight, bias, tokens, ups[0], ups[1], 2.0**-12)
     err = [_rel(a, x) for a, x in zip(grads[True], grads[False])]
     base = [_rel(a, x) for a, x in zip(grads[False], ref)]
-    print(f"\ninterpreter, bf16, zipf head (mean entropy {entropy:.2f} nats): tiles skipped {skipped:.1%}; "
-          f"filtered vs exact (hidden, weight, bias): " + ", ".join(f"{x:.1e}" for x in err)
-          + "; exact vs float64: " + ", ".join(f"{x:.1e}" for x in base))
+    print(
+        f"\ninterpreter, bf16, zipf head (mean entropy {entropy:.2f} nats): tiles skipped {skipped:.1%}; "
+        f"filtered vs exact (hidden, weight, bias): "
+        + ", ".join(f"{x:.1e}" for x in err)
+        + "; exact vs float64: "
+        + ", ".join(f"{x:.1e}" for x in base)
+    )
     assert 1.0 < entropy < 3.0  # peaked, as a trained LM's next-token distribution
     assert skipped > 0.4
     assert 0 < max(err) < max(base)
@@ -331,15 +349,16 @@ def test_filtering_rule_at_gpu_tiles(shuffle):
     tile = (dz.block_m, dz.block_n)
     hidden, weight, bias, tokens, entropy = zipf_head(128, 32, 32_768, shuffle=shuffle)
     g = torch.Generator().manual_seed(16)
-    ups = [torch.randn(128, generator=g, dtype=torch.float64),
-           0.1 * torch.randn(128, generator=g, dtype=torch.float64)]
+    ups = [torch.randn(128, generator=g, dtype=torch.float64), 0.1 * torch.randn(128, generator=g, dtype=torch.float64)]
     exact, _ = naive_linear_grads(hidden, weight, bias, tokens, *ups)
-    filt, dropped = naive_linear_grads(hidden, weight, bias, tokens, *ups, tile=tile, threshold=2.0 ** -12)
+    filt, dropped = naive_linear_grads(hidden, weight, bias, tokens, *ups, tile=tile, threshold=2.0**-12)
     err = [_rel(a, e) for a, e in zip(filt, exact)]
-    print(f"\nfloat64 rule, {tile[0]} x {tile[1]} tiles, V = 32,768, {'shuffled' if shuffle else 'frequent ids first'}: "
-          f"entropy {entropy:.2f}, dropped {dropped:.1%}, error " + ", ".join(f"{x:.1e}" for x in err))
+    print(
+        f"\nfloat64 rule, {tile[0]} x {tile[1]} tiles, V = 32,768, {'shuffled' if shuffle else 'frequent ids first'}: "
+        f"entropy {entropy:.2f}, dropped {dropped:.1%}, error " + ", ".join(f"{x:.1e}" for x in err)
+    )
     assert dropped > (0.5 if not shuffle else 0.05)
-    assert 0 < max(err) < 2.0 ** -8
+    assert 0 < max(err) < 2.0**-8
 
 
 # ---------------------------------------------------------------- tensor parallel over gloo
@@ -349,7 +368,7 @@ N, T, V_TP, H_TP = 3, 5, 96, 24
 def _tp_data(dtype):
     g = torch.Generator().manual_seed(13)
     hidden = torch.randn(N, T, H_TP, generator=g).to(dtype)
-    weight = (torch.randn(V_TP, H_TP, generator=g) / H_TP ** 0.5 * 2).to(dtype)
+    weight = (torch.randn(V_TP, H_TP, generator=g) / H_TP**0.5 * 2).to(dtype)
     bias = (torch.randn(V_TP, generator=g) * 0.5).to(dtype)
     tokens = torch.randint(0, V_TP, (N, T), generator=g)
     valid = torch.rand(N, T, generator=g) > 0.3
@@ -360,20 +379,25 @@ def _tp_worker(rank, world, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     code = 0
     try:
-        logprobs.CPU_BACKEND = "triton"
+        _ops.CPU_BACKEND = "triton"
         linear.MIN_SPLIT_BLOCKS, linear.SPLIT_PROGRAMS, linear.MAX_SLICE_COLS = 1, 3, 32
         res = {}
         w = V_TP // world
         for dtype in (torch.float32, torch.bfloat16):
             hidden, weight, bias, tokens, valid = _tp_data(dtype)
             h = hidden.clone().requires_grad_(True)
-            wt = weight[rank * w:(rank + 1) * w].clone().requires_grad_(True)
-            b = bias[rank * w:(rank + 1) * w].clone().requires_grad_(True)
-            lp, ent = linear_token_logprobs(h, wt, tokens, bias=b, temperature=0.7, valid=valid, return_entropy=True,
-                                            vocab_group=dist.group.WORLD)
+            wt = weight[rank * w : (rank + 1) * w].clone().requires_grad_(True)
+            b = bias[rank * w : (rank + 1) * w].clone().requires_grad_(True)
+            lp, ent = linear_token_logprobs(
+                h, wt, tokens, bias=b, temperature=0.7, valid=valid, return_entropy=True, vocab_group=dist.group.WORLD
+            )
             ups = [torch.ones_like(lp), 0.5 * torch.ones_like(ent)]
-            res[str(dtype)] = (lp.detach(), ent.detach(), torch.autograd.grad([lp, ent], [h, wt, b], ups),
-                               linear.uses_fused(h))
+            res[str(dtype)] = (
+                lp.detach(),
+                ent.detach(),
+                torch.autograd.grad([lp, ent], [h, wt, b], ups),
+                linear.uses_fused(h),
+            )
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     except BaseException:  # noqa: BLE001 - report, then exit non-zero so mp.spawn fails the test
@@ -401,5 +425,5 @@ def test_vocab_parallel_over_gloo_equals_float64():
             _close(lp_r, lp, tol["value"], f"logp rank {r} {dtype}")
             _close(ent_r, ent, tol["value"], f"entropy rank {r} {dtype}")
             _close(gh, exp[0], tol["grad"], f"grad hidden (all-reduced) rank {r} {dtype}")
-            _close(gw, exp[1][r * w:(r + 1) * w], tol["grad"], f"grad weight shard {r} {dtype}")
-            _close(gb, exp[2][r * w:(r + 1) * w], tol["grad"], f"grad bias shard {r} {dtype}")
+            _close(gw, exp[1][r * w : (r + 1) * w], tol["grad"], f"grad weight shard {r} {dtype}")
+            _close(gb, exp[2][r * w : (r + 1) * w], tol["grad"], f"grad bias shard {r} {dtype}")

@@ -1,13 +1,14 @@
 """The fused log-prob ops against the float64 reference: values, gradients,
 masks, strides, temperature, determinism, in-place backward, torch.compile,
 both CPU implementations (Triton interpreter and chunked PyTorch)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import gspo_kernels
-from gspo_kernels import _kernels, _torch_path, logprobs, sequence_logprobs, token_logprobs
+from gspo_kernels import _kernels, _ops, _torch_path, sequence_logprobs, token_logprobs
 from reference import naive_sequence_logprobs, naive_token_logprobs
 
 # Errors against a float64 reference computed from the *same* (rounded) logits.
@@ -33,7 +34,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
     """Both CPU implementations; on a CUDA machine "triton" runs on the GPU."""
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return "cpu" if request.param == "torch" else DEVICE
 
 
@@ -231,25 +232,28 @@ def _bad(V=5, shape=(2, 3)):
     return _inputs(shape, V, torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("token_high", ValueError, r"tokens must lie in \[0, V\) = \[0, 5\).*\[0, 5\]"),
-    ("token_negative", ValueError, r"tokens must lie in \[0, V\)"),
-    ("float_tokens", TypeError, r"tokens must be an int32 or int64 tensor, got torch.float32"),
-    ("bool_tokens", TypeError, r"tokens must be an int32 or int64 tensor, got torch.bool"),
-    ("token_shape", ValueError, r"tokens must have shape \(2, 3\).*got \(2, 4\)"),
-    ("mask_shape", ValueError, r"mask must have shape \(2, 3\).*got \(3, 2\)"),
-    ("lengths_shape", ValueError, r"lengths must have shape \(2,\).*got \(2, 3\)"),
-    ("lengths_range", ValueError, r"lengths must lie in \[0, T\] = \[0, 3\].*\[0, 4\]"),
-    ("lengths_float", TypeError, r"lengths must be an int32 or int64 tensor"),
-    ("mask_and_lengths", ValueError, r"either mask or lengths"),
-    ("temperature_zero", ValueError, r"temperature must be finite and > 0, got 0.0"),
-    ("temperature_nan", ValueError, r"temperature must be finite and > 0, got nan"),
-    ("temperature_neg", ValueError, r"temperature must be finite and > 0, got -1.0"),
-    ("int_logits", TypeError, r"logits must be float16, bfloat16, float32 or float64, got torch.int64"),
-    ("logits_1d", ValueError, r"logits must have shape \(..., T, V\)"),
-    ("stride_v", ValueError, r"logits must have stride 1 on the vocabulary"),
-    ("device", ValueError, r"tokens is on meta but logits is on cpu"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("token_high", ValueError, r"tokens must lie in \[0, V\) = \[0, 5\).*\[0, 5\]"),
+        ("token_negative", ValueError, r"tokens must lie in \[0, V\)"),
+        ("float_tokens", TypeError, r"tokens must be an int32 or int64 tensor, got torch.float32"),
+        ("bool_tokens", TypeError, r"tokens must be an int32 or int64 tensor, got torch.bool"),
+        ("token_shape", ValueError, r"tokens must have shape \(2, 3\).*got \(2, 4\)"),
+        ("mask_shape", ValueError, r"mask must have shape \(2, 3\).*got \(3, 2\)"),
+        ("lengths_shape", ValueError, r"lengths must have shape \(2,\).*got \(2, 3\)"),
+        ("lengths_range", ValueError, r"lengths must lie in \[0, T\] = \[0, 3\].*\[0, 4\]"),
+        ("lengths_float", TypeError, r"lengths must be an int32 or int64 tensor"),
+        ("mask_and_lengths", ValueError, r"either mask or lengths"),
+        ("temperature_zero", ValueError, r"temperature must be finite and > 0, got 0.0"),
+        ("temperature_nan", ValueError, r"temperature must be finite and > 0, got nan"),
+        ("temperature_neg", ValueError, r"temperature must be finite and > 0, got -1.0"),
+        ("int_logits", TypeError, r"logits must be float16, bfloat16, float32 or float64, got torch.int64"),
+        ("logits_1d", ValueError, r"logits must have shape \(..., T, V\)"),
+        ("stride_v", ValueError, r"logits must have stride 1 on the vocabulary"),
+        ("device", ValueError, r"tokens is on meta but logits is on cpu"),
+    ],
+)
 def test_bad_input(case, exc, match):
     logits, tokens = _bad()
     kw, mask = {}, None
@@ -274,8 +278,7 @@ def test_bad_input(case, exc, match):
     elif case == "mask_and_lengths":
         mask, kw["lengths"] = torch.ones(2, 3), torch.tensor([1, 2])
     elif case.startswith("temperature"):
-        kw["temperature"] = {"temperature_zero": 0.0, "temperature_nan": float("nan"),
-                             "temperature_neg": -1.0}[case]
+        kw["temperature"] = {"temperature_zero": 0.0, "temperature_nan": float("nan"), "temperature_neg": -1.0}[case]
     elif case == "int_logits":
         logits = torch.zeros(2, 3, 5, dtype=torch.long)
     elif case == "logits_1d":
@@ -305,12 +308,14 @@ def test_eager_first_call_does_not_import_dynamo():
     import subprocess
     import sys
 
-    code = ("import sys, torch, gspo_kernels\n"
-            "x = torch.randn(2, 3, 50, requires_grad=True)\n"
-            "y = torch.randint(0, 50, (2, 3))\n"
-            "gspo_kernels.sequence_logprobs(x, y).sum().backward()\n"
-            "lp, h = gspo_kernels.token_logprobs(x, y, return_entropy=True)\n"
-            "print('torch._dynamo' in sys.modules)\n")
+    code = (
+        "import sys, torch, gspo_kernels\n"
+        "x = torch.randn(2, 3, 50, requires_grad=True)\n"
+        "y = torch.randint(0, 50, (2, 3))\n"
+        "gspo_kernels.sequence_logprobs(x, y).sum().backward()\n"
+        "lp, h = gspo_kernels.token_logprobs(x, y, return_entropy=True)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

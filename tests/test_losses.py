@@ -1,6 +1,7 @@
 """GSPO / GRPO losses against the plain-PyTorch reference (reference/losses.py):
 values and gradients for every mode, the article's worked example, edge cases
 and bad input."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,8 @@ import pytest
 import torch
 
 import gspo_kernels
-from gspo_kernels import GRPOLoss, GSPOLoss, grpo_loss, gspo_loss, logprobs
-from reference import (contrast_advantage_reference, grpo_loss_reference, gspo_loss_reference,
-                       naive_token_logprobs)
+from gspo_kernels import GRPOLoss, GSPOLoss, _ops, grpo_loss, gspo_loss
+from reference import contrast_advantage_reference, grpo_loss_reference, gspo_loss_reference, naive_token_logprobs
 
 # Loss value and logits-gradient errors against the float64 reference on the
 # same logits. float64 logits run the kernels in fp64: agreement to rounding.
@@ -29,8 +29,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _close(actual, expected, tol, what):
     atol, rtol = tol
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _batch(B=2, G=4, T=6, V=37, dtype=torch.float64, seed=0, spread=0.3):
@@ -46,7 +45,9 @@ def _batch(B=2, G=4, T=6, V=37, dtype=torch.float64, seed=0, spread=0.3):
     rewards[0, min(2, G - 1)] = rewards[0, 0]  # a tie
     with torch.no_grad():
         lp = naive_token_logprobs(logits.double(), tokens, dtype=torch.float64)
-    old = lp + spread * torch.randn(B, G, 1, generator=g).to(DEVICE) + 0.05 * torch.randn(B, G, T, generator=g).to(DEVICE)
+    old = (
+        lp + spread * torch.randn(B, G, 1, generator=g).to(DEVICE) + 0.05 * torch.randn(B, G, T, generator=g).to(DEVICE)
+    )
     ref = lp + 0.2 * torch.randn(B, G, T, generator=g).to(DEVICE)
     return dict(logits=logits, tokens=tokens, mask=mask, rewards=rewards.to(DEVICE), old=old, ref=ref)
 
@@ -69,13 +70,21 @@ def _run(fn, ref_fn, d, dtype_tol, **kw):
 @pytest.mark.parametrize("denominator", ["old", "ref"])
 def test_gspo_matches_reference(advantage, kl, denominator):
     d = _batch()
-    kw = dict(ref_logprobs=d["ref"], kl=kl, beta=0.05, temperature=0.8, epsilon=0.2, epsilon_high=0.28,
-              denominator=denominator)
+    kw = dict(
+        ref_logprobs=d["ref"],
+        kl=kl,
+        beta=0.05,
+        temperature=0.8,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        denominator=denominator,
+    )
     if denominator == "old":
         kw["old_logprobs"] = d["old"]
     g = torch.Generator().manual_seed(21)
-    kw["advantage"] = (torch.randn(2, 4, dtype=torch.float64, generator=g).to(DEVICE) if advantage == "tensor"
-                       else advantage)
+    kw["advantage"] = (
+        torch.randn(2, 4, dtype=torch.float64, generator=g).to(DEVICE) if advantage == "tensor" else advantage
+    )
     loss, m, rm, _ = _run(gspo_loss, gspo_loss_reference, d, torch.float64, **kw)
     _close(m["ratio"], rm["ratio"], (1e-12, 1e-10), "ratio")
     _close(m["advantage"], rm["advantage"], (1e-12, 1e-10), "advantage")
@@ -97,8 +106,17 @@ def test_gspo_low_precision(dtype):
 def test_gspo_token_level(kl):
     d = _batch(seed=4)
     A_t = torch.randn(2, 4, 6, dtype=torch.float64).to(DEVICE)
-    _run(gspo_loss, gspo_loss_reference, d, torch.float64, ref_logprobs=d["ref"], old_logprobs=d["old"],
-         level="sequence_token", advantage=A_t, kl=kl)
+    _run(
+        gspo_loss,
+        gspo_loss_reference,
+        d,
+        torch.float64,
+        ref_logprobs=d["ref"],
+        old_logprobs=d["old"],
+        level="sequence_token",
+        advantage=A_t,
+        kl=kl,
+    )
 
 
 def test_gspo_token_with_constant_advantage_equals_gspo():
@@ -108,8 +126,9 @@ def test_gspo_token_with_constant_advantage_equals_gspo():
     x1 = d["logits"].detach().requires_grad_(True)
     x2 = d["logits"].detach().requires_grad_(True)
     l1, _ = gspo_loss(x1, d["tokens"], None, d["mask"], advantage=A, **kw)
-    l2, _ = gspo_loss(x2, d["tokens"], None, d["mask"], advantage=A.unsqueeze(-1).expand(2, 4, 6),
-                      level="sequence_token", **kw)
+    l2, _ = gspo_loss(
+        x2, d["tokens"], None, d["mask"], advantage=A.unsqueeze(-1).expand(2, 4, 6), level="sequence_token", **kw
+    )
     _close(l2, l1, (1e-14, 1e-12), "loss")
     g1, g2 = torch.autograd.grad(l1, x1)[0], torch.autograd.grad(l2, x2)[0]
     _close(g2, g1, (1e-14, 1e-12), "grad")
@@ -119,10 +138,23 @@ def test_gspo_token_with_constant_advantage_equals_gspo():
 @pytest.mark.parametrize("advantage", ["group_norm", "seq_tensor", "token_tensor"])
 def test_grpo_matches_reference(loss_agg, advantage):
     d = _batch(seed=6)
-    adv = {"group_norm": "group_norm", "seq_tensor": torch.randn(2, 4, dtype=torch.float64).to(DEVICE),
-           "token_tensor": torch.randn(2, 4, 6, dtype=torch.float64).to(DEVICE)}[advantage]
-    _, m, rm, _ = _run(grpo_loss, grpo_loss_reference, d, torch.float64, ref_logprobs=d["ref"],
-                       old_logprobs=d["old"], advantage=adv, loss_agg=loss_agg, kl="k3", temperature=1.2)
+    adv = {
+        "group_norm": "group_norm",
+        "seq_tensor": torch.randn(2, 4, dtype=torch.float64).to(DEVICE),
+        "token_tensor": torch.randn(2, 4, 6, dtype=torch.float64).to(DEVICE),
+    }[advantage]
+    _, m, rm, _ = _run(
+        grpo_loss,
+        grpo_loss_reference,
+        d,
+        torch.float64,
+        ref_logprobs=d["ref"],
+        old_logprobs=d["old"],
+        advantage=adv,
+        loss_agg=loss_agg,
+        kl="k3",
+        temperature=1.2,
+    )
     mask = d["mask"]
     _close(m["ratio"][mask], rm["ratio"][mask], (1e-12, 1e-10), "token ratios")
 
@@ -141,25 +173,38 @@ def test_article_worked_example():
     ref_logprobs = (lp - log_ratio).view(1, 3, 1).expand(1, 3, T).contiguous()
     rewards = torch.tensor([[8.0, 6.0, 4.0]])
     x = logits.to(DEVICE).requires_grad_(True)
-    loss, m = gspo_loss(x, tokens.to(DEVICE), rewards.to(DEVICE), lengths=lengths.to(DEVICE),
-                        ref_logprobs=ref_logprobs.to(DEVICE), **gspo_kernels.ARTICLE_GSPO)
-    torch.testing.assert_close(m["ratio"].cpu(), torch.tensor([[1.05127, 1.05007, 0.94996]], dtype=torch.float64),
-                               atol=5e-6, rtol=0)
+    loss, m = gspo_loss(
+        x,
+        tokens.to(DEVICE),
+        rewards.to(DEVICE),
+        lengths=lengths.to(DEVICE),
+        ref_logprobs=ref_logprobs.to(DEVICE),
+        **gspo_kernels.ARTICLE_GSPO,
+    )
+    torch.testing.assert_close(
+        m["ratio"].cpu(), torch.tensor([[1.05127, 1.05007, 0.94996]], dtype=torch.float64), atol=5e-6, rtol=0
+    )
     A = m["advantage"].cpu()
-    torch.testing.assert_close(A, torch.tensor([[0.10071, 0.10071, -0.10071]], dtype=torch.float64),
-                               atol=5e-6, rtol=0)
+    torch.testing.assert_close(A, torch.tensor([[0.10071, 0.10071, -0.10071]], dtype=torch.float64), atol=5e-6, rtol=0)
     s = m["ratio"].cpu()[0]
     policy = -torch.minimum(s * A[0], s.clamp(0.8, 1.2) * A[0])
-    torch.testing.assert_close(policy, torch.tensor([-0.10587, -0.10575, 0.09567], dtype=torch.float64),
-                               atol=5e-6, rtol=0)
+    torch.testing.assert_close(
+        policy, torch.tensor([-0.10587, -0.10575, 0.09567], dtype=torch.float64), atol=5e-6, rtol=0
+    )
     assert abs(policy.mean().item() - (-0.03865)) < 5e-6
-    assert abs((loss.item() - policy.mean().item()) / 0.05 - 0.015841) < 5e-6   # mean per-sequence k1 KL
-    assert abs(m["kl"].item() - 0.284 / 18) < 1e-12                            # mean per-token KL (TRL's metric)
+    assert abs((loss.item() - policy.mean().item()) / 0.05 - 0.015841) < 5e-6  # mean per-sequence k1 KL
+    assert abs(m["kl"].item() - 0.284 / 18) < 1e-12  # mean per-token KL (TRL's metric)
     assert abs(loss.item() - (-0.037859)) < 5e-7
-    assert m["policy_loss"].item() == loss.item()   # TRL's policy_loss: the loss before the entropy bonus
+    assert m["policy_loss"].item() == loss.item()  # TRL's policy_loss: the loss before the entropy bonus
     # and the same through the reference implementation
-    ref_loss, _ = gspo_loss_reference(logits, tokens, rewards, torch.arange(T) < lengths.unsqueeze(-1),
-                                      ref_logprobs=ref_logprobs, **gspo_kernels.ARTICLE_GSPO)
+    ref_loss, _ = gspo_loss_reference(
+        logits,
+        tokens,
+        rewards,
+        torch.arange(T) < lengths.unsqueeze(-1),
+        ref_logprobs=ref_logprobs,
+        **gspo_kernels.ARTICLE_GSPO,
+    )
     assert abs(ref_loss.item() - loss.item()) < 1e-12
 
 
@@ -167,8 +212,9 @@ def test_equal_rewards_and_single_completion_give_zero_advantage():
     d = _batch(B=2, G=3, seed=7)
     d["rewards"] = torch.tensor([[1.0, 1.0, 1.0], [0.1 + 0.2, 0.3, 0.3]]).double().to(DEVICE)
     for adv in ("contrast", "group_norm"):
-        _, m = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"], beta=0.0,
-                         advantage=adv)
+        _, m = gspo_loss(
+            d["logits"], d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"], beta=0.0, advantage=adv
+        )
         assert torch.all(m["advantage"].abs() < 1e-3 if adv == "group_norm" else m["advantage"] == 0), adv
     g1 = _batch(B=3, G=1, seed=8)
     for adv in ("contrast", "group_norm"):
@@ -182,8 +228,12 @@ def test_contrast_advantage_matches_loop_reference():
     g = torch.Generator().manual_seed(9)
     rewards = torch.randint(0, 3, (16, 5), generator=g).double()
     ratios = torch.rand(16, 5, generator=g, dtype=torch.float64) + 0.5
-    _close(gspo_kernels.contrast_advantage(rewards, ratios), contrast_advantage_reference(rewards, ratios),
-           (1e-15, 0), "contrast advantage")
+    _close(
+        gspo_kernels.contrast_advantage(rewards, ratios),
+        contrast_advantage_reference(rewards, ratios),
+        (1e-15, 0),
+        "contrast advantage",
+    )
 
 
 def test_empty_sequence_gets_zero_gradient():
@@ -198,26 +248,45 @@ def test_empty_sequence_gets_zero_gradient():
 def test_flat_input_with_group_size_and_ref_logits():
     d = _batch(seed=11)
     B, G, T, V = d["logits"].shape
-    ref_logits = d["logits"] + 0.3 * torch.randn(d["logits"].shape, generator=torch.Generator().manual_seed(1),
-                                                  dtype=torch.float64).to(DEVICE)
+    ref_logits = d["logits"] + 0.3 * torch.randn(
+        d["logits"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    ).to(DEVICE)
     ref_lp = naive_token_logprobs(ref_logits, d["tokens"], 0.7, dtype=torch.float64)
-    l4, m4 = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=ref_lp, temperature=0.7,
-                       denominator="ref")
-    l3, m3 = gspo_loss(d["logits"].reshape(B * G, T, V), d["tokens"].reshape(B * G, T), d["rewards"].reshape(-1),
-                       d["mask"].reshape(B * G, T), ref_logits=ref_logits.reshape(B * G, T, V), group_size=G,
-                       temperature=0.7, denominator="ref")
+    l4, m4 = gspo_loss(
+        d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=ref_lp, temperature=0.7, denominator="ref"
+    )
+    l3, m3 = gspo_loss(
+        d["logits"].reshape(B * G, T, V),
+        d["tokens"].reshape(B * G, T),
+        d["rewards"].reshape(-1),
+        d["mask"].reshape(B * G, T),
+        ref_logits=ref_logits.reshape(B * G, T, V),
+        group_size=G,
+        temperature=0.7,
+        denominator="ref",
+    )
     _close(l3, l4, (1e-13, 1e-12), "loss")
-    _close(m3["ratio"], m4["ratio"].reshape(-1), (1e-13, 1e-12), "ratio")   # flat input: flat metrics
+    _close(m3["ratio"], m4["ratio"].reshape(-1), (1e-13, 1e-12), "ratio")  # flat input: flat metrics
 
 
 def test_modules_and_torch_backend(monkeypatch):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", "torch")
+    monkeypatch.setattr(_ops, "CPU_BACKEND", "torch")
     d = _batch(seed=12)
     kw = dict(ref_logprobs=d["ref"], old_logprobs=d["old"])
-    _run(GSPOLoss(advantage="group_norm", kl="k3", epsilon=0.1), lambda *a, **k: gspo_loss_reference(
-        *a, advantage="group_norm", kl="k3", epsilon=0.1, **k), d, torch.float64, **kw)
-    _run(GRPOLoss(loss_agg="token-mean"), lambda *a, **k: grpo_loss_reference(*a, loss_agg="token-mean", **k),
-         d, torch.float64, **kw)
+    _run(
+        GSPOLoss(advantage="group_norm", kl="k3", epsilon=0.1),
+        lambda *a, **k: gspo_loss_reference(*a, advantage="group_norm", kl="k3", epsilon=0.1, **k),
+        d,
+        torch.float64,
+        **kw,
+    )
+    _run(
+        GRPOLoss(loss_agg="token-mean"),
+        lambda *a, **k: grpo_loss_reference(*a, loss_agg="token-mean", **k),
+        d,
+        torch.float64,
+        **kw,
+    )
 
 
 def test_beta_zero_needs_no_reference():
@@ -228,26 +297,40 @@ def test_beta_zero_needs_no_reference():
     _close(loss, ref_loss, (1e-12, 1e-10), "loss")
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    (dict(rewards=torch.zeros(2, 3)), ValueError, r"rewards must have shape \(2, 4\), got \(2, 3\)"),
-    (dict(rewards=torch.tensor([[0.0, float("nan"), 1.0, 2.0]] * 2)), ValueError, "rewards must be finite"),
-    (dict(advantage="bogus"), ValueError, r"advantages must be a tensor or one of \('group_norm', 'contrast'\)"),
-    (dict(kl="k4"), ValueError, r"kl must be one of \('k1', 'k2', 'k3', 'low_var_kl', 'abs'\), got 'k4'"),
-    (dict(level="token"), ValueError, r"level must be one of"),
-    (dict(epsilon=1.5), ValueError, r"epsilon must lie in \(0, 1\), got 1.5"),
-    (dict(epsilon=0.0), ValueError, r"epsilon must lie in \(0, 1\), got 0.0"),
-    (dict(beta=-0.1), ValueError, r"beta must be >= 0(\.0)?, got -0.1"),
-    (dict(beta=0.1, ref_logprobs=None), ValueError, r"beta > 0 needs a reference"),
-    (dict(ref_logits="same"), ValueError, r"give ref_logprobs or ref_logits, not both"),
-    (dict(ref_logprobs=torch.zeros(2, 4, 5)), ValueError, r"ref_logprobs must have shape \(2, 4, 6\), got \(2, 4, 5\)"),
-    (dict(old_logprobs=torch.zeros(2, 4, 6, dtype=torch.long)), TypeError, r"old_logprobs must be a float tensor"),
-    (dict(advantage=torch.zeros(2, 3)), ValueError, r"advantages must have shape \(2, 4\) or .*, got \(2, 3\)"),
-    (dict(logits=None), ValueError, r"give exactly one of logits"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(rewards=torch.zeros(2, 3)), ValueError, r"rewards must have shape \(2, 4\), got \(2, 3\)"),
+        (dict(rewards=torch.tensor([[0.0, float("nan"), 1.0, 2.0]] * 2)), ValueError, "rewards must be finite"),
+        (dict(advantage="bogus"), ValueError, r"advantages must be a tensor or one of \('group_norm', 'contrast'\)"),
+        (dict(kl="k4"), ValueError, r"kl must be one of \('k1', 'k2', 'k3', 'low_var_kl', 'abs'\), got 'k4'"),
+        (dict(level="token"), ValueError, r"level must be one of"),
+        (dict(epsilon=1.5), ValueError, r"epsilon must lie in \(0, 1\), got 1.5"),
+        (dict(epsilon=0.0), ValueError, r"epsilon must lie in \(0, 1\), got 0.0"),
+        (dict(beta=-0.1), ValueError, r"beta must be >= 0(\.0)?, got -0.1"),
+        (dict(beta=0.1, ref_logprobs=None), ValueError, r"beta > 0 needs a reference"),
+        (dict(ref_logits="same"), ValueError, r"give ref_logprobs or ref_logits, not both"),
+        (
+            dict(ref_logprobs=torch.zeros(2, 4, 5)),
+            ValueError,
+            r"ref_logprobs must have shape \(2, 4, 6\), got \(2, 4, 5\)",
+        ),
+        (dict(old_logprobs=torch.zeros(2, 4, 6, dtype=torch.long)), TypeError, r"old_logprobs must be a float tensor"),
+        (dict(advantage=torch.zeros(2, 3)), ValueError, r"advantages must have shape \(2, 4\) or .*, got \(2, 3\)"),
+        (dict(logits=None), ValueError, r"give exactly one of logits"),
+    ],
+)
 def test_gspo_bad_input(kw, exc, match):
     d = _batch()
-    args = dict(logits=d["logits"], tokens=d["tokens"], rewards=d["rewards"], mask=d["mask"],
-                ref_logprobs=d["ref"], beta=0.05, denominator="ref")
+    args = dict(
+        logits=d["logits"],
+        tokens=d["tokens"],
+        rewards=d["rewards"],
+        mask=d["mask"],
+        ref_logprobs=d["ref"],
+        beta=0.05,
+        denominator="ref",
+    )
     args.update(kw)
     if args.get("ref_logits") == "same":
         args["ref_logits"] = d["logits"]
@@ -295,6 +378,7 @@ def test_entropy_bonus_changes_the_gradient_by_its_own():
     (g1,) = torch.autograd.grad(l1, x1)
     xr = d["logits"].detach().requires_grad_(True)
     from reference import naive_token_entropy
+
     H = torch.where(d["mask"], naive_token_entropy(xr, dtype=torch.float64), 0)
     bonus = -0.5 * H.sum() / d["mask"].sum()
     (gb,) = torch.autograd.grad(bonus, xr)
@@ -306,19 +390,27 @@ def test_entropy_bonus_changes_the_gradient_by_its_own():
 def test_clip_metrics_equal_their_definition(level):
     # clip_ratio/{low,high,region}_mean from the returned ratios and advantages, with an
     # asymmetric clip range (a swapped epsilon / epsilon_high changes every count)
-    d = _batch(seed=21, spread=0.6)   # a seed where both clip sides occur at both levels
+    d = _batch(seed=21, spread=0.6)  # a seed where both clip sides occur at both levels
     eps, eps_high = 0.1, 0.35
-    _, m = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"], epsilon=eps,
-                     epsilon_high=eps_high, level=level)
+    _, m = gspo_loss(
+        d["logits"],
+        d["tokens"],
+        d["rewards"],
+        d["mask"],
+        old_logprobs=d["old"],
+        epsilon=eps,
+        epsilon_high=eps_high,
+        level=level,
+    )
     s, A = m["ratio"], m["advantage"]
     if level == "sequence_token":  # per-token weights: a token mean over valid tokens
         A, valid = A.unsqueeze(-1).expand(s.shape), d["mask"]
-    else:                          # one weight per sequence: a mean over the N sequences (TRL's)
+    else:  # one weight per sequence: a mean over the N sequences (TRL's)
         valid = torch.ones_like(s, dtype=torch.bool)
     low = (s < 1 - eps) & (A < 0) & valid
     high = (s > 1 + eps_high) & (A > 0) & valid
     n = valid.sum()
-    assert 0 < int(low.sum()) and 0 < int(high.sum())  # both sides exercised
+    assert int(low.sum()) > 0 and int(high.sum()) > 0  # both sides exercised
     assert m["clip_ratio/low_mean"].item() == pytest.approx(low.sum().item() / n.item(), abs=1e-7)
     assert m["clip_ratio/high_mean"].item() == pytest.approx(high.sum().item() / n.item(), abs=1e-7)
     assert m["clip_fraction"].item() == pytest.approx((low | high).sum().item() / n.item(), abs=1e-7)
@@ -339,14 +431,16 @@ def test_simplest_call_learns_when_rewards_differ():
 
 def test_contrast_advantage_that_is_identically_zero_warns_once(monkeypatch):
     from gspo_kernels.losses import core
+
     monkeypatch.setattr(core, "_warned_contrast", False)
     d = _batch(seed=16)
     with pytest.warns(UserWarning, match="identically 0"):
         _, m = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], advantage="contrast")
     assert torch.all(m["advantage"] == 0)
     import warnings
+
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)   # once: the second call is silent
+        warnings.simplefilter("error", UserWarning)  # once: the second call is silent
         gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], advantage="contrast")
         gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], advantage="contrast", old_logprobs=d["old"])
 
@@ -365,7 +459,7 @@ def test_checks_report_shapes_before_option_combinations():
 def test_ignore_index_labels_count_as_masked():
     d = _batch(seed=18)
     labels = torch.where(d["mask"], d["tokens"], torch.full_like(d["tokens"], -100))
-    l1, m1 = gspo_loss(d["logits"], labels, d["rewards"], old_logprobs=d["old"])          # no mask: -100 marks padding
+    l1, m1 = gspo_loss(d["logits"], labels, d["rewards"], old_logprobs=d["old"])  # no mask: -100 marks padding
     l2, m2 = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"])
     assert torch.equal(l1, l2) and torch.equal(m1["ratio"], m2["ratio"])
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, V\)"):
@@ -379,23 +473,33 @@ def test_float_mask_must_be_zero_or_one(bad):
     m[0, 0, 0] = bad
     with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
         gspo_loss(d["logits"], d["tokens"], d["rewards"], m)
-    ok, _ = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"].double())   # a 0/1 float mask is fine
+    ok, _ = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"].double())  # a 0/1 float mask is fine
     assert torch.isfinite(ok)
 
 
 def test_constructors_take_every_option_the_call_takes():
     d = _batch(seed=20)
-    opts = dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=5.0, beta=0.02,
-                top_entropy_quantile=0.8, entropy_coef=0.01, temperature=0.9)
+    opts = dict(
+        loss_type="cispo",
+        importance_sampling_level="sequence",
+        epsilon_high=5.0,
+        beta=0.02,
+        top_entropy_quantile=0.8,
+        entropy_coef=0.01,
+        temperature=0.9,
+    )
     mod = gspo_kernels.PolicyLoss(**opts)
     l1, _ = mod(d["logits"], d["tokens"], "group_norm", d["mask"], rewards=d["rewards"], ref_logprobs=d["ref"])
-    l2, _ = gspo_kernels.policy_loss(d["logits"], d["tokens"], "group_norm", d["mask"], rewards=d["rewards"],
-                                     ref_logprobs=d["ref"], **opts)
+    l2, _ = gspo_kernels.policy_loss(
+        d["logits"], d["tokens"], "group_norm", d["mask"], rewards=d["rewards"], ref_logprobs=d["ref"], **opts
+    )
     assert torch.equal(l1, l2)
-    g1, _ = GSPOLoss(denominator="ref", kl="k1", beta=0.05)(d["logits"], d["tokens"], d["rewards"], d["mask"],
-                                                            ref_logprobs=d["ref"])
-    g2, _ = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=d["ref"], denominator="ref",
-                      kl="k1", beta=0.05)
+    g1, _ = GSPOLoss(denominator="ref", kl="k1", beta=0.05)(
+        d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=d["ref"]
+    )
+    g2, _ = gspo_loss(
+        d["logits"], d["tokens"], d["rewards"], d["mask"], ref_logprobs=d["ref"], denominator="ref", kl="k1", beta=0.05
+    )
     assert torch.equal(g1, g2)
     with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['epsilon_hi'\]"):
         GSPOLoss(epsilon_hi=0.3)

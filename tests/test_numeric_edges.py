@@ -1,6 +1,6 @@
 """Numeric edges of the kernels, one behaviour on every backend (the Triton
 kernels, here in the interpreter, and the chunked PyTorch path; the
-hidden-state kernels and their chunked fallback), as README "Extreme values"
+hidden-state kernels and their chunked fallback), as docs/edges.md "Extreme values"
 states it:
 
 - finite logits anywhere in the fp32 range: per-token log-probs and entropy
@@ -13,6 +13,7 @@ states it:
   probability of 0 (a -inf log-prob if sampled, a finite gradient); a row
   with no finite logit is NaN; none of it leaks into other rows.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ import math
 import pytest
 import torch
 
-from gspo_kernels import linear, linear_token_logprobs, logprobs, sequence_logprobs, token_logprobs
+from gspo_kernels import _ops, linear, linear_token_logprobs, sequence_logprobs, token_logprobs
 from reference import naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,22 +30,24 @@ INF = float("inf")
 
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return "cpu" if request.param == "torch" else DEVICE
 
 
 def _close(actual, expected, rtol, what):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=0, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def test_logits_near_1e38_at_half_temperature(backend):
     # Row 0: the sampled logit 0.95e38 below the max: log-prob -1.9e38, finite in fp32.
     # Row 1: 2e38 below: -4e38 is beyond fp32, -inf (the true value's correct rounding).
     # Row 2: a common offset of 1e38 and ordinary spreads: an ordinary log-prob.
-    x = torch.tensor([[1.0e38, 0.05e38, 0.0, -0.1e38],
-                      [1.0e38, 1.0e38, -1.0e38, 0.0],
-                      [1.0e38, 1.0e38, 1.0e38, 1.0e38]], device=backend)
+    x = torch.tensor(
+        [[1.0e38, 0.05e38, 0.0, -0.1e38], [1.0e38, 1.0e38, -1.0e38, 0.0], [1.0e38, 1.0e38, 1.0e38, 1.0e38]],
+        device=backend,
+    )
     x[2] += torch.tensor([0.0, 1.0e31, -2.0e31, 3.0e31], device=backend)
     y = torch.tensor([1, 2, 3], device=backend)
     xr = x.detach().requires_grad_(True)
@@ -72,8 +75,12 @@ def test_sequence_mean_of_huge_finite_logprobs_is_finite(backend):
     _close(seq, ref, 1e-6, "mean")
     total = sequence_logprobs(x, y, temperature=0.5, normalize=False)
     assert total[0].item() == -INF  # -7.6e38: beyond the fp32 range
-    _close(total[1], naive_sequence_logprobs(x.double(), y, temperature=0.5, normalize=False,
-                                             dtype=torch.float64)[1], 1e-6, "sum")
+    _close(
+        total[1],
+        naive_sequence_logprobs(x.double(), y, temperature=0.5, normalize=False, dtype=torch.float64)[1],
+        1e-6,
+        "sum",
+    )
 
 
 @pytest.mark.parametrize("where", ["sampled", "elsewhere"])
@@ -113,7 +120,7 @@ def test_minus_inf_logit_is_probability_zero(backend):
 def test_hidden_state_path_inf_gives_a_nan_row(fused, monkeypatch):
     """+inf in a row's hidden state: +inf logits, a NaN row (log-prob, entropy, its hidden
     gradient; through grad_weight every weight row); the other rows' values stay exact."""
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", "triton")
+    monkeypatch.setattr(_ops, "CPU_BACKEND", "triton")
     monkeypatch.setattr(linear, "FUSED", fused)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(5, 8, generator=g).to(DEVICE)
@@ -124,8 +131,9 @@ def test_hidden_state_path_inf_gives_a_nan_row(fused, monkeypatch):
     lp, ent = linear_token_logprobs(h, weight, tokens, return_entropy=True, chunk_size=2)
     assert torch.isnan(lp[2]) and torch.isnan(ent[2])
     clean = [0, 1, 3, 4]
-    ref = naive_token_logprobs(torch.nn.functional.linear(hidden[clean].double(), weight.double()), tokens[clean],
-                               dtype=torch.float64)
+    ref = naive_token_logprobs(
+        torch.nn.functional.linear(hidden[clean].double(), weight.double()), tokens[clean], dtype=torch.float64
+    )
     _close(lp[clean], ref, 1e-5, "other rows")
     (gh,) = torch.autograd.grad(lp.sum(), h)
     assert torch.isnan(gh[2]).all() and torch.isfinite(gh[clean]).all()

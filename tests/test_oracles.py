@@ -6,6 +6,7 @@
 * reference/verl_losses.py (transcription of verl 0.9.1): vanilla PPO with dual clip on a
   2x3 example worked out by hand.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,7 @@ def _batch(seed=0, B=4, T=5):
 def trl_oracle():
     pytest.importorskip("trl")
     from reference import trl_oracle
+
     return trl_oracle
 
 
@@ -42,9 +44,18 @@ def test_trl_grpo_token_level_matches_hand(trl_oracle):
     lp, old, mask, adv, ent = _batch()
     eps_low, eps_high, coef = 0.2, 0.28, 0.05
     lp_t, ent_t = lp.clone().requires_grad_(), ent.clone().requires_grad_()
-    loss, metrics = trl_oracle.trl_compute_loss(lp_t, ent_t, mask, adv, old_per_token_logps=old, loss_type="grpo",
-                                                importance_sampling_level="token", epsilon=eps_low,
-                                                epsilon_high=eps_high, entropy_coef=coef)
+    loss, metrics = trl_oracle.trl_compute_loss(
+        lp_t,
+        ent_t,
+        mask,
+        adv,
+        old_per_token_logps=old,
+        loss_type="grpo",
+        importance_sampling_level="token",
+        epsilon=eps_low,
+        epsilon_high=eps_high,
+        entropy_coef=coef,
+    )
 
     lp_h, ent_h = lp.clone().requires_grad_(), ent.clone().requires_grad_()
     m = mask.to(DT)
@@ -76,9 +87,17 @@ def test_trl_dapo_sequence_level_matches_hand(trl_oracle, num_items):
     lp, old, mask, adv, ent = _batch(seed=1)
     eps = 3e-2
     lp_t = lp.clone().requires_grad_()
-    loss, metrics = trl_oracle.trl_compute_loss(lp_t, ent, mask, adv, old_per_token_logps=old, loss_type="dapo",
-                                                importance_sampling_level="sequence", epsilon=eps,
-                                                num_items_in_batch=num_items)
+    loss, metrics = trl_oracle.trl_compute_loss(
+        lp_t,
+        ent,
+        mask,
+        adv,
+        old_per_token_logps=old,
+        loss_type="dapo",
+        importance_sampling_level="sequence",
+        epsilon=eps,
+        num_items_in_batch=num_items,
+    )
 
     lp_h = lp.clone().requires_grad_()
     m = mask.to(DT)
@@ -110,8 +129,9 @@ def test_trl_importance_sampling_ratio_sequence_mask(trl_oracle):
     torch.testing.assert_close(ratio, expected, rtol=1e-14, atol=0)
     # fed back to the loss, TRL multiplies it into the per-token loss
     lp_t = lp.clone().requires_grad_()
-    loss, _ = trl_oracle.trl_compute_loss(lp_t, ent, mask, adv, old_per_token_logps=old, loss_type="bnpo",
-                                          importance_sampling_ratio=ratio)
+    loss, _ = trl_oracle.trl_compute_loss(
+        lp_t, ent, mask, adv, old_per_token_logps=old, loss_type="bnpo", importance_sampling_ratio=ratio
+    )
     r = torch.exp(lp - old)
     A = adv[:, None]
     per_token = -torch.min(r * A, r.clamp(0.8, 1.2) * A) * ratio
@@ -129,15 +149,25 @@ def test_verl_vanilla_dual_clip_2x3_by_hand():
     adv = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]], dtype=DT)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=DT)
 
-    loss, metrics = verl_losses.policy_loss_vanilla(old, log_prob, adv, mask, "token-mean", clip_ratio=0.2,
-                                                    clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0)
+    loss, metrics = verl_losses.policy_loss_vanilla(
+        old,
+        log_prob,
+        adv,
+        mask,
+        "token-mean",
+        clip_ratio=0.2,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.2,
+        clip_ratio_c=3.0,
+    )
     # per-token losses [[-1.2, -0.5, -1.0], [3.0, 0.8, (pad)]]
     assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.0 + 3.0 + 0.8) / 5, rel=1e-13)
     # only the unclipped tokens (0, 1) and (0, 2) carry gradient: d(-A r)/d lp = -A r, / 5 tokens
     grad = torch.autograd.grad(loss, log_prob)[0]
-    torch.testing.assert_close(grad, torch.tensor([[0.0, -0.1, -0.2], [0.0, 0.0, 0.0]], dtype=DT),
-                               rtol=1e-13, atol=1e-15)
-    assert metrics["actor/pg_clipfrac"] == pytest.approx(2 / 5, rel=1e-7)        # (0, 0) and (1, 1)
+    torch.testing.assert_close(
+        grad, torch.tensor([[0.0, -0.1, -0.2], [0.0, 0.0, 0.0]], dtype=DT), rtol=1e-13, atol=1e-15
+    )
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(2 / 5, rel=1e-7)  # (0, 0) and (1, 1)
     assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(1 / 5, rel=1e-7)  # (1, 0)
     log_r = [math.log(x) for x in (1.5, 0.5, 1.0, 4.0, 0.5)]
     assert metrics["actor/ppo_kl"] == pytest.approx(-sum(log_r) / 5, rel=1e-7)

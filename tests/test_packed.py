@@ -5,14 +5,15 @@ The batch: sequences of random lengths with an empty one, a one-token one and on
 longer than all the others together; masks with holes inside sequences (a packed row
 may hold prompt + completion: the mask selects the completion); temperature.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TOLERANCE
 
 import gspo_kernels
-from conftest import TOLERANCE
-from gspo_kernels import logprobs
+from gspo_kernels import _ops, logprobs
 from gspo_kernels.sequences import resolve_packed
 
 V = 23
@@ -41,19 +42,19 @@ def _pad(t, cu, fill=0):
     out = torch.full((N, T) + tuple(t.shape[1:]), fill, dtype=t.dtype)
     for i in range(N):
         a, b = int(cu[i]), int(cu[i + 1])
-        out[i, :b - a] = t[a:b]
+        out[i, : b - a] = t[a:b]
     return out
 
 
 def _unpad(t, cu):
-    return torch.cat([t[i, :int(cu[i + 1] - cu[i])] for i in range(len(cu) - 1)])
+    return torch.cat([t[i, : int(cu[i + 1] - cu[i])] for i in range(len(cu) - 1)])
 
 
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
-    if request.param == "triton" and logprobs.CPU_BACKEND != "triton":
+    if request.param == "triton" and _ops.CPU_BACKEND != "triton":
         pytest.skip("Triton interpreter not active")  # conftest sets TRITON_INTERPRET=1 without a GPU
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return request.param
 
 
@@ -66,16 +67,17 @@ def test_sequence_logprobs_packed_equals_padded(backend, dtype):
     d = _packed_batch(dtype)
     x = d["x"].requires_grad_(True)
     seq = gspo_kernels.sequence_logprobs(x, d["y"], d["m"], cu_seqlens=d["cu"], temperature=0.7)
-    (g,) = torch.autograd.grad(seq.sum() + (seq ** 2).sum(), x)
+    (g,) = torch.autograd.grad(seq.sum() + (seq**2).sum(), x)
     xp = _pad(d["x"].detach(), d["cu"]).requires_grad_(True)
     seq_p = gspo_kernels.sequence_logprobs(xp, _pad(d["y"], d["cu"]), _pad(d["m"], d["cu"], False), temperature=0.7)
-    (gp,) = torch.autograd.grad(seq_p.sum() + (seq_p ** 2).sum(), xp)
+    (gp,) = torch.autograd.grad(seq_p.sum() + (seq_p**2).sum(), xp)
     _close(seq, seq_p, dtype, "value", "sequence log-probs")
     _close(g, _unpad(gp, d["cu"]), dtype, "grad", "gradient")
     assert seq[1].item() == 0.0  # the empty sequence
     # (1, total, V) and (1, total) are the same batch
-    seq1 = gspo_kernels.sequence_logprobs(d["x"].unsqueeze(0), d["y"].unsqueeze(0), d["m"].unsqueeze(0),
-                                          cu_seqlens=d["cu"].long(), temperature=0.7)
+    seq1 = gspo_kernels.sequence_logprobs(
+        d["x"].unsqueeze(0), d["y"].unsqueeze(0), d["m"].unsqueeze(0), cu_seqlens=d["cu"].long(), temperature=0.7
+    )
     assert torch.equal(seq1, seq.detach())
 
 
@@ -84,8 +86,13 @@ LOSSES = {
     "gspo_token_adv": lambda adv, **kw: gspo_kernels.gspo_loss(advantage=adv, level="sequence_token", **kw),
     "grpo_token_mean": lambda **kw: gspo_kernels.grpo_loss(loss_agg="token-mean", **kw),
     "dapo_masks": lambda **kw: gspo_kernels.policy_loss(
-        advantages="group_norm", loss_type="dapo", top_entropy_quantile=0.5, off_policy_mask_threshold=0.05,
-        sampling_logprobs=kw.pop("old_logprobs") - 0.1, **kw),
+        advantages="group_norm",
+        loss_type="dapo",
+        top_entropy_quantile=0.5,
+        off_policy_mask_threshold=0.05,
+        sampling_logprobs=kw.pop("old_logprobs") - 0.1,
+        **kw,
+    ),
 }
 
 
@@ -99,8 +106,14 @@ def test_losses_packed_equal_padded(backend, dtype, loss):
     def run(packed):
         f = (lambda t: t) if packed else (lambda t, fill=0: _pad(t, cu, fill))
         x = f(d["x"]).detach().requires_grad_(True)
-        kw = dict(logits=x, tokens=f(d["y"]), mask=f(d["m"]) if packed else _pad(d["m"], cu, False),
-                  old_logprobs=f(d["old"]), ref_logprobs=f(d["ref"]), **common)
+        kw = dict(
+            logits=x,
+            tokens=f(d["y"]),
+            mask=f(d["m"]) if packed else _pad(d["m"], cu, False),
+            old_logprobs=f(d["old"]),
+            ref_logprobs=f(d["ref"]),
+            **common,
+        )
         if packed:
             kw["cu_seqlens"] = cu
         if loss == "gspo_token_adv":
@@ -129,11 +142,19 @@ def test_hidden_state_path_packed_equals_padded():
     weight = torch.randn(V, H, generator=g, dtype=torch.float64)
     kw = dict(rewards=d["rewards"], beta=0.0, group_size=2, chunk_size=4)
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    l1, _ = gspo_kernels.gspo_loss(None, d["y"], mask=d["m"], hidden=h1, weight=w1, cu_seqlens=cu,
-                                   old_logprobs=d["old"], **kw)
+    l1, _ = gspo_kernels.gspo_loss(
+        None, d["y"], mask=d["m"], hidden=h1, weight=w1, cu_seqlens=cu, old_logprobs=d["old"], **kw
+    )
     h2, w2 = _pad(hidden, cu).requires_grad_(True), weight.clone().requires_grad_(True)
-    l2, _ = gspo_kernels.gspo_loss(None, _pad(d["y"], cu), mask=_pad(d["m"], cu, False), hidden=h2, weight=w2,
-                                   old_logprobs=_pad(d["old"], cu), **kw)
+    l2, _ = gspo_kernels.gspo_loss(
+        None,
+        _pad(d["y"], cu),
+        mask=_pad(d["m"], cu, False),
+        hidden=h2,
+        weight=w2,
+        old_logprobs=_pad(d["old"], cu),
+        **kw,
+    )
     _close(l1, l2, torch.float64, "value", "loss")
     gh1, gw1 = torch.autograd.grad(l1, (h1, w1))
     gh2, gw2 = torch.autograd.grad(l2, (h2, w2))
@@ -149,14 +170,23 @@ def test_cu_seqlens_from_position_ids():
         gspo_kernels.cu_seqlens_from_position_ids(torch.tensor([1, 0, 1]))
 
 
-@pytest.mark.parametrize("cu,match", [
-    (torch.tensor([0, 3, 5], dtype=torch.int16), r"cu_seqlens must be an int32 or int64 tensor, got torch.int16"),
-    (torch.tensor([[0, 3, 5]], dtype=torch.int32), r"cu_seqlens must be 1-D of shape \(N\+1,\), got shape \(1, 3\)"),
-    (torch.tensor([1, 3, 5], dtype=torch.int32), r"cu_seqlens must start at 0, got 1"),
-    (torch.tensor([0, 4, 3, 3, 5], dtype=torch.int32), r"cu_seqlens must be non-decreasing"),
-    (torch.tensor([0, 3, 4], dtype=torch.int32), r"cu_seqlens must end at the token count 5, got 4"),
-    (torch.tensor([0, 1, 3, 5], dtype=torch.int32), r"cu_seqlens holds N = 3 sequences, not a multiple of group_size=2"),
-])
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        (torch.tensor([0, 3, 5], dtype=torch.int16), r"cu_seqlens must be an int32 or int64 tensor, got torch.int16"),
+        (
+            torch.tensor([[0, 3, 5]], dtype=torch.int32),
+            r"cu_seqlens must be 1-D of shape \(N\+1,\), got shape \(1, 3\)",
+        ),
+        (torch.tensor([1, 3, 5], dtype=torch.int32), r"cu_seqlens must start at 0, got 1"),
+        (torch.tensor([0, 4, 3, 3, 5], dtype=torch.int32), r"cu_seqlens must be non-decreasing"),
+        (torch.tensor([0, 3, 4], dtype=torch.int32), r"cu_seqlens must end at the token count 5, got 4"),
+        (
+            torch.tensor([0, 1, 3, 5], dtype=torch.int32),
+            r"cu_seqlens holds N = 3 sequences, not a multiple of group_size=2",
+        ),
+    ],
+)
 def test_bad_cu_seqlens_are_refused_before_any_kernel(cu, match, monkeypatch):
     x, y = torch.randn(5, V), torch.zeros(5, dtype=torch.long)
 

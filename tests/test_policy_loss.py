@@ -7,18 +7,21 @@ logits equals TRL's own ``GRPOTrainer._compute_loss`` (the installed package, ru
 by reference/trl_oracle.py) on per-token log-probs of the same logits: value,
 gradient w.r.t. the logits, and TRL's logged metrics. Fresh random inputs with an
 empty sequence and a sequence with a hole in its mask. On both CPU backends: the Triton
-kernels in the interpreter (whose loss tail is the fused one, losses/_tail.py) and the
+kernels in the interpreter (whose loss tail is the fused one, losses/tail/) and the
 chunked PyTorch path (the torch composition, losses/core.py).
 """
+
 from __future__ import annotations
 
 import zlib
 
 import pytest
 import torch
+from conftest import POLICY_VARIANTS as VARIANTS
+from conftest import TOLERANCE
+from conftest import TRL_LOSS_TYPES as LOSS_TYPES
 
 import gspo_kernels
-from conftest import POLICY_VARIANTS as VARIANTS, TOLERANCE, TRL_LOSS_TYPES as LOSS_TYPES
 from reference import naive_token_entropy, naive_token_logprobs
 
 trl_oracle = pytest.importorskip("reference.trl_oracle")
@@ -40,8 +43,11 @@ def _batch(dtype, seed):
     with torch.no_grad():
         lp = naive_token_logprobs(logits.double(), tokens, TAU, torch.float64)
     # old: per-sequence offsets plus token noise, so that both clip sides and the off-policy mask trigger
-    old = lp + 0.4 * torch.randn(N, 1, generator=g, dtype=torch.float64).to(DEVICE) \
+    old = (
+        lp
+        + 0.4 * torch.randn(N, 1, generator=g, dtype=torch.float64).to(DEVICE)
         + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64).to(DEVICE)
+    )
     ref = lp + 0.2 * torch.randn(N, T, generator=g, dtype=torch.float64).to(DEVICE)
     sampling = old + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64).to(DEVICE)
     sampling[3, 1] = float("nan")  # a token the rollout engine could not score
@@ -49,8 +55,18 @@ def _batch(dtype, seed):
     return dict(logits=logits, tokens=tokens, mask=mask, old=old, ref=ref, sampling=sampling, adv=adv)
 
 
-TRL_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
-               "clip_ratio/high_max", "kl", "entropy", "cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss")
+TRL_METRICS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "kl",
+    "entropy",
+    "cispo_clip_ratio",
+    "vespo/phi_seq_mean",
+    "policy_loss",
+)
 
 
 def _trl(d, config, variant):
@@ -66,12 +82,18 @@ def _trl(d, config, variant):
     mode = config.get("vllm_importance_sampling_mode")
     if mode is not None:
         kw["importance_sampling_ratio"] = trl_oracle.trl_importance_sampling_ratio(
-            d["old"], d["sampling"], d["mask"].long(), mode, config.get("vllm_importance_sampling_clip_min"),
-            config.get("vllm_importance_sampling_clip_max"))
+            d["old"],
+            d["sampling"],
+            d["mask"].long(),
+            mode,
+            config.get("vllm_importance_sampling_clip_min"),
+            config.get("vllm_importance_sampling_clip_max"),
+        )
     if "off_policy_mask_threshold" in config:
         kw["sampling_per_token_logps"] = d["sampling"]
-    loss, metrics = trl_oracle.trl_compute_loss(lp, ent, d["mask"].long(), d["adv"], temperature=TAU,
-                                                max_completion_length=T, **kw, **cfg)
+    loss, metrics = trl_oracle.trl_compute_loss(
+        lp, ent, d["mask"].long(), d["adv"], temperature=TAU, max_completion_length=T, **kw, **cfg
+    )
     (grad,) = torch.autograd.grad(loss, x)
     return loss, metrics, grad
 
@@ -81,8 +103,9 @@ def _ours(d, config):
     kw = dict(old_logprobs=d["old"], ref_logprobs=d["ref"] if config.get("beta") else None)
     if "vllm_importance_sampling_mode" in config or "off_policy_mask_threshold" in config:
         kw["sampling_logprobs"] = d["sampling"]
-    loss, metrics = gspo_kernels.policy_loss(x, d["tokens"], d["adv"], d["mask"], temperature=TAU,
-                                             max_completion_length=T, **kw, **config)
+    loss, metrics = gspo_kernels.policy_loss(
+        x, d["tokens"], d["adv"], d["mask"], temperature=TAU, max_completion_length=T, **kw, **config
+    )
     (grad,) = torch.autograd.grad(loss, x)
     return loss, metrics, grad
 
@@ -96,8 +119,9 @@ def _compare(d, config, variant, dtype):
     assert set(want_metrics) - {"entropy_coef"} <= set(metrics), set(want_metrics) - set(metrics)
     for name in TRL_METRICS:
         if name in want_metrics:
-            torch.testing.assert_close(float(metrics[name]), float(want_metrics[name]), **tol["value"],
-                                       msg=lambda m: f"metric {name}: {m}")
+            torch.testing.assert_close(
+                float(metrics[name]), float(want_metrics[name]), **tol["value"], msg=lambda m: f"metric {name}: {m}"
+            )
     return metrics
 
 
@@ -107,21 +131,22 @@ def _valid(loss_type, level, variant):
     return not (variant == "delta" and loss_type in ("cispo", "sapo", "vespo"))  # delta is PPO-clip only
 
 
-CASES = [(lt, lvl, var) for lt in LOSS_TYPES for lvl in ("token", "sequence") for var in VARIANTS
-         if _valid(lt, lvl, var)]
+CASES = [
+    (lt, lvl, var) for lt in LOSS_TYPES for lvl in ("token", "sequence") for var in VARIANTS if _valid(lt, lvl, var)
+]
 
 
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
     """Both CPU backends against TRL: the Triton kernels in the interpreter (with the fused loss
     tail) and the chunked PyTorch path (with the torch composition). On a GPU, the Triton path."""
-    from gspo_kernels import logprobs
+    from gspo_kernels import _ops
 
     if DEVICE == "cuda" and request.param == "torch":
         pytest.skip("CUDA tensors always take the Triton path")
-    if DEVICE == "cpu" and request.param == "triton" and logprobs.CPU_BACKEND != "triton":
+    if DEVICE == "cpu" and request.param == "triton" and _ops.CPU_BACKEND != "triton":
         pytest.skip("Triton interpreter not active (TRITON_INTERPRET unset at import)")  # set by conftest
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return request.param
 
 
@@ -145,17 +170,29 @@ def test_precomputed_importance_sampling_ratio_equals_mode():
     # TRL hands the loss a ratio computed at generation time; passing it equals naming the mode.
     d = _batch(torch.float32, seed=11)
     cfg = dict(loss_type="grpo", importance_sampling_level="sequence")
-    mode = dict(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.7,
-                vllm_importance_sampling_clip_max=1.3)
-    l1, m1 = gspo_kernels.policy_loss(d["logits"], d["tokens"], d["adv"], d["mask"], old_logprobs=d["old"],
-                                      sampling_logprobs=d["sampling"], **cfg, **mode)
+    mode = dict(
+        vllm_importance_sampling_mode="token_mask",
+        vllm_importance_sampling_clip_min=0.7,
+        vllm_importance_sampling_clip_max=1.3,
+    )
+    l1, m1 = gspo_kernels.policy_loss(
+        d["logits"],
+        d["tokens"],
+        d["adv"],
+        d["mask"],
+        old_logprobs=d["old"],
+        sampling_logprobs=d["sampling"],
+        **cfg,
+        **mode,
+    )
     r = gspo_kernels.rollout_correction(d["old"], d["sampling"], d["mask"], "token_mask", 0.7, 1.3)
     want = trl_oracle.trl_importance_sampling_ratio(d["old"], d["sampling"], d["mask"].long(), "token_mask", 0.7, 1.3)
     torch.testing.assert_close(r, want, atol=0, rtol=0)
-    l2, m2 = gspo_kernels.policy_loss(d["logits"], d["tokens"], d["adv"], d["mask"], old_logprobs=d["old"],
-                                      importance_sampling_ratio=r, **cfg)
+    l2, m2 = gspo_kernels.policy_loss(
+        d["logits"], d["tokens"], d["adv"], d["mask"], old_logprobs=d["old"], importance_sampling_ratio=r, **cfg
+    )
     assert torch.equal(l1, l2)
-    valid_r = r[d["mask"]].float()   # metrics come in the log-probs' dtype
+    valid_r = r[d["mask"]].float()  # metrics come in the log-probs' dtype
     assert float(m1["sampling/importance_sampling_ratio/min"]) == float(valid_r.min())
     assert float(m1["sampling/importance_sampling_ratio/max"]) == float(valid_r.max())
     torch.testing.assert_close(m1["sampling/importance_sampling_ratio/mean"], valid_r.mean())
@@ -164,9 +201,16 @@ def test_precomputed_importance_sampling_ratio_equals_mode():
 def test_vespo_refuses_sequence_correction():
     d = _batch(torch.float32, seed=12)
     with pytest.raises(ValueError, match="loss_type='vespo' needs a token-level vllm_importance_sampling_mode"):
-        gspo_kernels.policy_loss(d["logits"], d["tokens"], d["adv"], d["mask"], old_logprobs=d["old"],
-                                 sampling_logprobs=d["sampling"], loss_type="vespo",
-                                 vllm_importance_sampling_mode="sequence_mask")
+        gspo_kernels.policy_loss(
+            d["logits"],
+            d["tokens"],
+            d["adv"],
+            d["mask"],
+            old_logprobs=d["old"],
+            sampling_logprobs=d["sampling"],
+            loss_type="vespo",
+            vllm_importance_sampling_mode="sequence_mask",
+        )
 
 
 def test_without_old_logprobs_the_denominator_is_the_detached_policy():

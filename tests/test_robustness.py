@@ -2,20 +2,30 @@
 shapes only, clear errors, extreme values, overflowing ratios, overlapping
 in-place gradients, the losses under torch.compile, the ratio's denominator.
 Each class of failure has a test here that would have caught it."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gspo_kernels import (GRPOLoss, GSPOLoss, _torch_path, grpo_loss, gspo_loss, linear_token_logprobs, logprobs,
-                          sequence_logprobs, token_logprobs)
+from gspo_kernels import (
+    GRPOLoss,
+    GSPOLoss,
+    _ops,
+    _torch_path,
+    grpo_loss,
+    gspo_loss,
+    linear_token_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
 from reference import gspo_loss_reference, naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs
 from tests.test_logprobs import DEVICE, TOLERANCE, _close
 
 
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return "cpu" if request.param == "torch" else DEVICE
 
 
@@ -28,22 +38,35 @@ def _batch(B=2, G=3, T=5, V=13, dtype=torch.float32, device=DEVICE, seed=0):
     mask[1, 2] = False  # an empty sequence
     rewards = torch.randint(0, 3, (B, G), generator=g).float().to(device)
     old = (-torch.rand(B, G, T, generator=g) * 3).to(device)
-    ref = (old - 0.1 * torch.rand(B, G, T, generator=g).to(device))
+    ref = old - 0.1 * torch.rand(B, G, T, generator=g).to(device)
     return dict(logits=logits, tokens=tokens, mask=mask.to(device), rewards=rewards, old=old, ref=ref)
 
 
 LOSSES = [
-    ("gspo", dict()), ("gspo_token", dict(level="sequence_token")),
-    ("grpo", dict(loss_agg="seq-mean-token-mean")), ("grpo_tok", dict(loss_agg="token-mean")),
-    ("grpo_sum", dict(loss_agg="seq-mean-token-sum")), ("grpo_dr", dict(loss_agg="dr_grpo")),
+    ("gspo", dict()),
+    ("gspo_token", dict(level="sequence_token")),
+    ("grpo", dict(loss_agg="seq-mean-token-mean")),
+    ("grpo_tok", dict(loss_agg="token-mean")),
+    ("grpo_sum", dict(loss_agg="seq-mean-token-sum")),
+    ("grpo_dr", dict(loss_agg="dr_grpo")),
 ]
 
 
 def _loss(name, kw, x, d, **extra):
     fn = gspo_loss if name.startswith("gspo") else grpo_loss
     adv = "group_norm"
-    return fn(x, d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-              advantage=extra.pop("advantage", adv), beta=0.04, **kw, **extra)
+    return fn(
+        x,
+        d["tokens"],
+        d["rewards"],
+        d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        advantage=extra.pop("advantage", adv),
+        beta=0.04,
+        **kw,
+        **extra,
+    )
 
 
 # ---------------------------------------------------------------- 1. masked positions are inert
@@ -54,9 +77,12 @@ def test_poisoned_masked_logits_never_reach_value_or_gradient(backend, poison, m
     d = _batch(device=backend)
     clean = d["logits"].clone()
     d["logits"][~d["mask"]] = poison
-    for fn in (lambda x: sequence_logprobs(x, d["tokens"], d["mask"]).sum(),
-               lambda x: torch.where(d["mask"], token_logprobs(x, d["tokens"], valid=d["mask"],
-                                                               return_entropy=True)[1], 0).sum()):
+    for fn in (
+        lambda x: sequence_logprobs(x, d["tokens"], d["mask"]).sum(),
+        lambda x: torch.where(
+            d["mask"], token_logprobs(x, d["tokens"], valid=d["mask"], return_entropy=True)[1], 0
+        ).sum(),
+    ):
         x = d["logits"].clone().requires_grad_(True)
         xc = clean.clone().requires_grad_(True)
         out, out_c = fn(x), fn(xc)
@@ -99,7 +125,7 @@ def test_non_finite_at_valid_positions_is_refused(what):
     else:
         kw[what] = kw[what].clone()
         kw[what][0, 0, 0] = float("nan")
-    name = "advantages" if what == "advantage" else what   # the loss core's argument name
+    name = "advantages" if what == "advantage" else what  # the loss core's argument name
     with pytest.raises(ValueError, match=f"{name} must be finite"):
         gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], **kw)
 
@@ -151,8 +177,15 @@ def test_flat_form_only_with_flat_logits_and_group_size():
     B, G, T, V = d["logits"].shape
     flat = lambda t: t.reshape(B * G, *t.shape[2:])  # noqa: E731
     l4, _ = gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], old_logprobs=d["old"], beta=0.0)
-    l3, _ = gspo_loss(flat(d["logits"]), flat(d["tokens"]), d["rewards"].reshape(-1), flat(d["mask"]),
-                      old_logprobs=flat(d["old"]), group_size=G, beta=0.0)
+    l3, _ = gspo_loss(
+        flat(d["logits"]),
+        flat(d["tokens"]),
+        d["rewards"].reshape(-1),
+        flat(d["mask"]),
+        old_logprobs=flat(d["old"]),
+        group_size=G,
+        beta=0.0,
+    )
     assert torch.equal(l3, l4)
     with pytest.raises(ValueError, match=r"group_size=2 does not match G = 3"):
         gspo_loss(d["logits"], d["tokens"], d["rewards"], d["mask"], group_size=2, beta=0.0)
@@ -171,9 +204,12 @@ def test_one_rule_for_token_dtypes(backend, dtype):
     x = torch.randn(2, 3, 5, device=backend)
     y = torch.zeros(2, 3, dtype=dtype, device=backend)
     msg = rf"tokens must be an int32 or int64 tensor, got {dtype}"
-    for call in (lambda: token_logprobs(x, y), lambda: sequence_logprobs(x, y),
-                 lambda: linear_token_logprobs(torch.randn(2, 3, 4), torch.randn(5, 4), y),
-                 lambda: gspo_loss(x.unsqueeze(0), y.unsqueeze(0), torch.zeros(1, 2), beta=0.0)):
+    for call in (
+        lambda: token_logprobs(x, y),
+        lambda: sequence_logprobs(x, y),
+        lambda: linear_token_logprobs(torch.randn(2, 3, 4), torch.randn(5, 4), y),
+        lambda: gspo_loss(x.unsqueeze(0), y.unsqueeze(0), torch.zeros(1, 2), beta=0.0),
+    ):
         with pytest.raises(TypeError, match=msg):
             call()
     for ok in (torch.int32, torch.int64):
@@ -185,29 +221,47 @@ def test_errors_name_the_argument():
     x, y, r, m = d["logits"], d["tokens"], d["rewards"], d["mask"]
     cases = [
         (lambda: token_logprobs(x, y, valid=torch.ones(2, 3)), ValueError, r"valid must have shape \(2, 3, 5\)"),
-        (lambda: gspo_loss(x, y, r, m, ref_logits=x[..., :4], beta=0.1, denominator="ref"), ValueError,
-         r"ref_logits must have the logits' shape"),
+        (
+            lambda: gspo_loss(x, y, r, m, ref_logits=x[..., :4], beta=0.1, denominator="ref"),
+            ValueError,
+            r"ref_logits must have the logits' shape",
+        ),
         (lambda: gspo_loss(x, y, r, m, ref_logits=x.long(), beta=0.1), TypeError, r"ref_logits must be float16"),
         (lambda: gspo_loss(x, y[..., :4], r, m, beta=0.0), ValueError, r"tokens must have shape \(2, 3, 5\)"),
         (lambda: token_logprobs(x.tolist(), y), TypeError, r"logits must be a torch.Tensor, got list"),
         (lambda: token_logprobs(x, y.tolist()), TypeError, r"tokens must be a torch.Tensor, got list"),
         (lambda: gspo_loss(x.tolist(), y, r, m, beta=0.0), TypeError, r"logits must be a torch.Tensor, got list"),
-        (lambda: linear_token_logprobs(torch.randn(2, 4), torch.randn(5, 4), y[0, :2], bias=torch.zeros(5).double()),
-         TypeError, r"bias must have hidden's dtype torch.float32, got torch.float64"),
-        (lambda: linear_token_logprobs(torch.randn(2, 4), torch.randn(0, 4), y[0, :2]), ValueError,
-         r"weight must have V >= 1 rows"),
-        (lambda: linear_token_logprobs(torch.randn(2, 0), torch.randn(5, 0), y[0, :2]), ValueError,
-         r"hidden must have H >= 1"),
-        (lambda: token_logprobs(x, y, temperature=torch.ones((), device="meta")), ValueError,
-         r"temperature must be a number or a tensor holding a value"),
+        (
+            lambda: linear_token_logprobs(torch.randn(2, 4), torch.randn(5, 4), y[0, :2], bias=torch.zeros(5).double()),
+            TypeError,
+            r"bias must have hidden's dtype torch.float32, got torch.float64",
+        ),
+        (
+            lambda: linear_token_logprobs(torch.randn(2, 4), torch.randn(0, 4), y[0, :2]),
+            ValueError,
+            r"weight must have V >= 1 rows",
+        ),
+        (
+            lambda: linear_token_logprobs(torch.randn(2, 0), torch.randn(5, 0), y[0, :2]),
+            ValueError,
+            r"hidden must have H >= 1",
+        ),
+        (
+            lambda: token_logprobs(x, y, temperature=torch.ones((), device="meta")),
+            ValueError,
+            r"temperature must be a number or a tensor holding a value",
+        ),
         (lambda: gspo_loss(x, y, r.to("meta"), m, beta=0.0), ValueError, r"rewards is on meta"),
         (lambda: GSPOLoss(advantage="bad"), ValueError, r"advantage must be one of"),
         (lambda: GSPOLoss(level="bad"), ValueError, r"level must be one of"),
         (lambda: GRPOLoss(loss_agg="bad"), ValueError, r"loss_agg must be one of"),
         (lambda: GSPOLoss(temperature=0), ValueError, r"temperature must be finite and > 0"),
         (lambda: GRPOLoss(entropy_coef=float("nan")), ValueError, r"entropy_coef must be a finite float"),
-        (lambda: gspo_loss(x, y, r, m, advantage=torch.full((2, 3), float("nan"), device=x.device), beta=0.0), ValueError,
-         r"advantages must be finite at valid"),
+        (
+            lambda: gspo_loss(x, y, r, m, advantage=torch.full((2, 3), float("nan"), device=x.device), beta=0.0),
+            ValueError,
+            r"advantages must be finite at valid",
+        ),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -341,12 +395,14 @@ def test_denominator_is_explicit():
     _, m_det = gspo_loss(x, y, r, m, ref_logprobs=d["ref"], denominator="detached", advantage="group_norm")
     assert torch.equal(m_det["ratio"], torch.ones_like(m_det["ratio"]))  # on-policy: ratio 1
     loss_ref, m_ref = gspo_loss(x, y, r, m, ref_logprobs=d["ref"], denominator="ref", advantage="group_norm")
-    expect, _ = gspo_loss_reference(x.double(), y, r, m, ref_logprobs=d["ref"], denominator="ref",
-                                    advantage="group_norm")
+    expect, _ = gspo_loss_reference(
+        x.double(), y, r, m, ref_logprobs=d["ref"], denominator="ref", advantage="group_norm"
+    )
     _close(loss_ref, expect, TOLERANCE[torch.float32]["value"], "loss")
     assert not torch.equal(m_ref["ratio"], m_det["ratio"])
     # old given: "old" by default, whatever the reference
     l_old, _ = gspo_loss(x, y, r, m, ref_logprobs=d["ref"], old_logprobs=d["old"], advantage="group_norm")
-    l_old2, _ = gspo_loss(x, y, r, m, ref_logprobs=d["ref"], old_logprobs=d["old"], advantage="group_norm",
-                          denominator="old")
+    l_old2, _ = gspo_loss(
+        x, y, r, m, ref_logprobs=d["ref"], old_logprobs=d["old"], advantage="group_norm", denominator="old"
+    )
     assert torch.equal(l_old, l_old2)

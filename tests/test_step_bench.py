@@ -11,6 +11,7 @@ imported (Liger-Kernel) are skipped with the reason printed; the core ones
 (naive, compile and this package's) must run. The Triton kernels run in the
 interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
 """
+
 from __future__ import annotations
 
 import csv
@@ -82,8 +83,23 @@ def test_main_writes_csv_and_plot(tmp_path, capsys):
     """``python -m benchmarks.step --device cpu --tiny`` end to end (two providers, one step each)."""
     out = tmp_path / "step.csv"
     liger = "liger_hidden" in step.providers("cpu", EPS, EPS_HIGH)[0]
-    step.main(["--device", "cpu", "--tiny", "--providers", "naive,gspo_logits,liger_hidden", "--cases",
-               "8:off,8:on", "--warmup", "1", "--reps", "1", "--out", str(out)])
+    step.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--providers",
+            "naive,gspo_logits,liger_hidden",
+            "--cases",
+            "8:off,8:on",
+            "--warmup",
+            "1",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = list(csv.DictReader(open(out)))
     assert {r["provider"] for r in rows} == {"naive", "gspo_logits"} | ({"liger_hidden"} if liger else set())
     assert {r["grad_ckpt"] for r in rows} == {"False", "True"}

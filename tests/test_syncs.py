@@ -7,18 +7,24 @@ reads a device value on the host (``_local_scalar_dense`` behind ``.item()``/``b
 ``int()``, ``is_nonzero``, ``nonzero``, ``equal``) and every copy to the CPU from
 another device. A forward and its backward are counted together.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rl_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gspo_kernels
-from conftest import rl_batch
-from gspo_kernels import logprobs
+from gspo_kernels import _ops
 
-SYNC_OPS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
-            "aten.equal.default", "aten.item.default"}
+SYNC_OPS = {
+    "aten._local_scalar_dense.default",
+    "aten.is_nonzero.default",
+    "aten.nonzero.default",
+    "aten.equal.default",
+    "aten.item.default",
+}
 
 
 class CountSyncs(TorchDispatchMode):
@@ -29,9 +35,14 @@ class CountSyncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
-        to_host = name in ("aten._to_copy.default", "aten.copy_.default") and any(
-            isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args) and (
-            kwargs.get("device") == torch.device("cpu") or (name == "aten.copy_.default" and args[0].device.type == "cpu"))
+        to_host = (
+            name in ("aten._to_copy.default", "aten.copy_.default")
+            and any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+            and (
+                kwargs.get("device") == torch.device("cpu")
+                or (name == "aten.copy_.default" and args[0].device.type == "cpu")
+            )
+        )
         if name in SYNC_OPS or to_host:
             self.syncs.append(name)
         return func(*args, **kwargs)
@@ -48,29 +59,58 @@ def _batch():
 
 CALLS = {
     "sequence_logprobs": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.sequence_logprobs(
-        x, y, lengths=L, check_inputs=ck).sum(),
+        x, y, lengths=L, check_inputs=ck
+    ).sum(),
     "token_logprobs": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.token_logprobs(
-        x, y, valid=m, return_entropy=True, check_inputs=ck)[0].sum(),
+        x, y, valid=m, return_entropy=True, check_inputs=ck
+    )[0].sum(),
     "gspo_loss": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.gspo_loss(
-        x, y, r, lengths=L, old_logprobs=o, ref_logprobs=ref, beta=0.04, entropy_coef=0.01, check_inputs=ck)[0],
+        x, y, r, lengths=L, old_logprobs=o, ref_logprobs=ref, beta=0.04, entropy_coef=0.01, check_inputs=ck
+    )[0],
     "grpo_loss": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.grpo_loss(
-        x, y, r, m, old_logprobs=o, ref_logprobs=ref, beta=0.04, loss_agg="token-mean", check_inputs=ck)[0],
+        x, y, r, m, old_logprobs=o, ref_logprobs=ref, beta=0.04, loss_agg="token-mean", check_inputs=ck
+    )[0],
     "policy_loss": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.policy_loss(
-        x, y, "group_norm", m.float(), rewards=r, old_logprobs=o, ref_logprobs=ref, beta=0.04,
-        sampling_logprobs=o, off_policy_mask_threshold=0.1, top_entropy_quantile=0.5, entropy_coef=0.02,
-        vllm_importance_sampling_mode="sequence_mask", loss_type="dapo", check_inputs=ck)[0],
+        x,
+        y,
+        "group_norm",
+        m.float(),
+        rewards=r,
+        old_logprobs=o,
+        ref_logprobs=ref,
+        beta=0.04,
+        sampling_logprobs=o,
+        off_policy_mask_threshold=0.1,
+        top_entropy_quantile=0.5,
+        entropy_coef=0.02,
+        vllm_importance_sampling_mode="sequence_mask",
+        loss_type="dapo",
+        check_inputs=ck,
+    )[0],
     # the hidden-state path (fused kernels on the Triton backend, chunks on the torch one)
     "policy_loss/hidden": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.policy_loss(
-        hidden=HID, weight=W, tokens=y, advantages="group_norm", mask=m, rewards=r, old_logprobs=o,
-        check_inputs=ck)[0],
+        hidden=HID, weight=W, tokens=y, advantages="group_norm", mask=m, rewards=r, old_logprobs=o, check_inputs=ck
+    )[0],
     "linear_sequence_logprobs": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.linear_sequence_logprobs(
-        HID, W, y, lengths=L, check_inputs=ck).sum(),
+        HID, W, y, lengths=L, check_inputs=ck
+    ).sum(),
     # packed sequences, max_seqlen given (else T_max itself is one read before the kernels)
     "sequence_logprobs/packed": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.sequence_logprobs(
-        x.reshape(-1, V), y.reshape(-1), m.reshape(-1), cu_seqlens=CU, max_seqlen=T, check_inputs=ck).sum(),
+        x.reshape(-1, V), y.reshape(-1), m.reshape(-1), cu_seqlens=CU, max_seqlen=T, check_inputs=ck
+    ).sum(),
     "gspo_loss/packed": lambda x, y, m, L, r, o, ref, ck: gspo_kernels.gspo_loss(
-        x.reshape(-1, V), y.reshape(-1), r.reshape(-1), m.reshape(-1), group_size=G, cu_seqlens=CU, max_seqlen=T,
-        old_logprobs=o.reshape(-1), ref_logprobs=ref.reshape(-1), beta=0.04, check_inputs=ck)[0],
+        x.reshape(-1, V),
+        y.reshape(-1),
+        r.reshape(-1),
+        m.reshape(-1),
+        group_size=G,
+        cu_seqlens=CU,
+        max_seqlen=T,
+        old_logprobs=o.reshape(-1),
+        ref_logprobs=ref.reshape(-1),
+        beta=0.04,
+        check_inputs=ck,
+    )[0],
 }
 HID = torch.randn(B, G, T, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
 W = torch.randn(V, 16, generator=torch.Generator().manual_seed(2)) / 4
@@ -79,9 +119,9 @@ CU = torch.arange(B * G + 1) * T
 
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
-    if request.param == "triton" and logprobs.CPU_BACKEND != "triton":
+    if request.param == "triton" and _ops.CPU_BACKEND != "triton":
         pytest.skip("Triton interpreter not active (TRITON_INTERPRET unset at import)")  # set by conftest
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", request.param)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", request.param)
     return request.param
 
 

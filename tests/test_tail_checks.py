@@ -1,4 +1,4 @@
-"""The loss's value checks inside the fused tail's forward kernel (losses/_tail_checks.py).
+"""The loss's value checks inside the fused tail's forward kernel (losses/tail/checks.py).
 
 - Each check, on a bad value at a valid position: the fused path raises the same error as
   the torch composition, naming the argument, and the check was computed by the kernel
@@ -11,20 +11,24 @@
   computed it; a reference head over another vocabulary checks the ids again.
 The launch counts (checks add no kernel) are asserted in tests/test_tail.py.
 """
+
 from __future__ import annotations
 
 import contextlib
 
 import pytest
 import torch
+from conftest import TOLERANCE, torch_composition
 
 import gspo_kernels
-from conftest import TOLERANCE, torch_composition
-from gspo_kernels import logprobs
-from gspo_kernels.losses import _tail_checks, _tail_fn
+from gspo_kernels import _ops
+from gspo_kernels.losses.tail import autograd as tail_autograd
+from gspo_kernels.losses.tail import checks as tail_checks
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and logprobs.CPU_BACKEND != "triton",
-                                reason="the fused tail runs on the Triton path (interpreter unset)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and _ops.CPU_BACKEND != "triton",
+    reason="the fused tail runs on the Triton path (interpreter unset)",
+)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Two groups of three; sequence 1 is empty (length 0), sequence 5 one token long.
 B, G, T, V = 2, 3, 8, 33
@@ -35,26 +39,32 @@ LENGTHS = [[8, 0, 3], [5, 8, 1]]
 def kernel_checks():
     """Record the CHECK bits the fused forward kernel was launched with."""
     seen = []
-    saved = _tail_fn._take_checks
+    saved = tail_autograd._take_checks
 
     def spy(*args):
         check, bits = saved(*args)
         seen.append(check)
         return check, bits
-    _tail_fn._take_checks = spy
+
+    tail_autograd._take_checks = spy
     try:
         yield seen
     finally:
-        _tail_fn._take_checks = saved
+        tail_autograd._take_checks = saved
 
 
 def _batch():
     g = torch.Generator().manual_seed(3)
     lengths = torch.tensor(LENGTHS)
     mask = torch.arange(T) < lengths.unsqueeze(-1)
-    b = dict(x=torch.randn(B, G, T, V, generator=g), y=torch.randint(0, V, (B, G, T), generator=g),
-             lengths=lengths, mask=mask, rewards=torch.randn(B, G, generator=g),
-             old=-torch.rand(B, G, T, generator=g) * 3)
+    b = dict(
+        x=torch.randn(B, G, T, V, generator=g),
+        y=torch.randint(0, V, (B, G, T), generator=g),
+        lengths=lengths,
+        mask=mask,
+        rewards=torch.randn(B, G, generator=g),
+        old=-torch.rand(B, G, T, generator=g) * 3,
+    )
     b["ref"] = b["old"] + 0.1 * torch.randn(B, G, T, generator=g)
     b["isr_tok"] = 0.8 + 0.4 * torch.rand(B, G, T, generator=g)
     b["isr_seq"] = 0.8 + 0.4 * torch.rand(B, G, generator=g)
@@ -77,8 +87,13 @@ def _call(b, **over):
         mask = over.pop("mask", b["mask"].float())
     kw.update(over)
     x = b["x"].clone().requires_grad_(True)
-    loss, metrics = gspo_kernels.policy_loss(x, over.pop("tokens", b["y"]) if "tokens" in over else b["y"], adv,
-                                             mask, **{k: v for k, v in kw.items() if k != "tokens"})
+    loss, metrics = gspo_kernels.policy_loss(
+        x,
+        over.pop("tokens", b["y"]) if "tokens" in over else b["y"],
+        adv,
+        mask,
+        **{k: v for k, v in kw.items() if k != "tokens"},
+    )
     (grad,) = torch.autograd.grad(loss, x)
     return loss, metrics, grad
 
@@ -89,10 +104,10 @@ def _set(t, where, value):
     return t
 
 
-VALID = (0, 2, 1)    # a valid token (sequence 2 has 3)
-MASKED = (0, 2, 5)   # a masked token of the same sequence
-EMPTY = (0, 1)       # the empty sequence
-FULL = (1, 1)        # a sequence of 8 valid tokens
+VALID = (0, 2, 1)  # a valid token (sequence 2 has 3)
+MASKED = (0, 2, 5)  # a masked token of the same sequence
+EMPTY = (0, 1)  # the empty sequence
+FULL = (1, 1)  # a sequence of 8 valid tokens
 
 # kind -> (keyword arguments of _call from the batch, the message the error names)
 BAD = {
@@ -100,10 +115,14 @@ BAD = {
     "binary_mask": (lambda b: dict(mask=_set(b["mask"].float(), MASKED, 0.5)), "mask must hold only 0 and 1"),
     "old": (lambda b: dict(old_logprobs=_set(b["old"], VALID, float("nan"))), "old_logprobs must be finite"),
     "ref": (lambda b: dict(ref_logprobs=_set(b["ref"], VALID, float("inf"))), "ref_logprobs must be finite"),
-    "isr": (lambda b: dict(importance_sampling_ratio=_set(b["isr_tok"], VALID, float("nan"))),
-            "importance_sampling_ratio must be finite"),
-    "isr_seq": (lambda b: dict(importance_sampling_ratio=_set(b["isr_seq"], FULL, float("inf"))),
-                "importance_sampling_ratio must be finite"),
+    "isr": (
+        lambda b: dict(importance_sampling_ratio=_set(b["isr_tok"], VALID, float("nan"))),
+        "importance_sampling_ratio must be finite",
+    ),
+    "isr_seq": (
+        lambda b: dict(importance_sampling_ratio=_set(b["isr_seq"], FULL, float("inf"))),
+        "importance_sampling_ratio must be finite",
+    ),
     "adv": (lambda b: dict(advantages=_set(b["adv_tok"], VALID, float("-inf"))), "advantages must be finite"),
     "adv_seq": (lambda b: dict(advantages=_set(b["adv_seq"], FULL, float("nan"))), "advantages must be finite"),
     "rewards": (lambda b: dict(rewards=_set(b["rewards"], EMPTY, float("nan"))), "rewards must be finite"),
@@ -118,7 +137,7 @@ def test_bad_value_raises_from_the_kernel(kind):
     make, message = BAD[kind]
     with kernel_checks() as seen, pytest.raises(ValueError, match=message):
         _call(b, **make(b))
-    bit = _tail_checks.BITS[kind.split("_seq")[0].replace("_negative", "")]
+    bit = tail_checks.BITS[kind.split("_seq")[0].replace("_negative", "")]
     assert seen and seen[0] & bit, (kind, seen)
     with torch_composition(), pytest.raises(ValueError, match=message):
         _call(b, **make(b))
@@ -161,10 +180,13 @@ def test_values_that_do_not_count_pass(kind):
 
 
 def test_first_failure_in_order_is_raised():
-    """lengths before old before ids: the kinds' order (_tail_checks.KINDS)."""
+    """lengths before old before ids: the kinds' order (tail/checks.py KINDS)."""
     b = _batch()
-    kw = dict(lengths=_set(b["lengths"], (1, 0), -1), old_logprobs=_set(b["old"], VALID, float("nan")),
-              tokens=_set(b["y"], VALID, V))
+    kw = dict(
+        lengths=_set(b["lengths"], (1, 0), -1),
+        old_logprobs=_set(b["old"], VALID, float("nan")),
+        tokens=_set(b["y"], VALID, V),
+    )
     for ctx in (contextlib.nullcontext(), torch_composition()):
         with ctx, pytest.raises(ValueError, match="lengths must lie"):
             _call(b, **kw)
@@ -189,9 +211,16 @@ def _hidden_call(b, ref_vocab, **over):
     ref_weight = (torch.randn(ref_vocab, 12, generator=g) / 3).to(DEVICE)
     kw = dict(old_logprobs=b["old"], beta=0.04, rewards=b["rewards"])
     kw.update(over)
-    return gspo_kernels.policy_loss(hidden=hidden, weight=weight, tokens=kw.pop("tokens", b["y"]),
-                                    advantages="group_norm", mask=b["mask"], ref_hidden=hidden,
-                                    ref_weight=ref_weight, **kw)
+    return gspo_kernels.policy_loss(
+        hidden=hidden,
+        weight=weight,
+        tokens=kw.pop("tokens", b["y"]),
+        advantages="group_norm",
+        mask=b["mask"],
+        ref_hidden=hidden,
+        ref_weight=ref_weight,
+        **kw,
+    )
 
 
 def test_reference_head_of_another_vocabulary_checks_the_ids_again():
@@ -219,7 +248,7 @@ def test_queue_order_across_kernel_and_torch_checks():
 def test_value_checks_merge_kernel_and_torch_flags(own_fails, per_sequence):
     """ValueChecks itself: checks evaluated with torch ops and checks a kernel took (a 0-d flag,
     or per-sequence flags ORed) raise the first failure in queue order, or nothing."""
-    from gspo_kernels._validate import ValueChecks
+    from gspo_kernels._checks import ValueChecks
 
     for kernel_fails in (False, True):
         c = ValueChecks()
@@ -243,8 +272,11 @@ def test_sequence_logprobs_edges_of_the_in_kernel_checks():
     """T = 0 still checks lengths; an empty sequence's gradient is 0 whatever its upstream
     gradient (inf, NaN), and a masked token's too."""
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\] = \[0, 0\]"):
-        gspo_kernels.sequence_logprobs(torch.randn(2, 0, 5, device=DEVICE), torch.zeros(2, 0, dtype=torch.long,
-                                       device=DEVICE), lengths=torch.tensor([3, 0], device=DEVICE))
+        gspo_kernels.sequence_logprobs(
+            torch.randn(2, 0, 5, device=DEVICE),
+            torch.zeros(2, 0, dtype=torch.long, device=DEVICE),
+            lengths=torch.tensor([3, 0], device=DEVICE),
+        )
     x = torch.randn(3, 4, 5, device=DEVICE, requires_grad=True)
     y = torch.randint(0, 5, (3, 4), device=DEVICE)
     out = gspo_kernels.sequence_logprobs(x, y, lengths=torch.tensor([3, 0, 4], device=DEVICE))

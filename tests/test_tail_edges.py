@@ -1,5 +1,5 @@
 """Edges of the loss tail that one-line changes of it would otherwise pass, each on the fused
-tail (losses/_tail.py, Triton path in the interpreter) and on the torch composition
+tail (losses/tail/, Triton path in the interpreter) and on the torch composition
 (losses/core.py):
 
 - the contrast advantage's tie at the group mean (a reward equal to its group's mean counts
@@ -9,6 +9,7 @@ tail (losses/_tail.py, Triton path in the interpreter) and on the torch composit
 - ``dr_grpo``'s divisor ``N * max_completion_length`` (not ``N * T``) against TRL itself;
 - the ``ratio`` metric's shape at T = 1: ``(B, G, T)`` at token level, ``(B, G)`` at sequence level.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ import torch
 from conftest import TOLERANCE, torch_composition
 
 import gspo_kernels
-from gspo_kernels import logprobs
-from gspo_kernels.losses import _tail_fn
+from gspo_kernels import _ops
+from gspo_kernels.losses.tail import autograd as tail_autograd
 from reference import gspo_loss_reference, naive_token_entropy, naive_token_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,11 +30,11 @@ TAU = 0.9
 @contextlib.contextmanager
 def fused_tail(monkeypatch):
     """The fused tail, and a check that it did run."""
-    if DEVICE == "cpu" and logprobs.CPU_BACKEND != "triton":
+    if DEVICE == "cpu" and _ops.CPU_BACKEND != "triton":
         pytest.skip("the fused tail runs on the Triton path (interpreter unset)")
     calls = []
-    real = _tail_fn.fused_compose
-    monkeypatch.setattr(_tail_fn, "fused_compose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tail_autograd.fused_compose
+    monkeypatch.setattr(tail_autograd, "fused_compose", lambda *a, **k: calls.append(1) or real(*a, **k))
     yield
     assert calls, "the fused tail did not run"
 
@@ -49,8 +50,11 @@ def _batch(B, G, T, V, seed):
     x = torch.randn(B, G, T, V, generator=g, dtype=torch.float64)
     y = torch.randint(0, V, (B, G, T), generator=g)
     lp = naive_token_logprobs(x, y, TAU, torch.float64)
-    old = lp + 0.3 * torch.randn(B, G, 1, generator=g, dtype=torch.float64) \
+    old = (
+        lp
+        + 0.3 * torch.randn(B, G, 1, generator=g, dtype=torch.float64)
         + 0.2 * torch.randn(B, G, T, generator=g, dtype=torch.float64)
+    )
     samp = old + 0.4 * torch.randn(B, G, T, generator=g, dtype=torch.float64)
     return {k: v.to(DEVICE) for k, v in dict(x=x, y=y, old=old, samp=samp).items()}
 
@@ -95,16 +99,30 @@ def test_sequence_correction_at_t1_is_per_sequence_as_trl(tail, mode, lo, hi):
     sequence's ratio (an empty one's is exp(0) = 1, then clipped), not only the valid tokens'."""
     trl_oracle = pytest.importorskip("reference.trl_oracle")
     d = _flat_t1(seed=2)
-    cfg = dict(loss_type="grpo", epsilon=0.2, vllm_importance_sampling_mode=mode,
-               vllm_importance_sampling_clip_min=lo, vllm_importance_sampling_clip_max=hi)
+    cfg = dict(
+        loss_type="grpo",
+        epsilon=0.2,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=lo,
+        vllm_importance_sampling_clip_max=hi,
+    )
     r = trl_oracle.trl_importance_sampling_ratio(d["old"], d["samp"], d["mask"].long(), mode, lo, hi)
     assert r.shape == (6, 1)
     x_ref = d["x"].clone().requires_grad_(True)
     lp = torch.where(d["mask"], naive_token_logprobs(x_ref, d["y"], TAU, torch.float64), 0)
     ent = torch.where(d["mask"], naive_token_entropy(x_ref, TAU, torch.float64), 0)
-    want_loss, _ = trl_oracle.trl_compute_loss(lp, ent, d["mask"].long(), d["adv"], old_per_token_logps=d["old"],
-                                               importance_sampling_ratio=r, temperature=TAU, loss_type="grpo",
-                                               epsilon=0.2, max_completion_length=1)
+    want_loss, _ = trl_oracle.trl_compute_loss(
+        lp,
+        ent,
+        d["mask"].long(),
+        d["adv"],
+        old_per_token_logps=d["old"],
+        importance_sampling_ratio=r,
+        temperature=TAU,
+        loss_type="grpo",
+        epsilon=0.2,
+        max_completion_length=1,
+    )
     (want_grad,) = torch.autograd.grad(want_loss, x_ref)
     flat = r.flatten()  # TRL's metrics: every sequence's ratio
     want = {"min": flat.min(), "mean": flat.mean(), "max": flat.max()}
@@ -112,15 +130,17 @@ def test_sequence_correction_at_t1_is_per_sequence_as_trl(tail, mode, lo, hi):
     assert not torch.equal(valid.mean(), flat.mean())  # the empty sequences change the metric
     x = d["x"].clone().requires_grad_(True)
     with tail():
-        loss, metrics = gspo_kernels.policy_loss(x, d["y"], d["adv"], d["mask"], old_logprobs=d["old"],
-                                                 sampling_logprobs=d["samp"], temperature=TAU, **cfg)
+        loss, metrics = gspo_kernels.policy_loss(
+            x, d["y"], d["adv"], d["mask"], old_logprobs=d["old"], sampling_logprobs=d["samp"], temperature=TAU, **cfg
+        )
     (grad,) = torch.autograd.grad(loss, x)
     tol = TOLERANCE[torch.float64]
     torch.testing.assert_close(loss, want_loss, **tol["value"])
     torch.testing.assert_close(grad, want_grad, **tol["grad"])
     for k, v in want.items():
-        torch.testing.assert_close(metrics[f"sampling/importance_sampling_ratio/{k}"], v, **tol["value"],
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(
+            metrics[f"sampling/importance_sampling_ratio/{k}"], v, **tol["value"], msg=lambda m, k=k: f"{k}: {m}"
+        )
 
 
 @pytest.mark.parametrize("level", ["token", "sequence_token", "sequence"])
@@ -130,8 +150,15 @@ def test_ratio_metric_shape_at_t1(tail, level):
     d = _batch(2, 3, 1, 11, seed=3)
     rewards = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.9, 0.4]], dtype=torch.float64, device=DEVICE)
     with tail():
-        _, metrics = gspo_kernels.policy_loss(d["x"], d["y"], "group_norm", rewards=rewards, old_logprobs=d["old"],
-                                              loss_type="grpo", importance_sampling_level=level)
+        _, metrics = gspo_kernels.policy_loss(
+            d["x"],
+            d["y"],
+            "group_norm",
+            rewards=rewards,
+            old_logprobs=d["old"],
+            loss_type="grpo",
+            importance_sampling_level=level,
+        )
     want = (2, 3) if level == "sequence" else (2, 3, 1)
     assert metrics["ratio"].shape == want and metrics["advantage"].shape == (2, 3)
     with tail():
@@ -153,13 +180,22 @@ def test_dr_grpo_divides_by_max_completion_length_as_trl(tail):
     x_ref = d["x"].clone().requires_grad_(True)
     lp = torch.where(mask, naive_token_logprobs(x_ref, d["y"], TAU, torch.float64), 0)
     ent = torch.where(mask, naive_token_entropy(x_ref, TAU, torch.float64), 0)
-    want_loss, _ = trl_oracle.trl_compute_loss(lp, ent, mask.long(), adv, old_per_token_logps=d["old"],
-                                               temperature=TAU, loss_type="dr_grpo", max_completion_length=mcl)
+    want_loss, _ = trl_oracle.trl_compute_loss(
+        lp,
+        ent,
+        mask.long(),
+        adv,
+        old_per_token_logps=d["old"],
+        temperature=TAU,
+        loss_type="dr_grpo",
+        max_completion_length=mcl,
+    )
     (want_grad,) = torch.autograd.grad(want_loss, x_ref)
     x = d["x"].clone().requires_grad_(True)
     with tail():
-        loss, metrics = gspo_kernels.policy_loss(x, d["y"], adv, mask, old_logprobs=d["old"], temperature=TAU,
-                                                 loss_type="dr_grpo", max_completion_length=mcl)
+        loss, metrics = gspo_kernels.policy_loss(
+            x, d["y"], adv, mask, old_logprobs=d["old"], temperature=TAU, loss_type="dr_grpo", max_completion_length=mcl
+        )
     (grad,) = torch.autograd.grad(loss, x)
     tol = TOLERANCE[torch.float64]
     torch.testing.assert_close(loss, want_loss, **tol["value"])

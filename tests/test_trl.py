@@ -5,6 +5,7 @@ entropy metric, with TRL's advantages, old/reference log-probs and aggregation.
 The model is a tiny Llama built from a config with a word-level tokenizer built
 in code (nothing downloaded), saved to a temporary directory because TRL builds
 its reference model from a path. The fused op runs in the Triton interpreter."""
+
 import pytest
 import torch
 
@@ -23,8 +24,11 @@ from gspo_kernels.integrations.trl import FusedGRPOTrainer  # noqa: E402
 # per rounding); compared with the fp32 run, errors are relative to the largest
 # gradient entry of each parameter.
 TOLERANCE = {
-    "fp32": {"loss": dict(rtol=1e-5, atol=1e-6), "grad": dict(rtol=1e-4, atol=1e-6),
-             "metric": dict(rtol=1e-5, atol=1e-6)},
+    "fp32": {
+        "loss": dict(rtol=1e-5, atol=1e-6),
+        "grad": dict(rtol=1e-4, atol=1e-6),
+        "metric": dict(rtol=1e-5, atol=1e-6),
+    },
     "bf16": {"loss": dict(rtol=1e-2, atol=1e-3), "grad_rel_to_max": 2e-2},
 }
 
@@ -38,9 +42,18 @@ def model_dir(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -51,9 +64,19 @@ def _reward(completions, **kwargs):
 
 
 def _trainer(cls, model_dir, tmp_path, bf16=False, fused=None, **config):
-    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                      num_generations=4, max_completion_length=6, temperature=0.7, save_strategy="no",
-                      logging_steps=1, bf16=bf16, **config)
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        temperature=0.7,
+        save_strategy="no",
+        logging_steps=1,
+        bf16=bf16,
+        **config,
+    )
     ds = Dataset.from_dict({"prompt": ["a b c", "1 + 2", "x y", "d e f g"]})
     trainer = cls(model=model_dir, reward_funcs=_reward, args=args, train_dataset=ds, **(fused or {}))
     trainer.current_gradient_accumulation_steps = 1
@@ -75,13 +98,22 @@ def _inputs(trainer, seed):
     lengths = torch.tensor([6, 3, 0, 5])
     completion_mask = (torch.arange(T) < lengths[:, None]).long()
     completion_ids[completion_mask == 0] = 0
-    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                  completion_mask=completion_mask, advantages=torch.tensor([1.2, -0.7, 0.3, -0.8]),
-                  num_items_in_batch=completion_mask.sum().float())
+    inputs = dict(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=torch.tensor([1.2, -0.7, 0.3, -0.8]),
+        num_items_in_batch=completion_mask.sum().float(),
+    )
     with torch.no_grad():
         logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
-            trainer, trainer.model, torch.cat([prompt_ids, completion_ids], 1),
-            torch.cat([prompt_mask, completion_mask], 1), T)
+            trainer,
+            trainer.model,
+            torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([prompt_mask, completion_mask], 1),
+            T,
+        )
     inputs["old_per_token_logps"] = (logps + 0.3 * torch.randn(B, T, generator=g)) * completion_mask
     inputs["ref_per_token_logps"] = (logps + 0.2 * torch.randn(B, T, generator=g)) * completion_mask
     return inputs
@@ -105,14 +137,22 @@ def _step(trainer, inputs):
 # (level, loss_type, beta): GSPO as the GSPO paper sets it up ("sequence", "grpo"),
 # token-level GRPO with TRL's per-sequence, token-sum (dapo) and batch (bnpo) aggregations,
 # with and without the KL term.
-CASES = [("sequence", "grpo", 0.04), ("sequence", "grpo", 0.0), ("token", "grpo", 0.04),
-         ("token", "dapo", 0.0), ("token", "bnpo", 0.04)]
+CASES = [
+    ("sequence", "grpo", 0.04),
+    ("sequence", "grpo", 0.0),
+    ("token", "grpo", 0.04),
+    ("token", "dapo", 0.0),
+    ("token", "bnpo", 0.04),
+]
 
 
 # The drop-in's two log-prob sources: hidden states + LM head, chunked (the default for
 # this plain Llama head), and the model's own logits, with and without in-place backward.
-SOURCES = [dict(logprob_source="hidden"), dict(logprob_source="logits"),
-           dict(logprob_source="logits", inplace_backward=False)]
+SOURCES = [
+    dict(logprob_source="hidden"),
+    dict(logprob_source="logits"),
+    dict(logprob_source="logits", inplace_backward=False),
+]
 
 
 @pytest.mark.parametrize("fused", SOURCES, ids=["hidden", "logits_inplace", "logits"])
@@ -136,8 +176,7 @@ def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, level, loss_type, b
 def test_bf16_autocast_close_to_fp32(model_dir, tmp_path, source):
     """TRL's default on this machine is bf16 autocast: the drop-in then sees bf16 logits."""
     cfg = dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.04, epsilon=0.1)
-    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", bf16=True, fused=dict(logprob_source=source),
-                    **cfg)
+    ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", bf16=True, fused=dict(logprob_source=source), **cfg)
     theirs = _trainer(GRPOTrainer, model_dir, tmp_path / "theirs", **cfg)
     inputs = _inputs(theirs, seed=3)
     loss_ref, grads_ref, _ = _step(theirs, inputs)
@@ -178,8 +217,17 @@ def test_never_builds_a_log_softmax(model_dir, tmp_path, monkeypatch, source):
 
 def test_one_training_step_end_to_end(model_dir, tmp_path):
     """Generation, TRL's rewards and advantages, old/ref log-probs through the drop-in, an optimizer step."""
-    trainer = _trainer(FusedGRPOTrainer, model_dir, tmp_path, bf16=True, importance_sampling_level="sequence",
-                       loss_type="grpo", beta=0.04, max_steps=1, learning_rate=1e-2)
+    trainer = _trainer(
+        FusedGRPOTrainer,
+        model_dir,
+        tmp_path,
+        bf16=True,
+        importance_sampling_level="sequence",
+        loss_type="grpo",
+        beta=0.04,
+        max_steps=1,
+        learning_rate=1e-2,
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer._gspo_source == "hidden"  # "auto" picks the chunked hidden-state path for a plain head
@@ -191,8 +239,11 @@ def test_one_training_step_end_to_end(model_dir, tmp_path):
 
 # Entropy options: the bonus (its gradient flows through the fused op's entropy
 # output), the high-entropy token mask, adaptive entropy; both sources.
-ENTROPY_CASES = [dict(entropy_coef=0.05), dict(top_entropy_quantile=0.5),
-                 dict(entropy_coef=0.05, top_entropy_quantile=0.6)]
+ENTROPY_CASES = [
+    dict(entropy_coef=0.05),
+    dict(top_entropy_quantile=0.5),
+    dict(entropy_coef=0.05, top_entropy_quantile=0.6),
+]
 
 
 @pytest.mark.parametrize("source", ["hidden", "logits"])
@@ -208,8 +259,7 @@ def test_entropy_options_match_trl(model_dir, tmp_path, source, opts):
     _assert_same_step(loss, grads, loss_ref, grads_ref, tol)
     assert abs(ent - ent_ref) <= tol["metric"]["atol"] + tol["metric"]["rtol"] * abs(ent_ref)
     if "entropy_coef" in opts:  # the bonus really moved the gradient
-        plain = _trainer(GRPOTrainer, model_dir, tmp_path / "plain",
-                         **{**cfg, "entropy_coef": 0.0})
+        plain = _trainer(GRPOTrainer, model_dir, tmp_path / "plain", **{**cfg, "entropy_coef": 0.0})
         _, grads_plain, _ = _step(plain, inputs)
         assert (grads_plain["lm_head.weight"] - grads_ref["lm_head.weight"]).abs().max() > 1e-6
 
@@ -220,10 +270,16 @@ def test_unknown_source_and_transformed_head_are_refused(model_dir, tmp_path):
     trainer = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "a")
     trainer.model.config.final_logit_softcapping = 30.0  # a soft-capped head: logits are not hidden @ W.T
     with pytest.raises(ValueError, match="plain linear LM head"):
-        FusedGRPOTrainer(model=trainer.model, reward_funcs=_reward, args=trainer.args,
-                         train_dataset=trainer.train_dataset, logprob_source="hidden")
-    auto = FusedGRPOTrainer(model=trainer.model, reward_funcs=_reward, args=trainer.args,
-                            train_dataset=trainer.train_dataset)
+        FusedGRPOTrainer(
+            model=trainer.model,
+            reward_funcs=_reward,
+            args=trainer.args,
+            train_dataset=trainer.train_dataset,
+            logprob_source="hidden",
+        )
+    auto = FusedGRPOTrainer(
+        model=trainer.model, reward_funcs=_reward, args=trainer.args, train_dataset=trainer.train_dataset
+    )
     assert auto._gspo_source == "logits"
 
 
@@ -244,25 +300,34 @@ ALL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", ALL_LOSS_TYPES)
 def test_every_loss_type_through_policy_loss(model_dir, tmp_path, loss_type, level):
-    cfg = dict(importance_sampling_level=level, loss_type=loss_type, beta=0.04, epsilon=0.1,
-               off_policy_mask_threshold=0.2, vllm_importance_sampling_mode="token_truncate",
-               **({"delta": 1.5} if loss_type not in ("cispo", "sapo", "vespo") else {}))
+    cfg = dict(
+        importance_sampling_level=level,
+        loss_type=loss_type,
+        beta=0.04,
+        epsilon=0.1,
+        off_policy_mask_threshold=0.2,
+        vllm_importance_sampling_mode="token_truncate",
+        **({"delta": 1.5} if loss_type not in ("cispo", "sapo", "vespo") else {}),
+    )
     ours = _trainer(FusedGRPOTrainer, model_dir, tmp_path / "ours", **cfg)
     theirs = _trainer(GRPOTrainer, model_dir, tmp_path / "theirs", **cfg)
     inputs = _inputs(theirs, seed=ALL_LOSS_TYPES.index(loss_type) + 17 * (level == "token"))
     g = torch.Generator().manual_seed(5)
     mask = inputs["completion_mask"]
-    inputs["sampling_per_token_logps"] = (inputs["old_per_token_logps"] + 0.3 * torch.randn(mask.shape, generator=g)) * mask
+    inputs["sampling_per_token_logps"] = (
+        inputs["old_per_token_logps"] + 0.3 * torch.randn(mask.shape, generator=g)
+    ) * mask
     inputs["importance_sampling_ratio"] = torch.exp(
-        (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]) * mask).clamp(max=1.4)
+        (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]) * mask
+    ).clamp(max=1.4)
     for t in (ours, theirs):
-        t.use_vllm, t.vllm_importance_sampling_correction = True, True   # as a vLLM run would set them
+        t.use_vllm, t.vllm_importance_sampling_correction = True, True  # as a vLLM run would set them
         t.current_gradient_accumulation_steps = 2
     loss_ref, grads_ref, ent_ref = _step(theirs, inputs)
     loss, grads, ent = _step(ours, inputs)
     tol = TOLERANCE["fp32"]
     _assert_same_step(loss, grads, loss_ref, grads_ref, tol)
-    for name, values in theirs._metrics["train"].items():   # TRL's logged metrics, same names and values
+    for name, values in theirs._metrics["train"].items():  # TRL's logged metrics, same names and values
         assert name in ours._metrics["train"], name
         got, want = ours._metrics["train"][name][-1], values[-1]
         assert abs(got - want) <= tol["metric"]["atol"] + tol["metric"]["rtol"] * abs(want), (name, got, want)

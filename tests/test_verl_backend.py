@@ -2,6 +2,7 @@
 verl 0.9.1's own ``torch`` backend and against float64 references, on tiny random models built from a
 config: the model's forward (padded and remove-padding), then verl's FSDP engine step (the actor's
 ``compute_log_prob`` and ``update_policy`` layer) with its ``ppo_loss``."""
+
 import copy
 import importlib
 
@@ -21,11 +22,25 @@ import gspo_kernels.integrations.verl as gv
 V, H = 97, 32
 HEAD_GRAD_TOLERANCE = {dt: LINEAR_TOLERANCE[dt]["grad"] for dt in (torch.float32, torch.bfloat16)}
 SHAPES = {
-    "qwen2": lambda: Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "llama": lambda: LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                 tie_word_embeddings=True),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
+    "llama": lambda: LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -78,11 +93,12 @@ def run(model, kw, temperature, seed: int = 2):
     w_lp, w_ent = torch.randn(out.log_probs.shape, generator=g), torch.randn(out.entropy.shape, generator=g)
     keep = torch.ones_like(w_lp, dtype=torch.bool) if kw["attention_mask"] is None else kw["attention_mask"].bool()
     if kw["attention_mask"] is None:
-        keep[:, LENGTHS[0]:LENGTHS[0] + LENGTHS[1]] = False   # the second sequence: empty response
+        keep[:, LENGTHS[0] : LENGTHS[0] + LENGTHS[1]] = False  # the second sequence: empty response
     else:
         keep[1] = False
-    loss = (torch.where(keep, w_lp, 0) * out.log_probs.float()).sum() + (torch.where(keep, w_ent, 0)
-                                                                         * out.entropy.float()).sum()
+    loss = (torch.where(keep, w_lp, 0) * out.log_probs.float()).sum() + (
+        torch.where(keep, w_ent, 0) * out.entropy.float()
+    ).sum()
     loss.backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.log_probs.detach(), out.entropy.detach().float(), grads
@@ -91,15 +107,20 @@ def run(model, kw, temperature, seed: int = 2):
 def close_normwise(actual, expected, rtol, name):
     """``|a - e| <= rtol * (|e| + max|e|)``: a whole-model parameter gradient entry is a sum over tokens
     and layers with cancellation, so its rounding error scales with the tensor's size, not the entry's."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max()),
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max()), msg=lambda m: f"{name}: {m}"
+    )
 
 
 def reference(model, kw, temperature):
     """float64 head on the model's own last hidden states: (log_probs, entropy) from materialised logits."""
     with torch.no_grad():
-        h = model.model(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"],
-                        position_ids=kw["position_ids"], use_cache=False)[0]
+        h = model.model(
+            input_ids=kw["input_ids"],
+            attention_mask=kw["attention_mask"],
+            position_ids=kw["position_ids"],
+            use_cache=False,
+        )[0]
     logits = (h.double() @ model.lm_head.weight.double().t()) / temperature
     lp = logits.log_softmax(-1)
     labels = torch.roll(kw["input_ids"], -1, -1)
@@ -147,11 +168,11 @@ def test_bf16_against_float64_and_verl(shape, remove_padding):
     # verl's own error bounds the distance between the two backends
     bound = (lp_v.double() - lp64).abs() + tol["atol"] + tol["rtol"] * lp64.abs()
     assert ((lp.double() - lp_v.double()).abs() <= bound).all()
-    bound = (ent_v.double() - ent64).abs() + 2.0 ** -8 * ent64.abs() + tol["atol"]  # verl's entropy is bf16
+    bound = (ent_v.double() - ent64).abs() + 2.0**-8 * ent64.abs() + tol["atol"]  # verl's entropy is bf16
     assert ((ent.double() - ent_v.double()).abs() <= bound).all()
     assert g.keys() == g_v.keys()
     for name in g:  # verl rounds its logits to bf16, this backend keeps fp32 ones; bf16 backbone: seen 2.0e-2
-        close_normwise(g[name], g_v[name], 2.0 ** -5, name)
+        close_normwise(g[name], g_v[name], 2.0**-5, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -201,11 +222,11 @@ def test_other_backends_untouched_and_refusals(monkeypatch):
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         apply_monkey_patch(model, use_remove_padding=True, use_fused_kernels=True, fused_kernels_backend=gv.BACKEND)
     with pytest.raises(ValueError, match="temperature must be one number"):
-        gv.head_logprobs(torch.randn(2, 3, H), torch.randn(V, H), torch.zeros(2, 3, dtype=torch.long),
-                         torch.ones(2))
+        gv.head_logprobs(torch.randn(2, 3, H), torch.randn(V, H), torch.zeros(2, 3, dtype=torch.long), torch.ones(2))
     with pytest.raises(TypeError, match="vocab_weights must have hidden_states' dtype"):
-        gv.head_logprobs(torch.randn(2, 3, H), torch.randn(V, H, dtype=torch.float64),
-                         torch.zeros(2, 3, dtype=torch.long))
+        gv.head_logprobs(
+            torch.randn(2, 3, H), torch.randn(V, H, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.long)
+        )
     monkeypatch.setattr(verl, "__version__", "0.8.0")
     try:
         with pytest.raises(ImportError, match=r"supports verl 0\.9\.1.*found verl 0\.8\.0"):
@@ -263,14 +284,30 @@ def actor_batch(remove_padding: bool, B: int = 4, P: int = 3, R: int = 5):
     prompts, responses = torch.randint(0, V, (B, P), generator=g), torch.randint(0, V, (B, R), generator=g)
     rmask = torch.arange(R)[None] < rlen[:, None]
     attn = torch.cat([torch.arange(P)[None] >= (P - plen)[:, None], rmask], 1).long()
-    data = TensorDict({"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-                           "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-                           "response_mask": rmask.float(), "old_log_probs": -torch.rand(B, R, generator=g) * 3,
-                           "advantages": torch.randn(B, R, generator=g)}, batch_size=[B])
+    data = TensorDict(
+        {
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": attn,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+            "response_mask": rmask.float(),
+            "old_log_probs": -torch.rand(B, R, generator=g) * 3,
+            "advantages": torch.randn(B, R, generator=g),
+        },
+        batch_size=[B],
+    )
     data = left_right_2_no_padding(data)
-    tu.assign_non_tensor(data, temperature=0.8, use_remove_padding=remove_padding, use_fused_kernels=True,
-                         use_dynamic_bsz=False, micro_batch_size_per_gpu=2, calculate_entropy=True,
-                         global_batch_size=B)
+    tu.assign_non_tensor(
+        data,
+        temperature=0.8,
+        use_remove_padding=remove_padding,
+        use_fused_kernels=True,
+        use_dynamic_bsz=False,
+        micro_batch_size_per_gpu=2,
+        calculate_entropy=True,
+        global_batch_size=B,
+    )
     return data
 
 
@@ -289,13 +326,22 @@ def test_actor_step_equals_verl_torch_backend(cpu_engine, loss_mode, remove_padd
         engine = cpu_engine(model)
         with torch.no_grad():
             inferred = engine.forward_backward_batch(actor_batch(remove_padding), loss_function=None, forward_only=True)
-        config = FSDPActorConfig(strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
-                                 use_dynamic_bsz=False, rollout_n=1, entropy_coeff=0.01,
-                                 policy_loss={"loss_mode": loss_mode}, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                                 loss_agg_mode="seq-mean-token-mean" if loss_mode == "gspo" else "token-mean")
+        config = FSDPActorConfig(
+            strategy="fsdp",
+            ppo_mini_batch_size=4,
+            ppo_micro_batch_size_per_gpu=2,
+            use_dynamic_bsz=False,
+            rollout_n=1,
+            entropy_coeff=0.01,
+            policy_loss={"loss_mode": loss_mode},
+            clip_ratio_low=0.2,
+            clip_ratio_high=0.28,
+            loss_agg_mode="seq-mean-token-mean" if loss_mode == "gspo" else "token-mean",
+        )
         model.zero_grad(set_to_none=True)
-        trained = engine.forward_backward_batch(actor_batch(remove_padding), forward_only=False,
-                                                loss_function=functools.partial(ppo_loss, config))
+        trained = engine.forward_backward_batch(
+            actor_batch(remove_padding), forward_only=False, loss_function=functools.partial(ppo_loss, config)
+        )
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results.append((inferred["model_output"], trained, grads))
     (out_v, step_v, g_v), (out, step, g) = results
@@ -305,9 +351,12 @@ def test_actor_step_equals_verl_torch_backend(cpu_engine, loss_mode, remove_padd
     torch.testing.assert_close(torch.tensor(step["loss"]), torch.tensor(step_v["loss"]), **tol)
     assert step["metrics"].keys() == step_v["metrics"].keys() and "actor/pg_loss" in step["metrics"]
     for key, metric in step["metrics"].items():
-        torch.testing.assert_close(torch.tensor(metric.values, dtype=torch.float64),
-                                   torch.tensor(step_v["metrics"][key].values, dtype=torch.float64), **tol,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(metric.values, dtype=torch.float64),
+            torch.tensor(step_v["metrics"][key].values, dtype=torch.float64),
+            **tol,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
     for name in g:
         close_normwise(g[name], g_v[name], TOLERANCE[torch.float32]["grad"]["rtol"], name)
 
@@ -323,6 +372,10 @@ def test_benchmark_dry_run(tmp_path):
     assert verl_step.main(["--dry-run", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [(r["backend"], r["micro_batch"], r["status"][:7]) for r in rows] == [
-        ("torch", "1", "ok"), ("torch", "2", "ok"), ("triton", "1", "skipped"),
-        ("gspo_kernels", "1", "ok"), ("gspo_kernels", "2", "ok")]
+        ("torch", "1", "ok"),
+        ("torch", "2", "ok"),
+        ("triton", "1", "skipped"),
+        ("gspo_kernels", "1", "ok"),
+        ("gspo_kernels", "2", "ok"),
+    ]
     assert all(float(r["ms_median"]) > 0 for r in rows if r["status"] == "ok")

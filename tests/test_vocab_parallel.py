@@ -5,6 +5,7 @@ temperature, an empty sequence, tokens concentrated in one shard; the
 hidden-state path (hidden, weight, bias gradients); the losses on a 2 x 2 grid
 (two data-parallel replicas of a 2-way vocab split) equal to one process over
 the whole batch; bad layouts refused on every rank; bitwise determinism."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gspo_kernels import (grpo_loss, gspo_loss, linear_token_logprobs, logprobs, sequence_logprobs,
-                          token_logprobs)
+from gspo_kernels import _ops, grpo_loss, gspo_loss, linear_token_logprobs, sequence_logprobs, token_logprobs
 from tests.test_logprobs import TOLERANCE
 
 N, T, V, H = 3, 5, 48, 6  # V divisible by 2 and 4
@@ -34,7 +34,7 @@ def _data(dtype, concentrated=False, seed=0):
     return logits, tokens, mask
 
 
-def _ops(x, tokens, mask, group=None):
+def _outputs(x, tokens, mask, group=None):
     """The ops under test: (outputs, upstream weights) for one backward."""
     lp, ent = token_logprobs(x, tokens, temperature=0.7, valid=mask, return_entropy=True, vocab_group=group)
     seq = sequence_logprobs(x, tokens, mask, temperature=0.7, vocab_group=group)
@@ -51,7 +51,7 @@ def _worker(rank, world, backend, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     code = 0
     try:
-        logprobs.CPU_BACKEND = backend
+        _ops.CPU_BACKEND = backend
         res = {}
         w = V // world
         sl = slice(rank * w, (rank + 1) * w)
@@ -59,30 +59,43 @@ def _worker(rank, world, backend, out_dir):
             for conc in (False, True):
                 logits, tokens, mask = _data(dtype, conc)
                 x = logits[..., sl].clone().requires_grad_(True)
-                outs = _ops(x, tokens, mask, dist.group.WORLD)
+                outs = _outputs(x, tokens, mask, dist.group.WORLD)
                 res[(str(dtype), conc)] = ([o.detach() for o in outs], _grads(outs, x))
         # determinism: the same call twice, bitwise
         logits, tokens, mask = _data(torch.float32)
-        a = _ops(logits[..., sl], tokens, mask, dist.group.WORLD)
-        b = _ops(logits[..., sl], tokens, mask, dist.group.WORLD)
+        a = _outputs(logits[..., sl], tokens, mask, dist.group.WORLD)
+        b = _outputs(logits[..., sl], tokens, mask, dist.group.WORLD)
         res["deterministic"] = all(torch.equal(p, q) for p, q in zip(a, b))
         # hidden-state path: weight/bias rows of this shard; hidden's gradient is all-reduced inside
         g = torch.Generator().manual_seed(3)
         hid = torch.randn(N, T, H, generator=g, dtype=torch.float64)
         wt = torch.randn(V, H, generator=g, dtype=torch.float64)
         bias = torch.randn(V, generator=g, dtype=torch.float64)
-        hx, wx, bx = hid.clone().requires_grad_(True), wt[sl].clone().requires_grad_(True), \
-            bias[sl].clone().requires_grad_(True)
-        lp, ent = linear_token_logprobs(hx, wx, tokens, bias=bx, temperature=0.7, valid=mask, chunk_size=4,
-                                        return_entropy=True, vocab_group=dist.group.WORLD)
+        hx, wx, bx = (
+            hid.clone().requires_grad_(True),
+            wt[sl].clone().requires_grad_(True),
+            bias[sl].clone().requires_grad_(True),
+        )
+        lp, ent = linear_token_logprobs(
+            hx,
+            wx,
+            tokens,
+            bias=bx,
+            temperature=0.7,
+            valid=mask,
+            chunk_size=4,
+            return_entropy=True,
+            vocab_group=dist.group.WORLD,
+        )
         grads = torch.autograd.grad([lp, ent], [hx, wx, bx], [torch.ones_like(lp), 0.5 * torch.ones_like(ent)])
         res["linear"] = (lp.detach(), ent.detach(), grads)
         # a large common offset: the shards' maxima must combine by MAX (any shift works at scale 2)
         big = _data(torch.float32)[0] + 100.0
-        res["offset"] = [o.detach() for o in _ops(big[..., sl], tokens, mask, dist.group.WORLD)]
+        res["offset"] = [o.detach() for o in _outputs(big[..., sl], tokens, mask, dist.group.WORLD)]
         # packed sequences through a loss, vocab-sharded
-        res["packed"] = _packed_loss(_data(torch.float64, seed=8)[0].reshape(N * T, V)[..., sl]
-                                     .clone().requires_grad_(True), dist.group.WORLD)
+        res["packed"] = _packed_loss(
+            _data(torch.float64, seed=8)[0].reshape(N * T, V)[..., sl].clone().requires_grad_(True), dist.group.WORLD
+        )
         # bad layouts, refused on every rank
         errs = []
         try:
@@ -113,8 +126,17 @@ def _packed_loss(x, group=None):
     mask = torch.rand(N * T, generator=g) > 0.2
     old = -torch.rand(N * T, generator=g, dtype=torch.float64) * 3
     rewards = torch.randn(5, generator=g)
-    loss, _ = gspo_loss(x, tokens, rewards, mask, cu_seqlens=PACKED_CU, old_logprobs=old, group_size=5,
-                        entropy_coef=0.01, vocab_group=group)
+    loss, _ = gspo_loss(
+        x,
+        tokens,
+        rewards,
+        mask,
+        cu_seqlens=PACKED_CU,
+        old_logprobs=old,
+        group_size=5,
+        entropy_coef=0.01,
+        vocab_group=group,
+    )
     return loss.detach(), torch.autograd.grad(loss, x)[0]
 
 
@@ -126,7 +148,7 @@ def _close(a, e, dtype, kind, what):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_sharded_equals_unsharded(world, backend, monkeypatch):
-    monkeypatch.setattr(logprobs, "CPU_BACKEND", backend)
+    monkeypatch.setattr(_ops, "CPU_BACKEND", backend)
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, backend, d), nprocs=world, join=True)
         ranks = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
@@ -134,14 +156,14 @@ def test_sharded_equals_unsharded(world, backend, monkeypatch):
         for conc in (False, True):
             logits, tokens, mask = _data(dtype, conc)
             x = logits.clone().requires_grad_(True)
-            outs = _ops(x, tokens, mask)
+            outs = _outputs(x, tokens, mask)
             grad = _grads(outs, x)
             for r, res in enumerate(ranks):
                 got, gshard = res[(str(dtype), conc)]
                 for name, a, e in zip(("logp", "entropy", "sequence"), got, outs):
                     _close(a, e.detach(), dtype, "value", f"{name} rank {r} {dtype} concentrated={conc}")
                 w = V // world
-                _close(gshard, grad[..., r * w:(r + 1) * w], dtype, "grad_entropy", f"grad rank {r} {dtype}")
+                _close(gshard, grad[..., r * w : (r + 1) * w], dtype, "grad_entropy", f"grad rank {r} {dtype}")
     assert all(res["deterministic"] for res in ranks)
     # hidden-state path against the unsharded one
     g = torch.Generator().manual_seed(3)
@@ -149,8 +171,9 @@ def test_sharded_equals_unsharded(world, backend, monkeypatch):
     wt = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
     tokens, mask = _data(torch.float32)[1:]
-    lp, ent = linear_token_logprobs(hid, wt, tokens, bias=bias, temperature=0.7, valid=mask, chunk_size=4,
-                                    return_entropy=True)
+    lp, ent = linear_token_logprobs(
+        hid, wt, tokens, bias=bias, temperature=0.7, valid=mask, chunk_size=4, return_entropy=True
+    )
     gh, gw, gb = torch.autograd.grad([lp, ent], [hid, wt, bias], [torch.ones_like(lp), 0.5 * torch.ones_like(ent)])
     w = V // world
     for r, res in enumerate(ranks):
@@ -158,21 +181,26 @@ def test_sharded_equals_unsharded(world, backend, monkeypatch):
         _close(lp_r, lp.detach(), torch.float64, "value", "linear logp")
         _close(ent_r, ent.detach(), torch.float64, "value", "linear entropy")
         _close(gh_r, gh, torch.float64, "grad_entropy", "grad hidden (all-reduced)")
-        _close(gw_r, gw[r * w:(r + 1) * w], torch.float64, "grad_entropy", "grad weight shard")
-        _close(gb_r, gb[r * w:(r + 1) * w], torch.float64, "grad_entropy", "grad bias shard")
+        _close(gw_r, gw[r * w : (r + 1) * w], torch.float64, "grad_entropy", "grad weight shard")
+        _close(gb_r, gb[r * w : (r + 1) * w], torch.float64, "grad_entropy", "grad bias shard")
     big = _data(torch.float32)[0] + 100.0
     for r, res in enumerate(ranks):
-        for name, a, e in zip(("logp", "entropy", "sequence"), res["offset"], _ops(big, tokens, mask)):
+        for name, a, e in zip(("logp", "entropy", "sequence"), res["offset"], _outputs(big, tokens, mask)):
             # entropy = lse - sum p z cancels two terms of magnitude ~100: fp32 rounding of 100
             # (7.6e-6) times a few roundings; a wrong combine gives inf or NaN
             atol = 1e-4 if name == "entropy" else TOLERANCE[torch.float32]["value"][0]
-            torch.testing.assert_close(a.double(), e.detach().double(), atol=atol, rtol=1e-6,
-                                       msg=lambda m: f"{name} with a +100 offset, rank {r}: {m}")
+            torch.testing.assert_close(
+                a.double(),
+                e.detach().double(),
+                atol=atol,
+                rtol=1e-6,
+                msg=lambda m: f"{name} with a +100 offset, rank {r}: {m}",
+            )
     x = _data(torch.float64, seed=8)[0].reshape(N * T, V).clone().requires_grad_(True)
     loss, gx = _packed_loss(x)
     for r, res in enumerate(ranks):
         _close(res["packed"][0], loss, torch.float64, "value", f"packed loss rank {r}")
-        _close(res["packed"][1], gx[..., r * w:(r + 1) * w], torch.float64, "grad_entropy", f"packed grad rank {r}")
+        _close(res["packed"][1], gx[..., r * w : (r + 1) * w], torch.float64, "grad_entropy", f"packed grad rank {r}")
     for res in ranks:
         assert len(res["errors"]) == 2
         assert "vocab_size = 50" in res["errors"][0]
@@ -218,9 +246,9 @@ def _grid_worker(rank, out_dir):
         dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         head = _head()
         w = V // 2
-        weight = head.weight[tp * w:(tp + 1) * w].detach().clone().requires_grad_(True)
-        bias = head.bias[tp * w:(tp + 1) * w].detach().clone().requires_grad_(True)
-        data = [t[dp:dp + 1] for t in _loss_data()]  # replica dp holds prompt dp (whole groups)
+        weight = head.weight[tp * w : (tp + 1) * w].detach().clone().requires_grad_(True)
+        bias = head.bias[tp * w : (tp + 1) * w].detach().clone().requires_grad_(True)
+        data = [t[dp : dp + 1] for t in _loss_data()]  # replica dp holds prompt dp (whole groups)
         out = {}
         for src in ("logits", "hidden"):
             if src == "logits":
@@ -245,8 +273,13 @@ def test_losses_on_a_2x2_grid_equal_one_process():
     hidden, tokens, mask, rewards, old, ref = _loss_data()
     # Data parallel averages the replicas' losses; the entropy bonus is a token mean per call, so
     # one process sees the same objective as the mean of the per-prompt losses.
-    loss = sum(_losses(head(hidden[b:b + 1]), *(t[b:b + 1] for t in (tokens, mask, rewards, old, ref)))
-               for b in range(B)) / B
+    loss = (
+        sum(
+            _losses(head(hidden[b : b + 1]), *(t[b : b + 1] for t in (tokens, mask, rewards, old, ref)))
+            for b in range(B)
+        )
+        / B
+    )
     gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_grid_worker, args=(d,), nprocs=4, join=True)
@@ -256,5 +289,5 @@ def test_losses_on_a_2x2_grid_equal_one_process():
         tp = rank % 2
         for src in ("logits", "hidden"):
             got_w, got_b = res[src]
-            torch.testing.assert_close(got_w, gw[tp * w:(tp + 1) * w], atol=1e-6, rtol=1e-5)
-            torch.testing.assert_close(got_b, gb[tp * w:(tp + 1) * w], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got_w, gw[tp * w : (tp + 1) * w], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got_b, gb[tp * w : (tp + 1) * w], atol=1e-6, rtol=1e-5)

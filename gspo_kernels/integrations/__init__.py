@@ -8,5 +8,5 @@
 
 Trainers without an adapter (OpenRLHF, custom loops) call
 :func:`gspo_kernels.token_logprobs` or :func:`gspo_kernels.sequence_logprobs`
-on the logits they already have; see the README.
+on the logits they already have; see docs/trainers.md.
 """

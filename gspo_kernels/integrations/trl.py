@@ -46,13 +46,13 @@ inputs are refused.
 Tested against TRL 1.16 (``tests/test_trl.py``): one step through this class
 and one through TRL's own loss give the same loss and parameter gradients.
 """
+
 from __future__ import annotations
 
 import types
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-
 
 from ..errors import OptionError
 from ..linear import linear_token_logprobs
@@ -69,11 +69,26 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["FusedGRPOTrainer", "FusedLogprobsMixin"]
 
-_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-               "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MULTIMODAL = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 # Config fields that put something between the LM head's matrix product and the softmax.
-_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                    "logits_scaling")
+_HEAD_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 SOURCES = ("auto", "hidden", "logits")
 
 
@@ -98,7 +113,13 @@ def _plain_head(model) -> bool:
     return not transformed and head is not None and not hasattr(head.weight, "ds_id")
 
 
-class FusedLogprobsMixin:
+if TYPE_CHECKING:  # the mixin's host class: a GRPOTrainer (or subclass), whose attributes it reads
+    _TrainerBase = Any
+else:
+    _TrainerBase = object
+
+
+class FusedLogprobsMixin(_TrainerBase):
     """Mixin over ``trl.GRPOTrainer`` (or a subclass of it) that swaps in the fused log-prob op.
 
     Keyword arguments on top of the trainer's: ``logprob_source`` in ``"auto"``
@@ -116,7 +137,7 @@ class FusedLogprobsMixin:
         if source not in SOURCES:
             raise OptionError(f"logprob_source must be one of {SOURCES}, got {source!r}")
         models = [m for m in (self.model, self.ref_model) if m is not None]
-        models = [m.get_base_model() if is_peft_model(m) else m for m in models]   # the objects TRL patched
+        models = [m.get_base_model() if is_peft_model(m) else m for m in models]  # the objects TRL patched
         plain = all(_plain_head(m) for m in models) and not self.aux_loss_enabled
         if source == "hidden" and not plain:
             raise OptionError(
@@ -128,9 +149,17 @@ class FusedLogprobsMixin:
             for m in models:
                 _add_hidden_forward(m)
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                           batch_size: Optional[int] = None, compute_entropy: bool = False,
-                                           compute_aux_loss: bool = False, **multimodal):
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size: Optional[int] = None,
+        compute_entropy: bool = False,
+        compute_aux_loss: bool = False,
+        **multimodal,
+    ):
         given = sorted(k for k, v in multimodal.items() if v is not None)
         if given:
             raise NotImplementedError(
@@ -141,9 +170,17 @@ class FusedLogprobsMixin:
             raise TypeError(f"FusedGRPOTrainer: unexpected arguments {unknown} (TRL version mismatch?)")
         batch_size = batch_size or input_ids.size(0)
         step = self._hidden_step if self._gspo_source == "hidden" else self._logits_step
-        parts = [step(model, input_ids[s:s + batch_size], attention_mask[s:s + batch_size], logits_to_keep,
-                      compute_entropy, compute_aux_loss)
-                 for s in range(0, input_ids.size(0), batch_size)]
+        parts = [
+            step(
+                model,
+                input_ids[s : s + batch_size],
+                attention_mask[s : s + batch_size],
+                logits_to_keep,
+                compute_entropy,
+                compute_aux_loss,
+            )
+            for s in range(0, input_ids.size(0), batch_size)
+        ]
         logps = torch.cat([p[0] for p in parts], dim=0)
         entropies = torch.cat([p[1] for p in parts], dim=0) if compute_entropy else None
         aux_loss = torch.stack([p[2] for p in parts]).mean() if compute_aux_loss else None
@@ -157,24 +194,36 @@ class FusedLogprobsMixin:
             # The model's own forward (TRL's patched one passes through when fused_lm_head is not set):
             # logits for the k completion positions and the one before them only.
             outputs = model(**inputs, logits_to_keep=k + 1)
-        logits = outputs.logits[:, :-1]                        # (b, k, V): position t predicts token t + 1
+        logits = outputs.logits[:, :-1]  # (b, k, V): position t predicts token t + 1
         valid = attn[:, -k:] != 0
-        out = token_logprobs(logits, ids[:, -k:], temperature=self.temperature, valid=valid,
-                             inplace_backward=self.gspo_inplace_backward and torch.is_grad_enabled(),
-                             return_entropy=compute_entropy)
+        out = token_logprobs(
+            logits,
+            ids[:, -k:],
+            temperature=self.temperature,
+            valid=valid,
+            inplace_backward=self.gspo_inplace_backward and torch.is_grad_enabled(),
+            return_entropy=compute_entropy,
+        )
         logps, ent = out if compute_entropy else (out, None)
         ent = None if ent is None else ent.masked_fill(~valid, 0.0)
         return logps.masked_fill(~valid, 0.0), ent, outputs.aux_loss if compute_aux_loss else None
 
     def _hidden_step(self, model, ids, attn, k, compute_entropy, compute_aux_loss):
         with self.accelerator.autocast():
-            hidden = model(input_ids=ids, attention_mask=attn, gspo_hidden=True)[:, -k - 1:-1]   # (b, k, H)
+            hidden = model(input_ids=ids, attention_mask=attn, gspo_hidden=True)[:, -k - 1 : -1]  # (b, k, H)
         weight, bias, dtype = self._head_params(model, hidden)
         hidden, dev = hidden.to(dtype), hidden.device.type
         valid = attn[:, -k:] != 0
         with torch.autocast(dev, enabled=False):
-            out = linear_token_logprobs(hidden, weight, ids[:, -k:], bias=bias, temperature=self.temperature,
-                                        valid=valid, return_entropy=compute_entropy)
+            out = linear_token_logprobs(
+                hidden,
+                weight,
+                ids[:, -k:],
+                bias=bias,
+                temperature=self.temperature,
+                valid=valid,
+                return_entropy=compute_entropy,
+            )
         logps, ent = out if compute_entropy else (out, None)
         ent = None if ent is None else ent.masked_fill(~valid, 0.0)
         return logps.masked_fill(~valid, 0.0), ent, None
@@ -186,12 +235,18 @@ class FusedLogprobsMixin:
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         k = inputs["completion_ids"].size(1)
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
         mask = mask.bool()
         args, train = self.args, self.model.training
         accum = self.current_gradient_accumulation_steps if train else 1.0
-        tensors = dict(tokens=ids[:, -k:], advantages=inputs["advantages"], mask=mask,
-                       old_logprobs=inputs.get("old_per_token_logps"))
+        tensors = dict(
+            tokens=ids[:, -k:],
+            advantages=inputs["advantages"],
+            mask=mask,
+            old_logprobs=inputs.get("old_per_token_logps"),
+        )
         if self.beta != 0.0:
             tensors["ref_logprobs"] = inputs["ref_per_token_logps"]
         if self.off_policy_mask_threshold is not None and "sampling_per_token_logps" in inputs:
@@ -205,27 +260,38 @@ class FusedLogprobsMixin:
             factor = (accum / args.steps_per_generation if train else 1.0) / self.accelerator.num_processes
             tensors["num_items_in_batch"] = inputs["num_items_in_batch"].clamp(min=1.0)
             scale, coef = 1.0 / factor, coef / accum * factor
-        options = dict(loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
-                       epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=args.delta, beta=self.beta,
-                       use_bias_correction_kl=args.use_bias_correction_kl,
-                       max_completion_length=self.max_completion_length,
-                       sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
-                       vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
-                       vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
-                       off_policy_mask_threshold=self.off_policy_mask_threshold,
-                       top_entropy_quantile=self.top_entropy_quantile, entropy_coef=coef,
-                       temperature=self.temperature)
+        options = dict(
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            epsilon=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=args.delta,
+            beta=self.beta,
+            use_bias_correction_kl=args.use_bias_correction_kl,
+            max_completion_length=self.max_completion_length,
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            top_entropy_quantile=self.top_entropy_quantile,
+            entropy_coef=coef,
+            temperature=self.temperature,
+        )
         if self._gspo_source == "hidden":
             with self.accelerator.autocast():
-                hidden = model(input_ids=ids, attention_mask=attn, gspo_hidden=True)[:, -k - 1:-1]
+                hidden = model(input_ids=ids, attention_mask=attn, gspo_hidden=True)[:, -k - 1 : -1]
             weight, bias, dtype = self._head_params(model, hidden)
             with torch.autocast(hidden.device.type, enabled=False):
                 loss, metrics = policy_loss(hidden=hidden.to(dtype), weight=weight, bias=bias, **tensors, **options)
         else:
             with self.accelerator.autocast():
                 logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=k + 1).logits
-            loss, metrics = policy_loss(logits[:, :-1], **tensors, **options,
-                                        inplace_backward=self.gspo_inplace_backward)
+            loss, metrics = policy_loss(
+                logits[:, :-1], **tensors, **options, inplace_backward=self.gspo_inplace_backward
+            )
         self._log_fused_metrics(metrics)
         return loss * scale
 
@@ -240,8 +306,13 @@ class FusedLogprobsMixin:
             self._metrics[mode]["policy_loss"].append(gather(metrics["policy_loss"]).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                     "cispo_clip_ratio", "vespo/phi_seq_mean"):
+        for name in (
+            "clip_ratio/low_mean",
+            "clip_ratio/high_mean",
+            "clip_ratio/region_mean",
+            "cispo_clip_ratio",
+            "vespo/phi_seq_mean",
+        ):
             if name in metrics:
                 self._metrics[mode][name].append(gather(metrics[name]).nanmean().item())
         if "clip_ratio/low_min" in metrics:
@@ -254,7 +325,7 @@ class FusedLogprobsMixin:
         forward and in the backward's recomputation, so the saved logsumexp matches."""
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):                     # FSDP2 shards the head as a DTensor
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor
             weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype

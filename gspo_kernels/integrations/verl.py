@@ -39,6 +39,7 @@ head. Deterministic: bitwise the same values and gradients run to run (no
 atomics in the kernels; fixed-order reductions), so the backend can stay on
 under full determinism.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,14 +70,20 @@ if getattr(verl, "__version__", None) not in TESTED_VERL_VERSIONS:
 
 # Config fields that put something between the LM head's product and the softmax: verl's
 # fused forwards ignore them (its own backends too), so such a model is refused by name.
-_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                    "logits_scaling")
+_HEAD_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 # Families verl runs without a fused forward at all.
 _REFUSED_MODEL_TYPES = ("kimi_vl",)
 
 
-def head_logprobs(hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
-                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def head_logprobs(
+    hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log_probs, entropy)`` of ``input_ids`` under ``softmax(hidden_states @ vocab_weights.T / temperature)``.
 
     Args:
@@ -91,26 +98,37 @@ def head_logprobs(hidden_states: torch.Tensor, vocab_weights: torch.Tensor, inpu
     """
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise OptionError(f"temperature must be one number for the fused head (as in verl's fused kernels), "
-                             f"got a tensor of shape {tuple(temperature.shape)}")
+            raise OptionError(
+                f"temperature must be one number for the fused head (as in verl's fused kernels), "
+                f"got a tensor of shape {tuple(temperature.shape)}"
+            )
         temperature = float(temperature)
     for name, t in (("hidden_states", hidden_states), ("vocab_weights", vocab_weights)):
         if type(t) is not torch.Tensor and isinstance(t, torch.Tensor) and hasattr(t, "full_tensor"):
-            raise DTypeError(f"{name} is a DTensor (a tensor-parallel LM head); impl_backend={BACKEND} takes the full "
-                            f"(V, H) head: use verl's torch backend with tensor parallelism")
+            raise DTypeError(
+                f"{name} is a DTensor (a tensor-parallel LM head); impl_backend={BACKEND} takes the full "
+                f"(V, H) head: use verl's torch backend with tensor parallelism"
+            )
     dtype = hidden_states.dtype
     if torch.is_autocast_enabled(hidden_states.device.type):  # what the head's matmul would run in
         dtype = torch.get_autocast_dtype(hidden_states.device.type)
     elif vocab_weights.dtype != dtype:
-        raise DTypeError(f"vocab_weights must have hidden_states' dtype {dtype} (outside autocast), "
-                        f"got {vocab_weights.dtype}")
+        raise DTypeError(
+            f"vocab_weights must have hidden_states' dtype {dtype} (outside autocast), got {vocab_weights.dtype}"
+        )
     with torch.autocast(hidden_states.device.type, enabled=False):
-        return gspo_kernels.linear_token_logprobs(hidden_states.to(dtype), vocab_weights.to(dtype),
-                                                  input_ids.to(torch.int64), temperature=temperature,
-                                                  return_entropy=True)
+        return gspo_kernels.linear_token_logprobs(
+            hidden_states.to(dtype),
+            vocab_weights.to(dtype),
+            input_ids.to(torch.int64),
+            temperature=temperature,
+            return_entropy=True,
+        )
 
 
-_VerlFusedLinearForPPO = getattr(_torch_functional.FusedLinearForPPO, "_verl_class", _torch_functional.FusedLinearForPPO)
+_VerlFusedLinearForPPO = getattr(
+    _torch_functional.FusedLinearForPPO, "_verl_class", _torch_functional.FusedLinearForPPO
+)
 
 
 class FusedLinearForPPO(_VerlFusedLinearForPPO):  # type: ignore[misc, valid-type]
@@ -136,27 +154,33 @@ class FusedLinearForPPO(_VerlFusedLinearForPPO):  # type: ignore[misc, valid-typ
 def _check_model(model) -> None:
     config = model.config
     if config.model_type in _REFUSED_MODEL_TYPES:
-        raise OptionError(f"impl_backend={BACKEND}: verl 0.9.1 has no fused forward for model_type "
-                         f"{config.model_type!r}; set use_fused_kernels=False for it")
+        raise OptionError(
+            f"impl_backend={BACKEND}: verl 0.9.1 has no fused forward for model_type "
+            f"{config.model_type!r}; set use_fused_kernels=False for it"
+        )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in _HEAD_TRANSFORMS:
         value = getattr(text, key, None)
         if value not in (None, 1, 1.0):
-            raise OptionError(f"impl_backend={BACKEND}: model_type {config.model_type!r} has {key}={value!r}, a "
-                             f"transform between the LM head and the softmax that verl's fused forward does not "
-                             f"apply; set use_fused_kernels=False for this model")
+            raise OptionError(
+                f"impl_backend={BACKEND}: model_type {config.model_type!r} has {key}={value!r}, a "
+                f"transform between the LM head and the softmax that verl's fused forward does not "
+                f"apply; set use_fused_kernels=False for this model"
+            )
 
 
-_verl_patch_forward_with_backends = getattr(_monkey_patch.patch_forward_with_backends, "__wrapped_verl__",
-                                            _monkey_patch.patch_forward_with_backends)
+_verl_patch_forward_with_backends = getattr(
+    _monkey_patch.patch_forward_with_backends, "__wrapped_verl__", _monkey_patch.patch_forward_with_backends
+)
 
 
 def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str | None = None):
     """verl's ``patch_forward_with_backends``, which also accepts ``fused_kernels_backend="gspo_kernels"``:
     verl's torch-backend forward for the model's family, its head computed by :func:`head_logprobs`."""
     if not use_fused_kernels or fused_kernels_backend != BACKEND:
-        return _verl_patch_forward_with_backends(model, use_fused_kernels=use_fused_kernels,
-                                                 fused_kernels_backend=fused_kernels_backend)
+        return _verl_patch_forward_with_backends(
+            model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend
+        )
     _check_model(model)
     _verl_patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
     model._verl_fused_kernels_backend = BACKEND

@@ -7,32 +7,49 @@ logits once forward (the policy's per-token log-probs and entropies, one call
 of the fused kernel) and once backward, writing their gradient once; everything
 between is O(N*T) per-token math (:mod:`.core`).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
 
 from torch import Tensor, nn
 
+from .._checks import ValueChecks
+from ..errors import OptionError
 from .advantages import GROUP_NORM_EPS, contrast_advantage, group_norm_advantage
-from .checks import ValueChecks
 from .core import compose
 from .inputs import IGNORE_INDEX, resolve
 from .masks import rollout_correction
-from ..errors import OptionError
 from .options import AGGREGATIONS, LOSS_TYPES, OPTION_NAMES, LossOptions, unknown_option_error
 
-__all__ = ["ARTICLE_GSPO", "GRPOLoss", "GSPOLoss", "LossOptions", "PolicyLoss", "contrast_advantage",
-           "group_norm_advantage", "grpo_loss", "gspo_loss", "policy_loss", "rollout_correction",
-           "GROUP_NORM_EPS", "LOSS_TYPES", "AGGREGATIONS"]
+__all__ = [
+    "ARTICLE_GSPO",
+    "GRPOLoss",
+    "GSPOLoss",
+    "LossOptions",
+    "PolicyLoss",
+    "contrast_advantage",
+    "group_norm_advantage",
+    "grpo_loss",
+    "gspo_loss",
+    "policy_loss",
+    "rollout_correction",
+    "GROUP_NORM_EPS",
+    "LOSS_TYPES",
+    "AGGREGATIONS",
+]
 
 # The source article's form of GSPO, one argument away: gspo_loss(..., **ARTICLE_GSPO) with ref_logprobs.
 ARTICLE_GSPO = dict(advantage="contrast", denominator="ref", beta=0.05, kl="k1", epsilon=0.2, epsilon_high=0.2)
 # The GSPO paper's sequence-level setting (Zheng et al. 2025): clip range 3e-4 / 4e-4, no KL.
-GSPO_DEFAULTS = dict(loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4, beta=0.0, kl="k3",
-                     use_bias_correction_kl=False)
+GSPO_DEFAULTS = dict(loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4, beta=0.0, kl="k3", use_bias_correction_kl=False)
 GRPO_DEFAULTS = dict(epsilon=0.2, beta=0.0, kl="k3", use_bias_correction_kl=False)
-GRPO_AGG_TO_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum": "luspo",
-                         "dr_grpo": "dr_grpo"}
+GRPO_AGG_TO_LOSS_TYPE = {
+    "seq-mean-token-mean": "grpo",
+    "token-mean": "bnpo",
+    "seq-mean-token-sum": "luspo",
+    "dr_grpo": "dr_grpo",
+}
 GSPO_LEVELS = ("sequence", "sequence_token")
 
 
@@ -43,19 +60,38 @@ def _options(options: dict) -> LossOptions:
     return LossOptions(**options)
 
 
-def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None,
-                advantages: Union[Tensor, str, None] = None, mask: Optional[Tensor] = None, *,
-                rewards: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-                old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
-                ref_logits: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
-                importance_sampling_ratio: Optional[Tensor] = None, num_items_in_batch=None,
-                hidden: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-                ref_bias: Optional[Tensor] = None, group_size: Optional[int] = None,
-                ignore_index: Optional[int] = IGNORE_INDEX, chunk_size: Optional[int] = None,
-                vocab_group=None, process_group=None, check_inputs: bool = True, inplace_backward: bool = False,
-                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-                memory_budget: Optional[int] = None, **options):
+def policy_loss(
+    logits: Optional[Tensor] = None,
+    tokens: Optional[Tensor] = None,
+    advantages: Union[Tensor, str, None] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    rewards: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    ref_logits: Optional[Tensor] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    importance_sampling_ratio: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    hidden: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    group_size: Optional[int] = None,
+    ignore_index: Optional[int] = IGNORE_INDEX,
+    chunk_size: Optional[int] = None,
+    vocab_group=None,
+    process_group=None,
+    check_inputs: bool = True,
+    inplace_backward: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    **options,
+):
     """Every policy loss of TRL 1.16's ``GRPOTrainer`` (and verl's), over logits or hidden states.
 
     Per token ``t`` of sequence ``i`` (``lp`` the policy's log-prob, ``m`` the mask, ``L = sum_t m``)::
@@ -119,21 +155,50 @@ def policy_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None
     opt = _options(options)
     checks = ValueChecks(enabled=check_inputs)
     mode = advantages if isinstance(advantages, str) else opt.advantage
-    inp = resolve(opt, logits=logits, tokens=tokens, mask=mask, lengths=lengths, advantages=advantages,
-                  rewards=rewards, hidden=hidden, weight=weight, bias=bias, old_logprobs=old_logprobs,
-                  ref_logprobs=ref_logprobs, ref_logits=ref_logits, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                  ref_bias=ref_bias, sampling_logprobs=sampling_logprobs,
-                  importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch,
-                  group_size=group_size, ignore_index=ignore_index, chunk_size=chunk_size, vocab_group=vocab_group,
-                  inplace_backward=inplace_backward, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, checks=checks,
-                  memory_budget=memory_budget)
+    inp = resolve(
+        opt,
+        logits=logits,
+        tokens=tokens,
+        mask=mask,
+        lengths=lengths,
+        advantages=advantages,
+        rewards=rewards,
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        ref_logits=ref_logits,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        sampling_logprobs=sampling_logprobs,
+        importance_sampling_ratio=importance_sampling_ratio,
+        num_items_in_batch=num_items_in_batch,
+        group_size=group_size,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        vocab_group=vocab_group,
+        inplace_backward=inplace_backward,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        checks=checks,
+        memory_budget=memory_budget,
+    )
     loss, metrics = compose(inp, opt, mode, process_group, checks=checks)
     return checks.finish(loss), metrics
 
 
-def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, rewards: Optional[Tensor] = None,
-              mask: Optional[Tensor] = None, *, advantage: Union[str, Tensor] = "group_norm",
-              level: str = "sequence", **kwargs):
+def gspo_loss(
+    logits: Optional[Tensor] = None,
+    tokens: Optional[Tensor] = None,
+    rewards: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    advantage: Union[str, Tensor] = "group_norm",
+    level: str = "sequence",
+    **kwargs,
+):
     """GSPO (Zheng et al. 2025): sequence-level importance weight and clipping.
 
     ``s_i = exp((1/L) sum_t m (lp - old))``, ``policy_i = -min(s A, clip(s, 1-eps, 1+eps_high) A)``,
@@ -153,22 +218,42 @@ def gspo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, 
     return policy_loss(logits, tokens, advantage, mask, rewards=rewards, **kwargs)
 
 
-def grpo_loss(logits: Optional[Tensor] = None, tokens: Optional[Tensor] = None, rewards: Optional[Tensor] = None,
-              mask: Optional[Tensor] = None, *, advantage: Union[str, Tensor] = "group_norm",
-              loss_agg: str = "seq-mean-token-mean", **kwargs):
+def grpo_loss(
+    logits: Optional[Tensor] = None,
+    tokens: Optional[Tensor] = None,
+    rewards: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    advantage: Union[str, Tensor] = "group_norm",
+    loss_agg: str = "seq-mean-token-mean",
+    **kwargs,
+):
     """GRPO: token-level importance ratio and clipping, ``l_t = -min(r_t A, clip(r_t) A) + beta KL_t``,
     aggregated by ``loss_agg``: "seq-mean-token-mean" (default; TRL's grpo), "token-mean" (bnpo),
     "seq-mean-token-sum" (luspo), "dr_grpo" (divide by ``N * T``). :func:`policy_loss` with
     ``importance_sampling_level="token"``, ``epsilon=0.2``, ``beta=0``; same shapes as :func:`gspo_loss`."""
     if loss_agg not in GRPO_AGG_TO_LOSS_TYPE:
         raise OptionError(f"loss_agg must be one of {tuple(GRPO_AGG_TO_LOSS_TYPE)}, got {loss_agg!r}")
-    kwargs = {**GRPO_DEFAULTS, **kwargs, "loss_type": GRPO_AGG_TO_LOSS_TYPE[loss_agg],
-              "importance_sampling_level": "token"}
+    kwargs = {
+        **GRPO_DEFAULTS,
+        **kwargs,
+        "loss_type": GRPO_AGG_TO_LOSS_TYPE[loss_agg],
+        "importance_sampling_level": "token",
+    }
     return policy_loss(logits, tokens, advantage, mask, rewards=rewards, **kwargs)
 
 
-_CALL_ARGS = ("chunk_size", "group_size", "ignore_index", "check_inputs", "vocab_group", "process_group",
-              "inplace_backward", "max_seqlen", "memory_budget")
+_CALL_ARGS = (
+    "chunk_size",
+    "group_size",
+    "ignore_index",
+    "check_inputs",
+    "vocab_group",
+    "process_group",
+    "inplace_backward",
+    "max_seqlen",
+    "memory_budget",
+)
 
 
 class _LossModule(nn.Module):

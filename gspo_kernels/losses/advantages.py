@@ -3,6 +3,7 @@
 Computed in float64 whatever the rewards' dtype (O(N) values): rewards near
 the float32 maximum (3e38) would overflow a float32 mean or variance.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -61,5 +62,9 @@ def advantage_from_rewards(mode: str, rewards: Tensor, ratios: Optional[Tensor],
         if ratios is not None:
             ratios, _ = _across_ranks(ratios, process_group)
     r = rewards.double()  # float64 result: the caller casts to the log-probs' dtype
-    A = contrast_advantage(r, ratios) if mode == "contrast" else group_norm_advantage(r)
+    if mode == "contrast":
+        assert ratios is not None, "the contrast advantage needs the sequences' ratios"
+        A = contrast_advantage(r, ratios)
+    else:
+        A = group_norm_advantage(r)
     return A if process_group is None else A[..., cols]

@@ -13,6 +13,7 @@
 verl's own loss types aggregate with verl's semantics (``losses/verl.py``: its ``seq-mean-*``
 modes average over non-empty sequences only).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -21,8 +22,13 @@ import torch
 from torch import Tensor
 
 
-def aggregate(l: Tensor, m: Tensor, mode: str, max_completion_length: Optional[int] = None,
-              num_items_in_batch: Optional[Tensor] = None) -> Tensor:
+def aggregate(
+    l: Tensor,
+    m: Tensor,
+    mode: str,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[Tensor] = None,
+) -> Tensor:
     N, T = m.shape
     lm = torch.where(m, l, torch.zeros((), dtype=l.dtype, device=l.device))
     if mode == "seq-mean-token-mean":

@@ -4,25 +4,28 @@ the logits (or hidden states) that gives the policy's log-probs and entropies.
 
 Checks run in the order a user needs: shapes, dtypes and devices of every
 argument first (raised at once), then values (finite inputs at valid positions,
-a 0/1 float mask, ids, lengths: queued on one device flag, see :mod:`.checks`;
-the fused tail computes them in its forward kernel, :mod:`._tail_checks`), then
+a 0/1 float mask, ids, lengths: queued on one device flag, see :mod:`gspo_kernels._checks`;
+the fused tail computes them in its forward kernel, :mod:`.tail.checks`), then
 option combinations (a reference for ``beta > 0``, rewards for a named advantage,
 ...). What sits at a masked position is left as given: the fused tail selects by
 the mask, and :meth:`LossInputs.zeroed` gives the torch composition exact zeros.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._validate import check_index_dtype, check_logits, not_finite, resolve_mask, tokens_shape_message
+from .._checks import ValueChecks, not_finite
+from .._validate import check_index_dtype, check_logits, resolve_mask, tokens_shape_message
 from ..errors import DeviceError, DTypeError, OptionError, ShapeError, reshape_hint
+from ..linear import linear_token_logprobs_checked
+from ..logprobs import token_logprobs_checked
 from ..sequences import Packed, resolve_packed
-from .checks import ValueChecks
 from .options import LossOptions
 
 IGNORE_INDEX = -100  # Hugging Face's label padding: such positions count as masked
@@ -33,22 +36,22 @@ class LossInputs:
     """What the loss math sees. ``N`` sequences of ``T`` tokens; ``lead`` the caller's
     leading shape (``(B, G, T)`` or ``(N, T)``) for reporting per-token metrics."""
 
-    logp: Tensor                      # (N, T) policy log-probs, differentiable (anything at masked positions)
-    entropy: Tensor                   # (N, T) entropies from the same pass
-    mask: Tensor                      # (N, T) bool
-    old: Optional[Tensor]             # (N, T) behaviour policy (detached), or None
-    ref: Optional[Tensor]             # (N, T) reference policy, or None
-    sampling: Optional[Tensor]        # (N, T) rollout engine's log-probs (NaN allowed: "not scored")
-    is_ratio: Optional[Tensor]        # (N, T) or (N, 1) rollout-correction ratio, or None
-    advantages: Optional[Tensor]      # (N, 1) or (N, T) given advantages, or None (from rewards)
-    rewards: Optional[Tensor]         # (B, G) float, or None
+    logp: Tensor  # (N, T) policy log-probs, differentiable (anything at masked positions)
+    entropy: Tensor  # (N, T) entropies from the same pass
+    mask: Tensor  # (N, T) bool
+    old: Optional[Tensor]  # (N, T) behaviour policy (detached), or None
+    ref: Optional[Tensor]  # (N, T) reference policy, or None
+    sampling: Optional[Tensor]  # (N, T) rollout engine's log-probs (NaN allowed: "not scored")
+    is_ratio: Optional[Tensor]  # (N, T) or (N, 1) rollout-correction ratio, or None
+    advantages: Optional[Tensor]  # (N, 1) or (N, T) given advantages, or None (from rewards)
+    rewards: Optional[Tensor]  # (B, G) float, or None
     group_size: int
-    denominator: str                  # "old" | "ref" | "detached"
+    denominator: str  # "old" | "ref" | "detached"
     num_items_in_batch: Optional[Tensor]
-    lead: Tuple[int, ...]             # per-token metrics' shape ((total,) for packed input)
-    packed: Optional[Packed] = None   # packed input: how its tokens map to the (N, T) rows
+    lead: tuple[int, ...]  # per-token metrics' shape ((total,) for packed input)
+    packed: Optional[Packed] = None  # packed input: how its tokens map to the (N, T) rows
     # what only the value checks read (a fused tail computes them beside its own reads):
-    tokens: Optional[Tensor] = None   # the caller's ids (caller's layout) and V
+    tokens: Optional[Tensor] = None  # the caller's ids (caller's layout) and V
     vocab: int = 0
     lengths: Optional[Tensor] = None  # (N,) given lengths
     float_mask: Optional[Tensor] = None  # a float mask as given (caller's layout)
@@ -59,22 +62,39 @@ class LossInputs:
             return self.packed.pad(t.reshape(-1))
         return t.reshape(self.mask.shape)
 
-    def zeroed(self) -> "LossInputs":
+    def zeroed(self) -> LossInputs:
         """The same inputs with exact zeros at masked positions in every per-token tensor (what sits
         there, NaN included, then never reaches a value or a gradient of the torch composition), and
         in a per-sequence correction ratio of an empty sequence; an empty sequence's per-sequence
         advantage is kept when finite (TRL's metrics count it), else 0."""
         m = self.mask
-        z = lambda t: None if t is None else torch.where(m, t, 0.0)  # noqa: E731
+
+        def z(t: Tensor) -> Tensor:
+            return torch.where(m, t, 0.0)
+
+        def zo(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else z(t)
+
         some = lambda t: m if t.shape[-1] == m.shape[-1] else m.any(-1, keepdim=True)  # noqa: E731
         isr, adv = self.is_ratio, self.advantages
         if isr is not None:
             isr = torch.where(some(isr), isr, 0.0)
         if adv is not None:
-            adv = (torch.where(m, adv, 0.0) if adv.shape[-1] == m.shape[-1]
-                   else torch.where(some(adv) | torch.isfinite(adv), adv, 0.0))
-        return dataclasses.replace(self, logp=z(self.logp), entropy=z(self.entropy), old=z(self.old),
-                                   ref=z(self.ref), sampling=z(self.sampling), is_ratio=isr, advantages=adv)
+            adv = (
+                torch.where(m, adv, 0.0)
+                if adv.shape[-1] == m.shape[-1]
+                else torch.where(some(adv) | torch.isfinite(adv), adv, 0.0)
+            )
+        return dataclasses.replace(
+            self,
+            logp=z(self.logp),
+            entropy=z(self.entropy),
+            old=zo(self.old),
+            ref=zo(self.ref),
+            sampling=zo(self.sampling),
+            is_ratio=isr,
+            advantages=adv,
+        )
 
     def per_token(self, x: Tensor) -> Tensor:
         """(N, T) rows -> the caller's per-token layout."""
@@ -93,27 +113,33 @@ def _float_tensor(t, name: str, shapes, dev) -> Optional[Tensor]:
         got = t.dtype if isinstance(t, Tensor) else type(t).__name__
         raise DTypeError(f"{name} must be a float tensor of shape {shapes[0]}, got {got}")
     if tuple(t.shape) not in [tuple(s) for s in shapes]:
-        raise ShapeError(f"{name} must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(t.shape)}"
-                         + reshape_hint(name, t.shape, shapes))
+        raise ShapeError(
+            f"{name} must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(t.shape)}"
+            + reshape_hint(name, t.shape, shapes)
+        )
     if t.device != dev:
         raise DeviceError(f"{name} is on {t.device} but the logits are on {dev}; put them on one device")
     return t.detach()
 
 
-def _layout(src: Tensor, src_name: str, tokens, group_size, packed_n=None) -> Tuple[int, int, int, Tuple[int, ...]]:
+def _layout(src: Tensor, src_name: str, tokens, group_size, packed_n=None) -> tuple[int, int, int, tuple[int, ...]]:
     lead = tuple(src.shape[:-1])
     last = "V" if src_name == "logits" else "H"
     if packed_n is not None:
         if len(lead) not in (1, 2) or (len(lead) == 2 and lead[0] != 1):
-            raise ShapeError(f"with cu_seqlens, {src_name} must be (total, {last}) or (1, total, {last}), "
-                             f"got shape {tuple(src.shape)}")
+            raise ShapeError(
+                f"with cu_seqlens, {src_name} must be (total, {last}) or (1, total, {last}), "
+                f"got shape {tuple(src.shape)}"
+            )
         G = group_size or 1
         B, T = packed_n // G, lead[-1]
     elif len(lead) == 3:
         B, G, T = lead
         if group_size is not None and group_size != G:
-            raise OptionError(f"group_size={group_size!r} does not match G = {G} of {src_name} of shape "
-                             f"{tuple(src.shape)}; omit group_size for 4-D input")
+            raise OptionError(
+                f"group_size={group_size!r} does not match G = {G} of {src_name} of shape "
+                f"{tuple(src.shape)}; omit group_size for 4-D input"
+            )
     elif len(lead) == 2:
         N, T = lead
         if group_size is None:
@@ -125,8 +151,9 @@ def _layout(src: Tensor, src_name: str, tokens, group_size, packed_n=None) -> Tu
     else:
         raise ShapeError(f"{src_name} must be (B, G, T, {last}) or (N, T, {last}), got shape {tuple(src.shape)}")
     if B * G == 0:
-        raise ShapeError(f"{src_name} of shape {tuple(src.shape)} holds no sequence (B * G = 0): "
-                         "the loss is a mean over sequences")
+        raise ShapeError(
+            f"{src_name} of shape {tuple(src.shape)} holds no sequence (B * G = 0): the loss is a mean over sequences"
+        )
     check_index_dtype(tokens, "tokens")
     if tuple(tokens.shape) != lead:
         raise ShapeError(tokens_shape_message("tokens", tokens.shape, lead, src_name))
@@ -135,12 +162,37 @@ def _layout(src: Tensor, src_name: str, tokens, group_size, packed_n=None) -> Tu
     return B, G, T, lead
 
 
-def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=None, advantages=None, rewards=None,
-            hidden=None, weight=None, bias=None, old_logprobs=None, ref_logprobs=None, ref_logits=None,
-            ref_hidden=None, ref_weight=None, ref_bias=None, sampling_logprobs=None,
-            importance_sampling_ratio=None, num_items_in_batch=None, group_size=None, ignore_index=IGNORE_INDEX,
-            chunk_size=None, vocab_group=None, inplace_backward=False, cu_seqlens=None, max_seqlen=None,
-            checks: ValueChecks, memory_budget=None) -> LossInputs:
+def resolve(
+    opt: LossOptions,
+    *,
+    logits=None,
+    tokens=None,
+    mask=None,
+    lengths=None,
+    advantages=None,
+    rewards=None,
+    hidden=None,
+    weight=None,
+    bias=None,
+    old_logprobs=None,
+    ref_logprobs=None,
+    ref_logits=None,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
+    sampling_logprobs=None,
+    importance_sampling_ratio=None,
+    num_items_in_batch=None,
+    group_size=None,
+    ignore_index=IGNORE_INDEX,
+    chunk_size=None,
+    vocab_group=None,
+    inplace_backward=False,
+    cu_seqlens=None,
+    max_seqlen=None,
+    checks: ValueChecks,
+    memory_budget=None,
+) -> LossInputs:
     """Check everything, run the one pass over the logits, return :class:`LossInputs`."""
     # ---- shapes, dtypes, devices
     if (logits is None) == (hidden is None):
@@ -176,16 +228,21 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     if isinstance(advantages, Tensor):
         adv = _float_tensor(advantages, "advantages", seq_shapes + tok_shapes, dev)
     elif advantages is not None and not isinstance(advantages, str):
-        raise DTypeError(f"advantages must be a float tensor of shape {seq_shapes[0]} or {lead}, or one of "
-                        f"('group_norm', 'contrast'), got {type(advantages).__name__}")
+        raise DTypeError(
+            f"advantages must be a float tensor of shape {seq_shapes[0]} or {lead}, or one of "
+            f"('group_norm', 'contrast'), got {type(advantages).__name__}"
+        )
     if rewards is not None:
-        if not isinstance(rewards, Tensor) or not (rewards.dtype.is_floating_point
-                                                   or rewards.dtype in (torch.int32, torch.int64)):
+        if not isinstance(rewards, Tensor) or not (
+            rewards.dtype.is_floating_point or rewards.dtype in (torch.int32, torch.int64)
+        ):
             got = rewards.dtype if isinstance(rewards, Tensor) else type(rewards).__name__
             raise DTypeError(f"rewards must be a float tensor of shape {seq_shapes[0]}, got {got}")
         if tuple(rewards.shape) not in [(B, G), (N,)] or (not flat and tuple(rewards.shape) == (N,) and G > 1):
-            raise ShapeError(f"rewards must have shape {seq_shapes[0]}, got {tuple(rewards.shape)}"
-                             + reshape_hint("rewards", rewards.shape, seq_shapes))
+            raise ShapeError(
+                f"rewards must have shape {seq_shapes[0]}, got {tuple(rewards.shape)}"
+                + reshape_hint("rewards", rewards.shape, seq_shapes)
+            )
         if rewards.device != dev:
             raise DeviceError(f"rewards is on {rewards.device} but the logits are on {dev}; put them on one device")
     if ref_logprobs is not None and ref_logits is not None:
@@ -195,19 +252,24 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     if ref_logits is not None:
         check_logits(ref_logits, name="ref_logits")
         if logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
-            raise ShapeError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
-                             f"got {tuple(ref_logits.shape)}")
+            raise ShapeError(
+                f"ref_logits must have the logits' shape {tuple(logits.shape)}, got {tuple(ref_logits.shape)}"
+            )
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, Tensor)):
-        raise DTypeError(f"num_items_in_batch must be a number or a 0-d tensor, got {type(num_items_in_batch).__name__}")
+        raise DTypeError(
+            f"num_items_in_batch must be a number or a 0-d tensor, got {type(num_items_in_batch).__name__}"
+        )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, type(None))):
         raise DTypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
 
     # ---- values (one device flag; queued here, computed by the fused tail or in checks.finish)
     float_mask = mask if mask is not None and mask.dtype.is_floating_point else None
     if float_mask is not None:
-        checks.require_not(lambda: ((float_mask != 0) & (float_mask != 1)).any(),
-                           "mask must hold only 0 and 1 (a float mask is not a weight); got other values",
-                           kind="binary_mask")
+        checks.require_not(
+            lambda: ((float_mask != 0) & (float_mask != 1)).any(),
+            "mask must hold only 0 and 1 (a float mask is not a weight); got other values",
+            kind="binary_mask",
+        )
     valid = torch.ones(lead, dtype=torch.bool, device=dev) if mask_b is None else mask_b
     if ignore_index is not None:
         valid = valid & (tokens != ignore_index)
@@ -226,14 +288,19 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     adv = None if adv is None else seq(adv)
     if checks.enabled:
         some = lambda t: m if t.shape[-1] == T else m.any(-1, keepdim=True)  # noqa: E731
-        for t, name, kind in ((old, "old_logprobs", "old"), (ref, "ref_logprobs", "ref"),
-                              (isr, "importance_sampling_ratio", "isr"), (adv, "advantages", "adv")):
+        for t, name, kind in (
+            (old, "old_logprobs", "old"),
+            (ref, "ref_logprobs", "ref"),
+            (isr, "importance_sampling_ratio", "isr"),
+            (adv, "advantages", "adv"),
+        ):
             if t is not None:
-                checks.finite(t, (lambda t: lambda: some(t))(t), name, kind=kind)
+                checks.finite(t, (lambda t: lambda: some(t))(t), name, kind=kind)  # noqa: B023 (t bound by the call)
     if rewards is not None:
         rewards = rewards.detach().reshape(B, G).to(torch.promote_types(rewards.dtype, torch.float32))
-        checks.require_not((lambda r: lambda: not_finite(r).any())(rewards), "rewards must be finite, got NaN/inf",
-                           kind="rewards")
+        checks.require_not(
+            (lambda r: lambda: not_finite(r).any())(rewards), "rewards must be finite, got NaN/inf", kind="rewards"
+        )
 
     # ---- option combinations
     has_ref = ref is not None or ref_logits is not None or ref_hidden is not None
@@ -244,19 +311,27 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
         if mode not in ("group_norm", "contrast"):
             raise OptionError(f"advantages must be a tensor or one of ('group_norm', 'contrast'), got {mode!r}")
         if rewards is None:
-            raise OptionError(f"advantages={mode!r} computes the advantage from rewards: pass rewards {(B, G)} "
-                             "(or an advantages tensor)")
+            raise OptionError(
+                f"advantages={mode!r} computes the advantage from rewards: pass rewards {(B, G)} "
+                "(or an advantages tensor)"
+            )
         if flat and group_size is None and N > 1:
-            raise OptionError(f"(N, T, V) input of shape {tuple(src.shape)} needs group_size=G to compute "
-                             f"advantages={mode!r} from rewards per group")
+            raise OptionError(
+                f"(N, T, V) input of shape {tuple(src.shape)} needs group_size=G to compute "
+                f"advantages={mode!r} from rewards per group"
+            )
     denominator = _resolve_denominator(opt, old is not None, has_ref)
     if opt.loss_type == "vespo" and opt.vllm_importance_sampling_mode in ("sequence_truncate", "sequence_mask"):
-        raise OptionError("loss_type='vespo' needs a token-level vllm_importance_sampling_mode "
-                         f"('token_truncate' or 'token_mask'), got {opt.vllm_importance_sampling_mode!r}")
+        raise OptionError(
+            "loss_type='vespo' needs a token-level vllm_importance_sampling_mode "
+            f"('token_truncate' or 'token_mask'), got {opt.vllm_importance_sampling_mode!r}"
+        )
     if opt.vllm_importance_sampling_mode is not None and (samp is None or old is None):
-        raise OptionError(f"vllm_importance_sampling_mode={opt.vllm_importance_sampling_mode!r} needs "
-                         "old_logprobs and sampling_logprobs (the rollout engine's), or pass "
-                         "importance_sampling_ratio instead")
+        raise OptionError(
+            f"vllm_importance_sampling_mode={opt.vllm_importance_sampling_mode!r} needs "
+            "old_logprobs and sampling_logprobs (the rollout engine's), or pass "
+            "importance_sampling_ratio instead"
+        )
     if opt.vllm_importance_sampling_mode is not None and isr is not None:
         raise OptionError("give importance_sampling_ratio or vllm_importance_sampling_mode, not both")
 
@@ -269,21 +344,40 @@ def resolve(opt: LossOptions, *, logits=None, tokens=None, mask=None, lengths=No
     vocab = src.shape[-1] if logits is not None else weight.shape[0]
     if ref_logits is not None or ref_hidden is not None:
         rw = ref_weight if ref_weight is not None else weight
-        ref_vocab = ref_logits.shape[-1] if ref_logits is not None else (
-            rw.shape[0] if isinstance(rw, Tensor) and rw.dim() == 2 else None)
+        ref_vocab = (
+            ref_logits.shape[-1]
+            if ref_logits is not None
+            else (rw.shape[0] if isinstance(rw, Tensor) and rw.dim() == 2 else None)
+        )
         # the same ids and mask over the same vocabulary: checked once, above (else checked again)
         ref_checks = ValueChecks(False) if ref_vocab == vocab else checks
         with torch.no_grad():
-            ref = rows(_logprobs(ref_logits, tokens, ref_hidden, rw, ref_bias, chunk_size, grad=False,
-                                 checks=ref_checks, **kw))
+            ref = rows(
+                _logprobs(ref_logits, tokens, ref_hidden, rw, ref_bias, chunk_size, grad=False, checks=ref_checks, **kw)
+            )
     nib = num_items_in_batch
     if nib is not None and not isinstance(nib, Tensor):
         nib = torch.tensor(float(nib), device=dev)
-    return LossInputs(logp=logp, entropy=ent, mask=m, old=old, ref=ref, sampling=samp, is_ratio=isr,
-                      advantages=adv, rewards=rewards, group_size=G, denominator=denominator,
-                      num_items_in_batch=nib, lead=lead if packed is None else (packed.total,), packed=packed,
-                      tokens=tokens, vocab=vocab,
-                      lengths=None if lengths is None else lengths.reshape(N), float_mask=float_mask)
+    return LossInputs(
+        logp=logp,
+        entropy=ent,
+        mask=m,
+        old=old,
+        ref=ref,
+        sampling=samp,
+        is_ratio=isr,
+        advantages=adv,
+        rewards=rewards,
+        group_size=G,
+        denominator=denominator,
+        num_items_in_batch=nib,
+        lead=lead if packed is None else (packed.total,),
+        packed=packed,
+        tokens=tokens,
+        vocab=vocab,
+        lengths=None if lengths is None else lengths.reshape(N),
+        float_mask=float_mask,
+    )
 
 
 def _resolve_denominator(opt: LossOptions, has_old: bool, has_ref: bool) -> str:
@@ -302,11 +396,16 @@ def _resolve_denominator(opt: LossOptions, has_old: bool, has_ref: bool) -> str:
 def _logprobs(logits, tokens, hidden, weight, bias, chunk_size, grad, checks, memory_budget=None, **kw):
     """The policy's (``grad``: log-probs and entropies) or the reference's log-probs, one pass
     (``chunk_size``, ``memory_budget``: the hidden-state path's)."""
-    from ..logprobs import token_logprobs_checked
-
     if logits is not None:
         return token_logprobs_checked(logits, tokens, checks, return_entropy=grad, **kw)
-    from ..linear import linear_token_logprobs_checked  # local: the linear path is optional
-
-    return linear_token_logprobs_checked(hidden, weight, tokens, checks, bias=bias, chunk_size=chunk_size,
-                                         return_entropy=grad, memory_budget=memory_budget, **kw)
+    return linear_token_logprobs_checked(
+        hidden,
+        weight,
+        tokens,
+        checks,
+        bias=bias,
+        chunk_size=chunk_size,
+        return_entropy=grad,
+        memory_budget=memory_budget,
+        **kw,
+    )

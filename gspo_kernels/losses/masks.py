@@ -2,12 +2,16 @@
 rollout-correction ratio (training vs rollout engine mismatch). All device-side:
 no host sync (the entropy quantile is a sort and a gather, not ``torch.quantile``
 on a boolean-indexed tensor)."""
+
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .inputs import LossInputs
+from .options import LossOptions
 
 
 def off_policy_mask(A: Tensor, lp: Tensor, sampling: Tensor, m: Tensor, threshold: float) -> Tensor:
@@ -27,7 +31,7 @@ def quantile_of_valid(x: Tensor, m: Tensor, q: float) -> Tensor:
         return torch.full((), float("inf"), dtype=x.dtype, device=x.device)
     vals = torch.where(m, x, float("inf")).flatten().sort().values
     n = m.sum()
-    pos = (q * (n - 1).clamp(min=0).to(torch.float64))
+    pos = q * (n - 1).clamp(min=0).to(torch.float64)
     lo = pos.floor().long().reshape(1)
     hi = pos.ceil().long().reshape(1)
     v_lo, v_hi = vals.gather(0, lo).reshape(()), vals.gather(0, hi).reshape(())  # no host read of the rank
@@ -44,8 +48,14 @@ def high_entropy_mask(entropy: Tensor, m: Tensor, top_quantile: float) -> Tensor
     return (torch.where(m, H, 0) >= thr) & m
 
 
-def rollout_correction(old_logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, mode: str,
-                       clip_min: Optional[float] = None, clip_max: Optional[float] = 3.0) -> Tensor:
+def rollout_correction(
+    old_logprobs: Tensor,
+    sampling_logprobs: Tensor,
+    mask: Tensor,
+    mode: str,
+    clip_min: Optional[float] = None,
+    clip_max: Optional[float] = 3.0,
+) -> Tensor:
     """Importance ratio ``pi_old / pi_sampler`` correcting the rollout engine's mismatch (TRL's
     ``vllm_importance_sampling_mode``). ``d_t = (old_t - sampling_t) m_t`` (NaN -> 0);
     ``token_*``: ``r_t = exp(d_t)``, (..., T); ``sequence_*``: ``r = exp(sum_t d_t)``, (..., 1).
@@ -61,3 +71,25 @@ def rollout_correction(old_logprobs: Tensor, sampling_logprobs: Tensor, mask: Te
     lo = -float("inf") if clip_min is None else clip_min
     hi = float("inf") if clip_max is None else clip_max
     return r.masked_fill((r < lo) | (r > hi), 0.0)
+
+
+def sequence_correction(opt: LossOptions) -> bool:
+    """Whether ``vllm_importance_sampling_mode`` gives one correction ratio per sequence."""
+    return (opt.vllm_importance_sampling_mode or "").startswith("sequence")
+
+
+def correction_ratio(inp: LossInputs, opt: LossOptions):
+    """The rollout-correction ratio: ``importance_sampling_ratio`` as given, or computed from
+    ``old`` and ``sampling`` by ``vllm_importance_sampling_mode`` (:func:`rollout_correction`); None
+    without either."""
+    if opt.vllm_importance_sampling_mode is None:
+        return inp.is_ratio
+    assert inp.old is not None and inp.sampling is not None, "inputs.resolve requires them for the mode"
+    return rollout_correction(
+        inp.old,
+        inp.sampling,
+        inp.mask,
+        opt.vllm_importance_sampling_mode,
+        opt.vllm_importance_sampling_clip_min,
+        opt.vllm_importance_sampling_clip_max,
+    )

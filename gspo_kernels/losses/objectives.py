@@ -5,12 +5,13 @@ differentiable input), ``m`` (N, T) the mask, ``A`` the advantage ((N, 1) or (N,
 
 Each objective returns the per-token loss ``l_t`` (broadcastable to (N, T)) and its
 metrics; sources: TRL 1.16 ``GRPOTrainer._compute_loss``, verl 0.9.1
-``verl/trainer/ppo/core_algos.py`` (see README, "Every policy loss").
+``verl/trainer/ppo/core_algos.py`` (see docs/losses.md, "What a call computes").
 """
+
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +38,7 @@ def log_importance_weight(log_ratio: Tensor, lp: Tensor, m: Tensor, level: str) 
 def guarded_exp(log_w: Tensor, A: Tensor) -> Tensor:
     """``exp(log_w)``, but 1 where the advantage is exactly 0: an overflowing weight
     (log_w > 88 in fp32) times a zero advantage gives 0 and a zero gradient, not
-    ``inf * 0 = NaN``. Elsewhere no clamp (README, "Overflowing ratios")."""
+    ``inf * 0 = NaN``. Elsewhere no clamp (docs/edges.md, "Overflowing ratios")."""
     return torch.exp(torch.where(A == 0, torch.zeros((), dtype=log_w.dtype, device=log_w.device), log_w))
 
 
@@ -59,7 +60,7 @@ def kl_tokens(lp: Tensor, ref: Tensor, estimator: str) -> Tensor:
 
 
 # ---------------------------------------------------------------- objectives
-def ppo_clip(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, ctx) -> Tuple[Tensor, Dict]:
+def ppo_clip(w: Tensor, w_raw: Tensor, A: Tensor, lp: Optional[Tensor], opt: LossOptions, ctx) -> tuple[Tensor, dict]:
     """``l = -min(w' A, clip(w, 1-eps, 1+eps_high) A)``, ``w' = min(w, delta)`` with two-sided
     clipping (TRL ``delta``); dual clip (verl ``clip_ratio_c``): for ``A < 0``, ``l = min(l, -A c)``."""
     w2 = torch.clamp(w, 1.0 - opt.epsilon, 1.0 + opt.eps_high)
@@ -72,14 +73,14 @@ def ppo_clip(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, 
     return loss, {"_low": low, "_high": high}
 
 
-def cispo(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, ctx) -> Tuple[Tensor, Dict]:
+def cispo(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, ctx) -> tuple[Tensor, dict]:
     """CISPO: ``l = -sg[min(w, eps_high)] A lp``: the weight clipped and detached, the gradient
     through the log-prob (TRL; verl's ``cispo`` is the same with its ``clip_ratio_high``)."""
     loss = -torch.clamp(w, max=opt.eps_high).detach() * A * lp
     return loss, {"_cispo": (w_raw > opt.eps_high) & (A > 0)}
 
 
-def sapo(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, ctx) -> Tuple[Tensor, Dict]:
+def sapo(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, ctx) -> tuple[Tensor, dict]:
     """SAPO: ``tau = tau_pos if A > 0 else tau_neg``; ``l = -(4/tau) sigmoid(tau (w - 1)) A``."""
     tau = torch.where(A > 0, opt.sapo_temperature_pos, opt.sapo_temperature_neg).to(w.dtype)
     return -(torch.sigmoid(tau * (w - 1.0)) * 4.0 / tau) * A, {}
@@ -102,7 +103,7 @@ def vespo_phi(log_ratio: Tensor, m: Tensor, A: Tensor, is_ratio, opt: LossOption
     return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def vespo(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, ctx) -> Tuple[Tensor, Dict]:
+def vespo(w: Tensor, w_raw: Tensor, A: Tensor, lp: Tensor, opt: LossOptions, ctx) -> tuple[Tensor, dict]:
     """VESPO: ``l = -sg[phi] A lp`` (TRL), phi from :func:`vespo_phi`."""
     phi = vespo_phi(ctx["log_ratio"], ctx["mask"], A, ctx["is_ratio"], opt)
     return -phi * A * lp, {"_phi": phi}

@@ -9,13 +9,16 @@ and verl's names for what only verl has (``clip_ratio_c``, ``loss_agg_mode``,
 ``kl_loss_type`` values, the Clip-Cov / KL-Cov / GMPO / DPPO knobs).
 Defaults are TRL's, so a ``GRPOConfig`` maps to a call one to one.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
+from .._validate import check_temperature
 from ..errors import DTypeError, OptionError, UnknownOptionError, nearest
 
 # loss_type -> (objective, default aggregation). TRL 1.16's eight first, then verl 0.9.1's
@@ -44,12 +47,32 @@ LOSS_TYPES = {
     "dppo_tv": ("dppo_tv", "token-mean"),
     "dppo_kl": ("dppo_kl", "token-mean"),
 }
-VERL_LOSS_TYPES = ("vanilla", "verl_gspo", "verl_sapo", "verl_cispo", "gpg", "clip_cov", "kl_cov", "geo_mean",
-                   "dro", "dppo_tv", "dppo_kl")
+VERL_LOSS_TYPES = (
+    "vanilla",
+    "verl_gspo",
+    "verl_sapo",
+    "verl_cispo",
+    "gpg",
+    "clip_cov",
+    "kl_cov",
+    "geo_mean",
+    "dro",
+    "dppo_tv",
+    "dppo_kl",
+)
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 # How per-token losses l_t (masked by m_t) become one scalar (see aggregate.py).
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "dr_grpo", "token-sum-norm",
-                "seq-mean-token-sum-norm", "token-sum")
+AGGREGATIONS = (
+    "seq-mean-token-mean",
+    "token-mean",
+    "seq-mean-token-sum",
+    "dr_grpo",
+    "token-sum-norm",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+)
+# verl's agg_loss modes: the aggregations a verl loss type takes
+VERL_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 LEVELS = ("token", "sequence", "sequence_token")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "abs")
 ADVANTAGE_MODES = ("group_norm", "contrast")
@@ -71,7 +94,7 @@ def _number(name: str, v, *, lo=None, lo_open=False, hi=None, optional=False) ->
 # Names a user may reach for that are not loss types: how to say what they mean.
 LOSS_TYPE_HINTS = {
     "gspo": "GSPO is loss_type='grpo' with importance_sampling_level='sequence' (TRL's form, what gspo_loss "
-            "calls; 'sequence_token' for GSPO-token), or verl's form loss_type='verl_gspo'",
+    "calls; 'sequence_token' for GSPO-token), or verl's form loss_type='verl_gspo'",
     "ppo": "PPO's clipped loss is loss_type='bnpo' (TRL, token-mean) or 'vanilla' (verl's loss_mode='vanilla')",
 }
 
@@ -89,8 +112,11 @@ def _choice(name: str, v, choices, optional=False) -> None:
     if v is None and optional:
         return
     if v not in choices:
-        hint = _loss_type_hint(v) if name == "loss_type" else (
-            f"; did you mean {nearest(str(v), choices)!r}?" if nearest(str(v), choices) else "")
+        hint = (
+            _loss_type_hint(v)
+            if name == "loss_type"
+            else (f"; did you mean {nearest(str(v), choices)!r}?" if nearest(str(v), choices) else "")
+        )
         raise OptionError(f"{name} must be one of {tuple(choices)}{' or None' if optional else ''}, got {v!r}{hint}")
 
 
@@ -173,8 +199,6 @@ class LossOptions:
 
     def __post_init__(self):
         if self.loss_type == "bypass_mode":
-            from .verl import BYPASS_MODE_MESSAGE
-
             raise OptionError(BYPASS_MODE_MESSAGE)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("importance_sampling_level", self.importance_sampling_level, LEVELS)
@@ -189,9 +213,13 @@ class LossOptions:
         if not isinstance(self.use_bias_correction_kl, bool):
             raise DTypeError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         if self.max_completion_length is not None and (
-                isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int)
-                or self.max_completion_length < 1):
-            raise OptionError(f"max_completion_length must be a positive int or None, got {self.max_completion_length!r}")
+            isinstance(self.max_completion_length, bool)
+            or not isinstance(self.max_completion_length, int)
+            or self.max_completion_length < 1
+        ):
+            raise OptionError(
+                f"max_completion_length must be a positive int or None, got {self.max_completion_length!r}"
+            )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             _number(name, getattr(self, name), lo=0.0, lo_open=True)
         for name in ("vespo_k_pos", "vespo_k_neg", "ppo_kl_coef", "clip_cov_lb", "clip_cov_ub"):
@@ -210,12 +238,8 @@ class LossOptions:
         _number("entropy_coef", self.entropy_coef)
         _choice("advantage", self.advantage, ADVANTAGE_MODES)
         _choice("denominator", self.denominator, DENOMINATORS, optional=True)
-        from .._validate import check_temperature
-
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
         if self.family == "verl":
-            from .verl import check_verl_options
-
             check_verl_options(self)
 
     @property
@@ -228,7 +252,7 @@ class LossOptions:
 
     @property
     def family(self) -> str:
-        """"verl" for verl's losses (composed as verl's actor does), else "trl"."""
+        """ "verl" for verl's losses (composed as verl's actor does), else "trl"."""
         return "verl" if self.loss_type in VERL_LOSS_TYPES else "trl"
 
     @property
@@ -236,16 +260,53 @@ class LossOptions:
         return self.loss_agg_mode or LOSS_TYPES[self.loss_type][1]
 
 
+# verl's bypass_mode is a rollout-correction driver, not a loss: refused by name, with what to use instead
+BYPASS_MODE_MESSAGE = (
+    "verl's loss_mode='bypass_mode' is not supported: it is a rollout-correction driver "
+    "(IS weights and rejection from old = rollout log-probs), not a loss; use loss_type="
+    "'vanilla' or 'gpg' with importance_sampling_ratio or vllm_importance_sampling_mode"
+)
+
+
+def check_verl_options(opt: LossOptions) -> None:
+    """Refuse, with a verl loss type, the options verl has no counterpart for (called by LossOptions)."""
+    trl_only = {
+        "delta": opt.delta is not None,
+        "off_policy_mask_threshold": opt.off_policy_mask_threshold is not None,
+        "top_entropy_quantile": opt.top_entropy_quantile < 1.0,
+        "importance_sampling_level": opt.importance_sampling_level != "token",
+    }
+    for name, is_set in trl_only.items():
+        if is_set:
+            hint = " (verl's sequence ratio is loss_type='verl_gspo')" if name == "importance_sampling_level" else ""
+            raise OptionError(f"{name} is a TRL option; verl's loss_type={opt.loss_type!r} has none{hint}")
+    if opt.aggregation not in VERL_AGGREGATIONS:
+        raise OptionError(
+            f"loss_type={opt.loss_type!r} aggregates as verl's agg_loss: loss_agg_mode must be one of "
+            f"{VERL_AGGREGATIONS}, got {opt.aggregation!r}"
+        )
+    if opt.loss_type == "clip_cov" and opt.clip_cov_ratio <= 0:
+        raise OptionError("loss_type='clip_cov' needs clip_cov_ratio > 0")
+    if opt.loss_type == "kl_cov" and opt.kl_cov_ratio <= 0:
+        raise OptionError("loss_type='kl_cov' needs kl_cov_ratio > 0")
+
+
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))
 
 # Other libraries' names for what policy_loss takes under another name: verl's actor config keys
 # (options_from_verl converts a whole verl config) and TRL's GRPOConfig fields that are call arguments.
 FOREIGN_NAMES = {
-    "clip_ratio": ("verl", "epsilon (and epsilon_high)"), "clip_ratio_low": ("verl", "epsilon"),
-    "clip_ratio_high": ("verl", "epsilon_high"), "entropy_coeff": ("verl", "entropy_coef"),
-    "kl_loss_coef": ("verl", "beta"), "use_kl_loss": ("verl", "beta > 0"), "kl_loss_type": ("verl", "kl"),
-    "tau_pos": ("verl", "sapo_temperature_pos"), "tau_neg": ("verl", "sapo_temperature_neg"),
-    "loss_scale_factor": ("verl", "max_completion_length"), "loss_mode": ("verl", "loss_type"),
+    "clip_ratio": ("verl", "epsilon (and epsilon_high)"),
+    "clip_ratio_low": ("verl", "epsilon"),
+    "clip_ratio_high": ("verl", "epsilon_high"),
+    "entropy_coeff": ("verl", "entropy_coef"),
+    "kl_loss_coef": ("verl", "beta"),
+    "use_kl_loss": ("verl", "beta > 0"),
+    "kl_loss_type": ("verl", "kl"),
+    "tau_pos": ("verl", "sapo_temperature_pos"),
+    "tau_neg": ("verl", "sapo_temperature_neg"),
+    "loss_scale_factor": ("verl", "max_completion_length"),
+    "loss_mode": ("verl", "loss_type"),
     "policy_loss": ("verl", "the keywords of options_from_verl(actor_config)"),
     "rollout_is": ("verl", "vllm_importance_sampling_mode"),
     "rollout_is_threshold": ("verl", "vllm_importance_sampling_clip_max"),
@@ -262,12 +323,17 @@ def unknown_option_error(unknown: Iterable[str], known: Iterable[str] = OPTION_N
     for name in unknown:
         if name in FOREIGN_NAMES:
             lib, ours = FOREIGN_NAMES[name]
-            how = (" (or convert a whole verl actor config: policy_loss(..., **options_from_verl(cfg)), "
-                   "from gspo_kernels.losses.verl)" if lib == "verl" else "")
+            how = (
+                " (or convert a whole verl actor config: policy_loss(..., **options_from_verl(cfg)), "
+                "from gspo_kernels.losses.verl)"
+                if lib == "verl"
+                else ""
+            )
             hints.append(f"{name} is {lib}'s name: pass {ours}{how}")
         else:
             near = nearest(name, known)
             if near:
                 hints.append(f"{name}: did you mean {near!r}?")
-    return UnknownOptionError(f"unknown loss option(s) {unknown}; " + ("; ".join(hints) + ". " if hints else "")
-                              + f"The options are {known}")
+    return UnknownOptionError(
+        f"unknown loss option(s) {unknown}; " + ("; ".join(hints) + ". " if hints else "") + f"The options are {known}"
+    )

@@ -1,17 +1,17 @@
 """The loss's value checks, computed inside the fused tail's forward kernel.
 
-Each program of :func:`._tail._tail_fwd_kernel` already walks its sequence's per-token
+Each program of :func:`.kernels._tail_fwd_kernel` already walks its sequence's per-token
 inputs; with checks on it also reads, once, what the queued value checks need (the ids
 and the mask, the given per-token and per-sequence tensors, its length and reward) and
 ORs one bit per failed check into a per-sequence integer (a ``PART`` column); the
-reduce kernel ORs those into a 0-d int32 flag that :class:`..._validate.ValueChecks`
+reduce kernel ORs those into a 0-d int32 flag that :class:`gspo_kernels._checks.ValueChecks`
 reads once, after the kernels. So a checked call launches no kernel of its own for its
 checks: the checks are the ``CHECK`` bits (``tl.constexpr``) of kernels that run anyway.
 Bytes: one more read of each checked O(N*T) tensor (and of the ids); none of the logits.
 
 Kinds and their bits, in the order their messages are raised (the torch evaluation of the
-same checks, for every other path, is queued by :func:`.inputs.resolve` and
-:mod:`.._validate`)::
+same checks, for every other path, is queued by :func:`..inputs.resolve` and
+:mod:`gspo_kernels._validate`)::
 
     lengths      0 <= lengths_i <= T                     (per sequence)
     binary_mask  a float mask holds only 0 and 1         (every position)
@@ -21,9 +21,10 @@ same checks, for every other path, is queued by :func:`.inputs.resolve` and
     rewards      finite                                  (per sequence)
     ids          0 <= id < V at valid positions          (per token)
 """
+
 from __future__ import annotations
 
-from .._kernels import HAS_TRITON
+from ..._kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton
@@ -35,7 +36,7 @@ _bit = tl.constexpr if HAS_TRITON else int
 C_LEN, C_BIN, C_OLD, C_REF, C_ISR, C_ADV, C_REW, C_IDS = (_bit(BITS[k]) for k in KINDS)
 
 if HAS_TRITON:
-    from .._kernels import _or
+    from ..._kernels_seq import _or
 
     @triton.jit
     def _not_finite(x):
@@ -53,8 +54,24 @@ if HAS_TRITON:
         return tl.sum(n, 0)
 
     @triton.jit
-    def _row_checks(M, TOK, FMASK, LENS, OLD, REF, ISR, ADV, REW, row, T, V, CHECK: tl.constexpr,
-                    ISR_MODE: tl.constexpr, ADV_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    def _row_checks(
+        M,
+        TOK,
+        FMASK,
+        LENS,
+        OLD,
+        REF,
+        ISR,
+        ADV,
+        REW,
+        row,
+        T,
+        V,
+        CHECK: tl.constexpr,
+        ISR_MODE: tl.constexpr,
+        ADV_MODE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """The bits (``C_*``) of the checks in ``CHECK`` that sequence ``row`` fails: one pass
         over its tokens (the per-token checks), then its per-sequence values. (``CHECK & 2``
         tests C_BIN's bit: the interpreter passes ``CHECK`` as a plain int, which does not

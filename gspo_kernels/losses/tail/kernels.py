@@ -1,10 +1,11 @@
-"""The fused loss tail of the TRL family: Triton kernels and their launchers.
+"""The fused loss tail of the TRL family: its forward and reduce kernels (backward:
+:mod:`.kernels_bwd`; launch plans: :mod:`.launch`).
 
-Everything :func:`.core.compose` does after the log-prob kernel, for the TRL loss types,
+Everything :func:`..core.compose` does after the log-prob kernel, for the TRL loss types,
 runs as two kernels forward and one backward over the O(N*T) per-token values
-(notation and the torch composition they equal: :mod:`.core`, :mod:`.objectives`,
-:mod:`.masks`, :mod:`.aggregate`; the per-token math: :mod:`._tail_math`; the
-derivatives and the autograd function: :mod:`._tail_fn`):
+(notation and the torch composition they equal: :mod:`..core`, :mod:`..objectives`,
+:mod:`..masks`, :mod:`..aggregate`; the per-token math: :mod:`.math`; the
+derivatives and the autograd function: :mod:`.autograd`):
 
 - :func:`_tail_fwd_kernel`, one program per sequence: the sequence's sums first (masked
   log-ratio, length, log-prob, off-policy gap, rollout-correction log-ratio, VESPO's
@@ -15,36 +16,77 @@ derivatives and the autograd function: :mod:`._tail_fn`):
 - :func:`_tail_reduce_kernel`, one program: reduces ``PART`` over the N sequences in a
   fixed order (deterministic, no atomics) into the loss, every scalar metric and the
   aggregation's divisors for backward (``SCAL``).
-- :func:`_tail_bwd_kernel`, one program per sequence: the sequence-level ``dloss/dlog_w``
-  first (GSPO's weight is a mean over the sequence), then ``dloss/dlp_t`` and
-  ``dloss/dH_t`` per token, recomputed from the inputs and ``PART`` (nothing per-token is
-  saved by the forward).
+- :func:`.kernels_bwd._tail_bwd_kernel`, one program per sequence: ``dloss/dlp_t`` and
+  ``dloss/dH_t``, recomputed from the inputs and ``PART`` (nothing per-token is saved).
 
 Options are ``tl.constexpr`` (one compiled variant per option set in use); shapes
 (``T``, ``G``, ``N``) are plain integers, not specialised. Float options travel in a
-small fp64 device tensor ``PRM`` (cached per option set, :mod:`._tail_fn`): Triton passes
+small fp64 device tensor ``PRM`` (cached per option set, :mod:`.launch`): Triton passes
 Python floats as fp32, and the fp64 path needs them exact. Bytes: each kernel reads the
 per-token inputs it uses once per pass (one pass, two at sequence level or when a
 sequence statistic gates the tokens; the contrast advantage reads its group's log-ratios,
 G rows); the forward writes K floats per sequence (plus T ratios at token level), the
 backward one or two floats per token. Nothing here touches the logits.
 """
+
 from __future__ import annotations
 
-import torch
-
-from .._kernels import HAS_TRITON, Launch
-from ._tail_math import (K, M_CISPO, M_ENT, M_HIGH, M_HIGHMAX, M_KL, M_LOW, M_LOWMIN, M_PHI, M_REGION, M_RMAX,
-                         M_RMEAN, M_RMIN, P_A, P_C0, P_C1, P_C2, P_COND, P_FLAG, P_H, P_HE, P_ISR, P_KL, P_L, P_LOSS,
-                         P_LW, P_NE, P_RMAX, P_RMIN, P_RS, P_VW, R_COEF, R_EPSH, R_HI, R_LO, R_LOGLO, R_OFFTHR)
+from ..._kernels import HAS_TRITON
+from .math import (
+    M_CISPO,
+    M_ENT,
+    M_HIGH,
+    M_HIGHMAX,
+    M_KL,
+    M_LOW,
+    M_LOWMIN,
+    M_PHI,
+    M_REGION,
+    M_RMAX,
+    M_RMEAN,
+    M_RMIN,
+    P_A,
+    P_C0,
+    P_C1,
+    P_C2,
+    P_COND,
+    P_FLAG,
+    P_H,
+    P_HE,
+    P_ISR,
+    P_KL,
+    P_L,
+    P_LOSS,
+    P_LW,
+    P_NE,
+    P_RMAX,
+    P_RMIN,
+    P_RS,
+    P_VW,
+    R_COEF,
+    R_EPSH,
+    R_HI,
+    R_LO,
+    R_LOGLO,
+    R_OFFTHR,
+)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._tail_math import (_clamp, _correction, _entropy_threshold, _group_advantage, _load_token, _prm,
-                             _row_sums, _terms, _vespo_phi)
-    from ._tail_checks import _not_finite, _or, _row_checks, _row_count
+    from .checks import _not_finite, _or, _row_checks, _row_count
+    from .math import (
+        _clamp,
+        _correction,
+        _entropy_threshold,
+        _group_advantage,
+        _load_token,
+        _prm,
+        _row_sums,
+        _terms,
+        _vespo_phi,
+    )
 
 # Tokens per loop step: a program holds ~20 live per-token arrays (log-probs, weights,
 # advantage, masks, KL, ratios); 256 tokens over 4 warps is 2 values per thread per array,
@@ -56,15 +98,59 @@ BLOCK_N = 256
 NUM_WARPS = 4
 
 if HAS_TRITON:
+
     @triton.jit(do_not_specialize=["T", "G", "NT", "n_iter", "V"])
-    def _tail_fwd_kernel(LP, H, M, OLD, REF, SAMP, ISR, ADV, REW, SORTED, PRM, PART, SEQM, RATIO, SCAL,
-                         TOK, FMASK, LENS, T, G, NT, n_iter, V, CHECK: tl.constexpr, LEVEL: tl.constexpr, DEN: tl.constexpr, ADV_MODE: tl.constexpr,
-                         OBJ: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CLIPC: tl.constexpr, KL: tl.constexpr,
-                         BIAS_KL: tl.constexpr, ADD_KL: tl.constexpr, OFFPOL: tl.constexpr, ENTMASK: tl.constexpr,
-                         ISR_MODE: tl.constexpr, ISR_MASK: tl.constexpr, HAS_CMIN: tl.constexpr,
-                         HAS_CMAX: tl.constexpr, CLIP_TOK: tl.constexpr, PASS1: tl.constexpr, ACC: tl.constexpr,
-                         PS: tl.constexpr, PR: tl.constexpr, RD: tl.constexpr, VD: tl.constexpr, LD: tl.constexpr,
-                         BLOCK: tl.constexpr, NCOL: tl.constexpr):
+    def _tail_fwd_kernel(
+        LP,
+        H,
+        M,
+        OLD,
+        REF,
+        SAMP,
+        ISR,
+        ADV,
+        REW,
+        SORTED,
+        PRM,
+        PART,
+        SEQM,
+        RATIO,
+        SCAL,
+        TOK,
+        FMASK,
+        LENS,
+        T,
+        G,
+        NT,
+        n_iter,
+        V,
+        CHECK: tl.constexpr,
+        LEVEL: tl.constexpr,
+        DEN: tl.constexpr,
+        ADV_MODE: tl.constexpr,
+        OBJ: tl.constexpr,
+        HAS_DELTA: tl.constexpr,
+        HAS_CLIPC: tl.constexpr,
+        KL: tl.constexpr,
+        BIAS_KL: tl.constexpr,
+        ADD_KL: tl.constexpr,
+        OFFPOL: tl.constexpr,
+        ENTMASK: tl.constexpr,
+        ISR_MODE: tl.constexpr,
+        ISR_MASK: tl.constexpr,
+        HAS_CMIN: tl.constexpr,
+        HAS_CMAX: tl.constexpr,
+        CLIP_TOK: tl.constexpr,
+        PASS1: tl.constexpr,
+        ACC: tl.constexpr,
+        PS: tl.constexpr,
+        PR: tl.constexpr,
+        RD: tl.constexpr,
+        VD: tl.constexpr,
+        LD: tl.constexpr,
+        BLOCK: tl.constexpr,
+        NCOL: tl.constexpr,
+    ):
         """Sequence ``row``: its sums (pass 1, when a sequence statistic gates its tokens),
         then per token ``l_t`` and its masked sums (pass 2).
 
@@ -104,8 +190,31 @@ if HAS_TRITON:
         s_vis = zero.to(RD)
         if PASS1:
             s_lr, s_n, s_vw, s_off, s_rd, s_vis = _row_sums(
-                LP, M, OLD, REF, SAMP, ISR, row, T, PRM, DEN, KL, SAMP_IN, OLD_IN, OFFPOL, ISR_MODE, ISR_MASK,
-                HAS_CMIN, HAS_CMAX, VESPO, ACC, PS, PR, RD, BLOCK)
+                LP,
+                M,
+                OLD,
+                REF,
+                SAMP,
+                ISR,
+                row,
+                T,
+                PRM,
+                DEN,
+                KL,
+                SAMP_IN,
+                OLD_IN,
+                OFFPOL,
+                ISR_MODE,
+                ISR_MASK,
+                HAS_CMIN,
+                HAS_CMAX,
+                VESPO,
+                ACC,
+                PS,
+                PR,
+                RD,
+                BLOCK,
+            )
         seq_lw = s_lr / tl.maximum(s_n, 1.0)
         cond = False
         if OFFPOL != 0:
@@ -154,9 +263,43 @@ if HAS_TRITON:
             else:
                 A = tl.zeros_like(lp) + A_seq
             l, kl, em, low, high, r, w_raw, phi, d_w, d_lp = _terms(
-                m, lp, lr, old, ref, samp, Hv, A, seq_lw, cond, vw, r_seq, thr, ISR, idx, inb, PRM, LEVEL, OBJ,
-                HAS_DELTA, HAS_CLIPC, KL, BIAS_KL, ADD_KL, OFFPOL, ENTMASK, ISR_MODE, ISR_MASK, HAS_CMIN, HAS_CMAX,
-                ACC, PR, RD, VD, LD, False)
+                m,
+                lp,
+                lr,
+                old,
+                ref,
+                samp,
+                Hv,
+                A,
+                seq_lw,
+                cond,
+                vw,
+                r_seq,
+                thr,
+                ISR,
+                idx,
+                inb,
+                PRM,
+                LEVEL,
+                OBJ,
+                HAS_DELTA,
+                HAS_CLIPC,
+                KL,
+                BIAS_KL,
+                ADD_KL,
+                OFFPOL,
+                ENTMASK,
+                ISR_MODE,
+                ISR_MASK,
+                HAS_CMIN,
+                HAS_CMAX,
+                ACC,
+                PR,
+                RD,
+                VD,
+                LD,
+                False,
+            )
             s_loss += tl.where(m, l, 0.0)
             s_kl += tl.where(m, kl, 0.0)
             s_h += tl.where(m, Hv, 0.0)
@@ -213,8 +356,12 @@ if HAS_TRITON:
         tl.store(p + P_VW, vw)
         tl.store(p + P_ISR, r_seq)
         if CHECK != 0:
-            tl.store(p + P_FLAG, _row_checks(M, TOK, FMASK, LENS, OLD, REF, ISR, ADV, REW, row, T, V, CHECK, ISR_MODE,
-                                             ADV_MODE, BLOCK).to(LD))
+            tl.store(
+                p + P_FLAG,
+                _row_checks(
+                    M, TOK, FMASK, LENS, OLD, REF, ISR, ADV, REW, row, T, V, CHECK, ISR_MODE, ADV_MODE, BLOCK
+                ).to(LD),
+            )
         if ADV_MODE == 1:
             A_seq = tl.sum(a2, 0) / Lc
         N = tl.num_programs(0)
@@ -223,11 +370,30 @@ if HAS_TRITON:
         tl.store(SEQM + 2 * N + row, tl.exp(seq_lw))
 
     @triton.jit(do_not_specialize=["N", "div"])
-    def _tail_reduce_kernel(PART, PRM, NIB, LOSS, PL, MET, SCAL, FLAG, N, div, CHECK: tl.constexpr,
-                            AGG: tl.constexpr, HAS_NIB: tl.constexpr,
-                            ENT_BONUS: tl.constexpr, HAS_KL: tl.constexpr, OBJ: tl.constexpr,
-                            CLIP_TOK: tl.constexpr, ISR_MODE: tl.constexpr, ACC: tl.constexpr, LD: tl.constexpr,
-                            BLOCK: tl.constexpr, NCOL: tl.constexpr):
+    def _tail_reduce_kernel(
+        PART,
+        PRM,
+        NIB,
+        LOSS,
+        PL,
+        MET,
+        SCAL,
+        FLAG,
+        N,
+        div,
+        CHECK: tl.constexpr,
+        AGG: tl.constexpr,
+        HAS_NIB: tl.constexpr,
+        ENT_BONUS: tl.constexpr,
+        HAS_KL: tl.constexpr,
+        OBJ: tl.constexpr,
+        CLIP_TOK: tl.constexpr,
+        ISR_MODE: tl.constexpr,
+        ACC: tl.constexpr,
+        LD: tl.constexpr,
+        BLOCK: tl.constexpr,
+        NCOL: tl.constexpr,
+    ):
         """One program: the N rows of ``PART`` in a fixed order (deterministic), into
 
             policy_loss = aggregate(l, m)        (aggregate.py: sum_i S_i / max(L_i, 1) / N, sum S / max(sum L, 1),
@@ -350,124 +516,3 @@ if HAS_TRITON:
             tl.store(MET + M_RMIN, tl.where(nr > 0, tl.min(r_min, 0), 0.0))
             tl.store(MET + M_RMEAN, (tl.sum(s_rs, 0) / tl.maximum(nr, 1.0)).to(ACC))
             tl.store(MET + M_RMAX, tl.where(nr > 0, tl.max(r_max, 0), 0.0))
-
-    @triton.jit(do_not_specialize=["T"])
-    def _tail_bwd_kernel(LP, H, M, OLD, REF, SAMP, ISR, ADV, PRM, PART, SCAL, GRAD, DLP, DH, T,
-                         LEVEL: tl.constexpr, DEN: tl.constexpr, ADV_MODE: tl.constexpr, OBJ: tl.constexpr,
-                         HAS_DELTA: tl.constexpr, HAS_CLIPC: tl.constexpr, KL: tl.constexpr, BIAS_KL: tl.constexpr,
-                         ADD_KL: tl.constexpr, OFFPOL: tl.constexpr, ENTMASK: tl.constexpr, ISR_MODE: tl.constexpr,
-                         ISR_MASK: tl.constexpr, HAS_CMIN: tl.constexpr, HAS_CMAX: tl.constexpr, AGG: tl.constexpr,
-                         ENT_GRAD: tl.constexpr, ACC: tl.constexpr, PR: tl.constexpr, RD: tl.constexpr,
-                         VD: tl.constexpr, LD: tl.constexpr, BLOCK: tl.constexpr, NCOL: tl.constexpr):
-        """Sequence ``row``, for the upstream gradient g of the loss (derivation: _tail_fn):
-
-            g_t      = m_t g / D  (/ max(L, 1) for seq-mean-token-mean)
-            dlp_t    = g_t (dl_t/dlp_t + dl_t/dlog_w_t)               token, sequence_token levels
-                     = g_t dl_t/dlp_t + m_t / max(L, 1) sum_s g_s dl_s/dlog_w   sequence level (two passes)
-            dH_t     = -coef g m'_t / max(sum m', 1)                    (ENT_GRAD)
-
-        Reads the per-token inputs once (twice at sequence level) and ``PART[row]``; writes
-        one float per token per output (exact zeros at masked tokens)."""
-        row = tl.program_id(0).to(tl.int64)
-        base = row * T
-        ar = tl.arange(0, BLOCK)
-        SAMP_IN: tl.constexpr = OFFPOL == 1 or ISR_MODE >= 3
-        OLD_IN: tl.constexpr = DEN == 0 or ISR_MODE >= 3
-        p = PART + row * NCOL
-        L = tl.load(p + P_L).to(ACC)
-        seq_lw = tl.load(p + P_LW).to(ACC)
-        A_seq = tl.load(p + P_A).to(ACC)
-        cond = tl.load(p + P_COND) != 0
-        vw = tl.load(p + P_VW).to(VD)
-        r_seq = tl.load(p + P_ISR).to(RD)
-        thr = 0.0
-        if ENTMASK:
-            thr = tl.load(SCAL + 2).to(tl.float32)
-        g = tl.load(GRAD).to(LD) / tl.load(SCAL).to(LD)
-        if AGG == 0:
-            g = g / tl.maximum(L, 1.0)
-        if LEVEL == 1:  # the sequence's dloss/dlog_w first
-            acc = tl.zeros([BLOCK], LD)
-            for start in range(0, T, BLOCK):
-                offs = start + ar
-                inb = offs < T
-                idx = base + offs
-                m, lp, lr, old, ref, samp = _load_token(LP, M, OLD, REF, SAMP, idx, inb, DEN, KL, SAMP_IN, OLD_IN,
-                                                        ACC)
-                Hv = tl.load(H + idx, mask=inb, other=0.0)
-                if ADV_MODE == 1:
-                    A = tl.load(ADV + idx, mask=inb, other=0.0).to(ACC)
-                else:
-                    A = tl.zeros_like(lp) + A_seq
-                _, _, _, _, _, _, _, _, d_w, _ = _terms(
-                    m, lp, lr, old, ref, samp, Hv, A, seq_lw, cond, vw, r_seq, thr, ISR, idx, inb, PRM, LEVEL, OBJ,
-                    HAS_DELTA, HAS_CLIPC, KL, BIAS_KL, ADD_KL, OFFPOL, ENTMASK, ISR_MODE, ISR_MASK, HAS_CMIN,
-                    HAS_CMAX, ACC, PR, RD, VD, LD, True)
-                acc += tl.where(m, g * d_w, 0.0)
-            g_lw = tl.sum(acc, 0) / tl.maximum(L, 1.0)
-        if ENT_GRAD:
-            gh = (-tl.load(GRAD).to(ACC) / tl.load(SCAL + 1).to(ACC)) * _prm(PRM, R_COEF, ACC)
-        for start in range(0, T, BLOCK):
-            offs = start + ar
-            inb = offs < T
-            idx = base + offs
-            m, lp, lr, old, ref, samp = _load_token(LP, M, OLD, REF, SAMP, idx, inb, DEN, KL, SAMP_IN, OLD_IN, ACC)
-            Hv = tl.load(H + idx, mask=inb, other=0.0)
-            if ADV_MODE == 1:
-                A = tl.load(ADV + idx, mask=inb, other=0.0).to(ACC)
-            else:
-                A = tl.zeros_like(lp) + A_seq
-            _, _, em, _, _, _, _, _, d_w, d_lp = _terms(
-                m, lp, lr, old, ref, samp, Hv, A, seq_lw, cond, vw, r_seq, thr, ISR, idx, inb, PRM, LEVEL, OBJ,
-                HAS_DELTA, HAS_CLIPC, KL, BIAS_KL, ADD_KL, OFFPOL, ENTMASK, ISR_MODE, ISR_MASK, HAS_CMIN, HAS_CMAX,
-                ACC, PR, RD, VD, LD, True)
-            if LEVEL == 1:
-                d = g * d_lp + g_lw
-            else:
-                d = g * (d_lp + d_w)
-            tl.store(DLP + idx, tl.where(m, d, 0.0), mask=inb)
-            if ENT_GRAD:
-                tl.store(DH + idx, tl.where(em, gh, 0.0), mask=inb)
-
-
-# ---------------------------------------------------------------- launchers
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _common(spec) -> dict:
-    return dict(LEVEL=spec.level, DEN=spec.den, ADV_MODE=spec.adv_mode, OBJ=spec.obj, HAS_DELTA=spec.has_delta,
-                HAS_CLIPC=spec.has_clipc, KL=spec.kl, BIAS_KL=spec.bias_kl, ADD_KL=spec.add_kl, OFFPOL=spec.offpol,
-                ENTMASK=spec.entmask, ISR_MODE=spec.isr_mode, ISR_MASK=spec.isr_mask, HAS_CMIN=spec.has_cmin,
-                HAS_CMAX=spec.has_cmax, ACC=_tl(spec.acc), PR=_tl(spec.pr), RD=_tl(spec.rd), VD=_tl(spec.vd),
-                LD=_tl(spec.ld), BLOCK=BLOCK_T, NCOL=K, num_warps=NUM_WARPS)
-
-
-def fwd_launches(spec, t: dict, out: dict, N: int, T: int, G: int, div: int):
-    """The forward's two launches (per-sequence pass, then the reduction) for inputs ``t``
-    (name -> tensor; an absent input is any tensor, never read) and outputs ``out``."""
-    x = t["lp"]
-    g = lambda k: t.get(k) if t.get(k) is not None else x  # noqa: E731
-    NT = N * T
-    fwd = Launch(_tail_fwd_kernel, (N,),
-                 (x, t["ent"], t["mask"], g("old"), g("ref"), g("samp"), g("isr"), g("adv"), g("rew"), g("sorted"),
-                  t["prm"], out["part"], out["seqm"], out["ratio"], out["scal"], g("tok"), g("fmask"), g("lens"),
-                  T, G, NT, NT.bit_length() + 1, t.get("vocab", 0)),
-                 dict(_common(spec), CHECK=spec.check, CLIP_TOK=spec.clip_tok, PASS1=spec.pass1, PS=_tl(spec.ps)))
-    red = Launch(_tail_reduce_kernel, (1,),
-                 (out["part"], t["prm"], g("nib"), out["loss"], out["pl"], out["met"], out["scal"], out["flag"], N,
-                  div),
-                 dict(CHECK=spec.check, AGG=spec.agg, HAS_NIB=spec.has_nib, ENT_BONUS=spec.ent_bonus, HAS_KL=spec.kl != 0,
-                      OBJ=spec.obj, CLIP_TOK=spec.clip_tok, ISR_MODE=spec.isr_mode, ACC=_tl(spec.acc),
-                      LD=_tl(spec.ld), BLOCK=BLOCK_N, NCOL=K, num_warps=NUM_WARPS))
-    return fwd, red
-
-
-def bwd_launch(spec, t: dict, part, scal, grad, dlp, dh, N: int, T: int):
-    """The backward's one launch: ``dlp`` (and ``dh`` with the entropy bonus) from ``grad``."""
-    x = t["lp"]
-    g = lambda k: t.get(k) if t.get(k) is not None else x  # noqa: E731
-    return Launch(_tail_bwd_kernel, (N,),
-                  (x, t["ent"], t["mask"], g("old"), g("ref"), g("samp"), g("isr"), g("adv"), t["prm"], part, scal,
-                   grad, dlp, dh if dh is not None else dlp, T),
-                  dict(_common(spec), AGG=spec.agg, ENT_GRAD=dh is not None))

@@ -1,17 +1,18 @@
 """The per-token math of the fused loss tail (TRL family), as Triton device functions,
-and the slot layout of the buffers its kernels share (:mod:`._tail`).
+and the slot layout of the buffers its kernels share (:mod:`.kernels`).
 
 Each function mirrors one piece of the torch composition, operation for operation and
 dtype for dtype (what torch promotes, they promote; what torch rounds to fp32, they
-round): :func:`_terms` is :func:`.objectives.ppo_clip` / ``cispo`` / ``sapo`` / ``vespo``,
-the masks and correction of :func:`.core.compose` and :func:`.objectives.kl_tokens`, with
-their derivatives (derived in :mod:`._tail_fn`); :func:`_group_advantage` is
-:mod:`.advantages`; :func:`_entropy_threshold` is :func:`.masks.quantile_of_valid` after
-its sort; :func:`_correction` is :func:`.masks.rollout_correction`'s clip.
+round): :func:`_terms` is :func:`..objectives.ppo_clip` / ``cispo`` / ``sapo`` / ``vespo``,
+the masks and correction of :func:`..core.compose` and :func:`..objectives.kl_tokens`, with
+their derivatives (derived in :mod:`.autograd`); :func:`_group_advantage` is
+:mod:`..advantages`; :func:`_entropy_threshold` is :func:`..masks.quantile_of_valid` after
+its sort; :func:`_correction` is :func:`..masks.rollout_correction`'s clip.
 """
+
 from __future__ import annotations
 
-from .._kernels import HAS_TRITON
+from ..._kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton
@@ -21,16 +22,38 @@ if HAS_TRITON:
 # takes int() of them).
 _slot = tl.constexpr if HAS_TRITON else int
 # PART columns (one row per sequence, the loss dtype).
-(P_LOSS, P_L, P_KL, P_H, P_HE, P_NE, P_C0, P_C1, P_C2, P_RS, P_RMIN, P_RMAX, P_A, P_LW, P_COND, P_VW, P_ISR,
- P_FLAG) = map(_slot, range(18))
+(P_LOSS, P_L, P_KL, P_H, P_HE, P_NE, P_C0, P_C1, P_C2, P_RS, P_RMIN, P_RMAX, P_A, P_LW, P_COND, P_VW, P_ISR, P_FLAG) = (
+    map(_slot, range(18))
+)
 K = 18
 # MET slots (the scalar metrics, the log-probs' dtype).
 M_KL, M_ENT, M_LOW, M_HIGH, M_REGION, M_LOWMIN, M_HIGHMAX, M_CISPO, M_PHI, M_RMIN, M_RMEAN, M_RMAX = map(
-    _slot, range(12))
+    _slot, range(12)
+)
 N_MET = 12
 # PRM slots (fp64 option values).
-(R_LO, R_HI, R_DELTA, R_CLIPC, R_EPSH, R_BETA, R_TPOS, R_TNEG, R_KPOS, R_LPOS, R_KNEG, R_LNEG, R_LAMMIN, R_OFFTHR,
- R_CMIN, R_CMAX, R_Q, R_COEF, R_LOGLO, R_GNEPS) = map(_slot, range(20))
+(
+    R_LO,
+    R_HI,
+    R_DELTA,
+    R_CLIPC,
+    R_EPSH,
+    R_BETA,
+    R_TPOS,
+    R_TNEG,
+    R_KPOS,
+    R_LPOS,
+    R_KNEG,
+    R_LNEG,
+    R_LAMMIN,
+    R_OFFTHR,
+    R_CMIN,
+    R_CMAX,
+    R_Q,
+    R_COEF,
+    R_LOGLO,
+    R_GNEPS,
+) = map(_slot, range(20))
 N_PRM = 20
 
 # constexpr codes
@@ -40,8 +63,15 @@ ADV_SEQ, ADV_TOK, ADV_GROUP_NORM, ADV_CONTRAST = range(4)
 OBJS = {"ppo_clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 KLS = {None: 0, "k1": 1, "k2": 2, "k3": 3, "low_var_kl": 4, "abs": 5}
 ISR_NONE, ISR_TOK, ISR_SEQ, ISR_MODE_TOK, ISR_MODE_SEQ = range(5)
-AGGS = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2, "token-sum": 3, "dr_grpo": 4,
-        "seq-mean-token-sum-norm": 4, "token-sum-norm": 5}
+AGGS = {
+    "seq-mean-token-mean": 0,
+    "token-mean": 1,
+    "seq-mean-token-sum": 2,
+    "token-sum": 3,
+    "dr_grpo": 4,
+    "seq-mean-token-sum-norm": 4,
+    "token-sum-norm": 5,
+}
 
 if HAS_TRITON:
     _INF = tl.constexpr(float("inf"))
@@ -49,7 +79,7 @@ if HAS_TRITON:
     @triton.jit
     def _nan_to_num(x, DT: tl.constexpr):
         """``torch.nan_to_num(x)``: NaN -> 0, +-inf -> +-(largest finite of DT)."""
-        if DT == tl.float64:
+        if tl.float64 == DT:
             big = 1.7976931348623157e308
         else:
             big = 3.4028234663852886e38
@@ -84,8 +114,20 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _load_token(LP, M, OLD, REF, SAMP, idx, inb, DEN: tl.constexpr, KL: tl.constexpr, SAMP_IN: tl.constexpr,
-                    OLD_IN: tl.constexpr, ACC: tl.constexpr):
+    def _load_token(
+        LP,
+        M,
+        OLD,
+        REF,
+        SAMP,
+        idx,
+        inb,
+        DEN: tl.constexpr,
+        KL: tl.constexpr,
+        SAMP_IN: tl.constexpr,
+        OLD_IN: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
         """Mask, log-prob, denominator, log-ratio ``where(m, lp - den, 0)``, and the raw
         old / reference / sampling log-probs a token's terms read (unused ones: 0)."""
         m = tl.load(M + idx, mask=inb, other=0) != 0
@@ -109,10 +151,32 @@ if HAS_TRITON:
         return m, lp, lr, old, ref, samp
 
     @triton.jit
-    def _row_sums(LP, M, OLD, REF, SAMP, ISR, row, T, PRM, DEN: tl.constexpr, KL: tl.constexpr,
-                  SAMP_IN: tl.constexpr, OLD_IN: tl.constexpr, OFFPOL: tl.constexpr, ISR_MODE: tl.constexpr,
-                  ISR_MASK: tl.constexpr, HAS_CMIN: tl.constexpr, HAS_CMAX: tl.constexpr, VESPO: tl.constexpr,
-                  ACC: tl.constexpr, PS: tl.constexpr, PR: tl.constexpr, RD: tl.constexpr, BLOCK: tl.constexpr):
+    def _row_sums(
+        LP,
+        M,
+        OLD,
+        REF,
+        SAMP,
+        ISR,
+        row,
+        T,
+        PRM,
+        DEN: tl.constexpr,
+        KL: tl.constexpr,
+        SAMP_IN: tl.constexpr,
+        OLD_IN: tl.constexpr,
+        OFFPOL: tl.constexpr,
+        ISR_MODE: tl.constexpr,
+        ISR_MASK: tl.constexpr,
+        HAS_CMIN: tl.constexpr,
+        HAS_CMAX: tl.constexpr,
+        VESPO: tl.constexpr,
+        ACC: tl.constexpr,
+        PS: tl.constexpr,
+        PR: tl.constexpr,
+        RD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """Per-sequence sums over the valid tokens of row ``row``: log-ratio, length,
         off-policy gap ``nan_to_num(sampling - lp)`` (PS), rollout-correction log-ratio
         ``nan_to_num((old - sampling) m)`` (PR), VESPO's ``clamp(log_ratio, +-20)`` and
@@ -128,8 +192,9 @@ if HAS_TRITON:
         for start in range(0, T, BLOCK):
             offs = start + ar
             inb = offs < T
-            m, lp, lr, old, ref, samp = _load_token(LP, M, OLD, REF, SAMP, base + offs, inb, DEN, KL, SAMP_IN,
-                                                    OLD_IN, ACC)
+            m, lp, lr, old, ref, samp = _load_token(
+                LP, M, OLD, REF, SAMP, base + offs, inb, DEN, KL, SAMP_IN, OLD_IN, ACC
+            )
             s_lr += lr
             s_n += m.to(ACC)
             if OFFPOL == 1:
@@ -147,12 +212,24 @@ if HAS_TRITON:
                     r = tl.exp(_nan_to_num((old - samp) * m.to(OLD.dtype.element_ty), PR))
                     r = _correction(r, PRM, ISR_MASK, HAS_CMIN, HAS_CMAX, PR)
                     s_vis += tl.where(m, _clamp(tl.log(r), _prm(PRM, R_LOGLO, RD), 20.0), 0.0)
-        return (tl.sum(s_lr, 0), tl.sum(s_n, 0), tl.sum(s_vw, 0),
-                tl.sum(s_off, 0), tl.sum(s_rd, 0), tl.sum(s_vis, 0))
+        return (tl.sum(s_lr, 0), tl.sum(s_n, 0), tl.sum(s_vw, 0), tl.sum(s_off, 0), tl.sum(s_rd, 0), tl.sum(s_vis, 0))
 
     @triton.jit
-    def _group_advantage(LP, M, OLD, REF, REW, row, T, G, PRM, DEN: tl.constexpr, ADV_MODE: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _group_advantage(
+        LP,
+        M,
+        OLD,
+        REF,
+        REW,
+        row,
+        T,
+        G,
+        PRM,
+        DEN: tl.constexpr,
+        ADV_MODE: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """Advantage of sequence ``row`` from its group's G rewards (fp64, advantages.py):
         group_norm ``(r - mean) / (std + 1e-4)`` (unbiased std, 0 for G = 1), or contrast
         ``+-(mean_good s - mean_bad s)`` with ``s_j = exp(masked mean log-ratio of row j)``."""
@@ -189,8 +266,9 @@ if HAS_TRITON:
                 n_j = zero
                 for start in range(0, T, BLOCK):
                     offs = start + tl.arange(0, BLOCK)
-                    m, lp, lr, old, ref, samp = _load_token(LP, M, OLD, REF, REF, (first + j) * T + offs, offs < T,
-                                                            DEN, 0, False, DEN == 0, ACC)
+                    m, lp, lr, old, ref, samp = _load_token(
+                        LP, M, OLD, REF, REF, (first + j) * T + offs, offs < T, DEN, 0, False, DEN == 0, ACC
+                    )
                     lr_j += lr
                     n_j += m.to(ACC)
                 s = tl.exp(tl.sum(lr_j, 0) / tl.maximum(tl.sum(n_j, 0), 1.0))
@@ -240,12 +318,44 @@ if HAS_TRITON:
         return tl.where((phi == phi) & (tl.abs(phi) < _INF), phi, 0.0).to(VD)
 
     @triton.jit
-    def _terms(m, lp, lr, old, ref, samp, Hv, A, seq_lw, cond, vw, r_seq, thr, ISR, idx, inb, PRM,
-               LEVEL: tl.constexpr, OBJ: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CLIPC: tl.constexpr,
-               KL: tl.constexpr, BIAS_KL: tl.constexpr, ADD_KL: tl.constexpr, OFFPOL: tl.constexpr,
-               ENTMASK: tl.constexpr, ISR_MODE: tl.constexpr, ISR_MASK: tl.constexpr, HAS_CMIN: tl.constexpr,
-               HAS_CMAX: tl.constexpr, ACC: tl.constexpr, PR: tl.constexpr, RD: tl.constexpr, VD: tl.constexpr,
-               LD: tl.constexpr, GRAD: tl.constexpr):
+    def _terms(
+        m,
+        lp,
+        lr,
+        old,
+        ref,
+        samp,
+        Hv,
+        A,
+        seq_lw,
+        cond,
+        vw,
+        r_seq,
+        thr,
+        ISR,
+        idx,
+        inb,
+        PRM,
+        LEVEL: tl.constexpr,
+        OBJ: tl.constexpr,
+        HAS_DELTA: tl.constexpr,
+        HAS_CLIPC: tl.constexpr,
+        KL: tl.constexpr,
+        BIAS_KL: tl.constexpr,
+        ADD_KL: tl.constexpr,
+        OFFPOL: tl.constexpr,
+        ENTMASK: tl.constexpr,
+        ISR_MODE: tl.constexpr,
+        ISR_MASK: tl.constexpr,
+        HAS_CMIN: tl.constexpr,
+        HAS_CMAX: tl.constexpr,
+        ACC: tl.constexpr,
+        PR: tl.constexpr,
+        RD: tl.constexpr,
+        VD: tl.constexpr,
+        LD: tl.constexpr,
+        GRAD: tl.constexpr,
+    ):
         """One block of tokens: ``l_t`` (LD), the KL ``kl_t``, the entropy mask, the metric
         flags, the correction ratio, the ratio ``exp(log_w)``, VESPO's phi and (GRAD) the
         partial derivatives ``dl_t/dlog_w_t`` and ``dl_t/dlp_t`` (direct terms); see _tail_fn."""
