@@ -589,29 +589,31 @@ def test_one_variant_per_dtype_and_alignment_class(probe):
 
 
 @pytest.mark.slow
-def test_offsets_past_2_31_in_the_interpreter(monkeypatch):
-    """Rows of hidden and weight 2**30 elements apart in one untouched 4 GiB allocation (fp16;
-    three pages written): the products' ``kk * stride`` pass 2**31. Same outputs and
-    gradients, bitwise, as their contiguous copies, and both equal the float64 reference."""
+def test_offsets_past_2_31(monkeypatch):
+    """Rows of hidden and weight 2**30 elements apart in one 4 GiB allocation (fp16; on a CPU
+    never touched but for three pages): the products' ``kk * stride`` pass 2**31. Same outputs
+    and gradients, bitwise, as their contiguous copies, and both equal the float64 reference.
+    In the interpreter on a CPU, and compiled on a GPU (4 GiB of its memory, for the test)."""
     import torch
     from conftest import TOLERANCE
 
     from gspo_kernels import _ops, linear, linear_token_logprobs
     from reference.linear import naive_linear_token_outputs
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("interpreter test (a GPU's allocation would be real)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a CPU runs the Triton kernels only in the interpreter (tests/conftest.py sets it)")
     monkeypatch.setattr(_ops, "CPU_BACKEND", "triton")
     monkeypatch.setattr(linear, "FUSED", True)
     R, H, step = 3, 16, 1 << 30
-    big = torch.empty(2 * step + 2 * H, dtype=torch.float16)  # 4 GiB, never touched but for 3 pages
+    big = torch.empty(2 * step + 2 * H, dtype=torch.float16, device=device)  # 4 GiB
     hidden = big.as_strided((R, H), (step, 1), 0)
     weight = big.as_strided((R, H), (step, 1), H)  # V = 3 rows
     g = torch.Generator().manual_seed(0)
     hidden.copy_(torch.randn(R, H, generator=g))
     weight.copy_(torch.randn(R, H, generator=g) / 4)
-    tokens = torch.tensor([2, 0, 1])
-    up = torch.randn(2, R, generator=g)
+    tokens = torch.tensor([2, 0, 1], device=device)
+    up = torch.randn(2, R, generator=g).to(device)
 
     def run(h, w):
         h, w = (t.detach().requires_grad_(True) for t in (h, w))

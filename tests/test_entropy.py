@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_logprobs import DEVICE, TOLERANCE, _close, _inputs
 
 from gspo_kernels import _kernels, _ops, _torch_path, token_logprobs
 from reference import naive_token_entropy, naive_token_logprobs
-from tests.test_logprobs import DEVICE, TOLERANCE, _close, _inputs
 
 # Entropy values carry the same fp32 summation error as the log-probs
 # (|H| <= log V ~ 12 at V = 151,936), so the value tolerance row applies.

@@ -18,13 +18,13 @@ import weakref
 
 import pytest
 import torch
+from conftest import rl_batch
 
 import gspo_kernels
 from gspo_kernels import _launch_linear as kl
 from gspo_kernels import _ops, linear
 from gspo_kernels.losses.options import LossOptions
 from gspo_kernels.losses.tail import launch as tail_launch
-from tests.conftest import rl_batch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_kernels = pytest.mark.skipif(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_logprobs import DEVICE, TOLERANCE, _close
 
 from gspo_kernels import (
     GRPOLoss,
@@ -20,7 +21,6 @@ from gspo_kernels import (
     token_logprobs,
 )
 from reference import gspo_loss_reference, naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs
-from tests.test_logprobs import DEVICE, TOLERANCE, _close
 
 
 @pytest.fixture(params=["triton", "torch"])

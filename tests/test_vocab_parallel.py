@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_logprobs import TOLERANCE
 
 from gspo_kernels import _ops, grpo_loss, gspo_loss, linear_token_logprobs, sequence_logprobs, token_logprobs
-from tests.test_logprobs import TOLERANCE
 
 N, T, V, H = 3, 5, 48, 6  # V divisible by 2 and 4
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
